@@ -1,0 +1,54 @@
+"""`t2i` command line: one sub-command per module in t2i.cli, loaded lazily so `t2i info` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from t2i.errors import T2IError
+
+# name -> module; each module defines `register(subparsers)` which adds its parser and sets `func`.
+COMMANDS = {
+    "sample": "t2i.cli.sample",
+    "info": "t2i.cli.info",
+    "train": "t2i.cli.train",
+    "precache": "t2i.cli.precache",
+    "export": "t2i.cli.export",
+    "data": "t2i.cli.data",
+    "eval": "t2i.cli.eval",
+    "demo": "t2i.cli.demo",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2i", description="Train and run text-to-image diffusion models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = [a for a in argv if a in COMMANDS][:1] or list(COMMANDS)
+    for name in COMMANDS:
+        if name in wanted:
+            importlib.import_module(COMMANDS[name]).register(sub)
+        else:
+            sub.add_parser(name, help=f"see `t2i {name} --help`")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except T2IError as err:
+        print(f"t2i {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"t2i {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

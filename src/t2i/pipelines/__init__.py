@@ -1,0 +1,1 @@
+"""t2i.pipelines."""
