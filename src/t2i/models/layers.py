@@ -1,0 +1,83 @@
+"""Small building blocks shared by the UNets: timestep embedding, norms, resampling, zero-init."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal timestep embedding, cosine half first (openaimodel; diffusers flip_sin_to_cos=True, shift 0).
+
+    timesteps: (B,) float or integer, possibly fractional. Returns (B, dim) float32.
+    Frequencies are exp(-log(max_period) * i / half) for i in [0, half).
+    """
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) * (-math.log(max_period) / half)
+    angles = timesteps.float()[:, None] * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype (openaimodel `normalization`), cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        return super().forward(x.float()).to(x.dtype)
+
+
+def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
+    """The UNet's standard norm: 32 groups over `channels`."""
+    return GroupNorm32(32, channels, eps=eps)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter of `module` (output projections start as identity residuals) and return it."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv (`op`), or average pooling when `use_conv` is False.
+
+    (B, C, H, W) -> (B, out_channels, H/2, W/2).
+    """
+
+    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        if use_conv:
+            self.op: nn.Module = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+        else:
+            if out_channels != channels:
+                raise ValueError("Downsample without conv cannot change the channel count")
+            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W by nearest-neighbour repeat, then an optional 3x3 conv (`conv`).
+
+    (B, C, H, W) -> (B, out_channels, 2H, 2W).
+    """
+
+    def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.use_conv else x
