@@ -1,0 +1,83 @@
+"""Image transforms for training: decode, resize the shorter side, crop, optional flip, scale to [-1, 1]."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from t2i.errors import InvalidInputError
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes fully into an RGB PIL image (transparent pixels composited on white).
+
+    Raises whatever PIL raises for truncated or invalid data; `load()` forces the full decode so a
+    truncated file fails here rather than later.
+    """
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is `size`, keeping the aspect ratio (bicubic, antialiased)."""
+    w, h = image.size
+    scale = size / min(w, h)
+    new_size = (max(size, round(w * scale)), max(size, round(h * scale)))
+    if new_size == (w, h):
+        return image
+    return image.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=None)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Float tensor (B, 3, H, W) or (3, H, W) in [-1, 1] -> list of RGB PIL images."""
+    images = images.detach().float().cpu()
+    if images.ndim == 3:
+        images = images[None]
+    array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize (shorter side) -> crop to `resolution` square -> optional horizontal flip -> tensor in [-1, 1].
+
+    Random crop and flip draw from the `rng` passed to `__call__`, so a seeded reader is reproducible.
+    Flip is off by default because captions may say "left" or "right".
+    """
+
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resolution < 1:
+            raise InvalidInputError(f"data.resolution: expected a positive integer, got {self.resolution}")
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        """PIL image -> (3, resolution, resolution) float tensor in [-1, 1]."""
+        image = resize_shorter_side(image, self.resolution)
+        w, h = image.size
+        if self.center_crop:
+            left, top = (w - self.resolution) // 2, (h - self.resolution) // 2
+        else:
+            left = int(rng.integers(w - self.resolution + 1))
+            top = int(rng.integers(h - self.resolution + 1))
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_tensor(image)

@@ -1,0 +1,84 @@
+"""Classifier-free guidance as a denoiser wrapper (Ho & Salimans 2022, eq. 6 written in x0-space)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from t2i.errors import InvalidInputError
+
+_UNCOND_KEYS = {"context": "uncond_context", "context_mask": "uncond_context_mask"}
+
+
+class CFGDenoiser(nn.Module):
+    """D_cfg(x, sigma) = D(x, sigma, uncond) + scale * (D(x, sigma, cond) - D(x, sigma, uncond)).
+
+    `cond` holds `context` (B, T, D) and `uncond_context` (B, T, D) (zeros when absent, matching training with the
+    text embedding zeroed), optionally `context_mask` / `uncond_context_mask` (B, T) bool. Both branches run in one
+    batch of 2B; every other tensor entry with a leading batch dimension (`x_low_res`, `aug_cond`, ...) is repeated.
+    With scale == 1 the unconditional branch is skipped.
+    """
+
+    def __init__(self, inner: Any, scale: float) -> None:
+        super().__init__()
+        self.inner = inner
+        self.scale = float(scale)
+
+    @property
+    def sigma_min(self) -> float:
+        return self.inner.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.inner.sigma_max
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any] | None = None) -> torch.Tensor:
+        """x (B, ...), sigma (B,) -> guided x0_hat (B, ...)."""
+        cond = dict(cond or {})
+        if self.scale == 1.0:
+            return self.inner(x, sigma, _without_uncond(cond))
+        batch = x.shape[0]
+        doubled = _doubled_cond(cond, batch)
+        out = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), doubled)
+        uncond_out, cond_out = out.chunk(2)
+        return uncond_out + self.scale * (cond_out - uncond_out)
+
+
+def _without_uncond(cond: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cond.items() if k not in _UNCOND_KEYS.values()}
+
+
+def _pair(cond_value: torch.Tensor | None, uncond_value: torch.Tensor | None, key: str) -> torch.Tensor | None:
+    """cat([uncond, cond]) along the batch; a missing mask on one side means 'attend to every token'."""
+    if cond_value is None and uncond_value is None:
+        return None
+    if key == "context_mask":
+        reference = cond_value if cond_value is not None else uncond_value
+        cond_value = torch.ones_like(reference) if cond_value is None else cond_value
+        uncond_value = torch.ones_like(reference) if uncond_value is None else uncond_value
+    elif uncond_value is None:
+        uncond_value = torch.zeros_like(cond_value)
+    if cond_value is None or uncond_value.shape != cond_value.shape:
+        shape = None if cond_value is None else tuple(cond_value.shape)
+        raise InvalidInputError(
+            f"cond.{_UNCOND_KEYS[key]}: shape {tuple(uncond_value.shape)} must match cond.{key} shape {shape}"
+        )
+    return torch.cat([uncond_value, cond_value])
+
+
+def _doubled_cond(cond: dict[str, Any], batch: int) -> dict[str, Any]:
+    """The 2B-batch cond: (uncond, cond) pairs for context/mask, other batch tensors repeated."""
+    doubled: dict[str, Any] = {}
+    for key, uncond_key in _UNCOND_KEYS.items():
+        value = _pair(cond.get(key), cond.get(uncond_key), key)
+        if value is not None:
+            doubled[key] = value
+    for key, value in _without_uncond(cond).items():
+        if key in _UNCOND_KEYS:
+            continue
+        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+            value = torch.cat([value, value])
+        doubled[key] = value
+    return doubled

@@ -1,0 +1,74 @@
+"""Local-folder resolution and tokenization shared by the text encoders. Nothing here touches a hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from t2i.errors import PipelineLoadError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def model_folder(path: str | Path | None, subfolder: str, what: str) -> Path:
+    """The folder holding a Hugging Face model: `path` itself, or `path/subfolder` for a pipeline root.
+
+    Raises PipelineLoadError naming the path and `what` was expected when neither has a config.json.
+    """
+    if path is None:
+        raise PipelineLoadError(f"text encoder path: missing; expected {what}")
+    folder = Path(path)
+    if (folder / subfolder / "config.json").is_file():
+        return folder / subfolder
+    if (folder / "config.json").is_file():
+        return folder
+    raise PipelineLoadError(f"{folder}: not found or has no config.json; expected {what}")
+
+
+def tokenizer_folder(path: str | Path | None, model_dir: Path | None, subfolder: str = "tokenizer") -> Path:
+    """Where to read the tokenizer: an explicit `path` (or its `tokenizer/`), else beside the model.
+
+    For a model under `root/text_encoder`, `root/tokenizer` is tried first (the diffusers layout).
+    """
+    candidates: list[Path] = []
+    if path is not None:
+        candidates += [Path(path) / subfolder, Path(path)]
+    elif model_dir is not None:
+        candidates += [model_dir.parent / subfolder, model_dir]
+    for folder in candidates:
+        if any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return folder
+    named = path if path is not None else model_dir
+    raise PipelineLoadError(
+        f"{named}: no tokenizer found; expected a tokenizer folder ({', '.join(TOKENIZER_FILES[:3])}, ...)"
+    )
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """AutoTokenizer from a local folder only; a broken folder becomes a PipelineLoadError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise PipelineLoadError(f"{folder}: cannot load tokenizer ({exc.__class__.__name__}); expected HF tokenizer files") from exc
+
+
+def tokenize(tokenizer: Any, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to `max_length` and truncate, as diffusers does. Returns input_ids (B, T) long and mask (B, T) bool."""
+    batch = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return batch["input_ids"], batch["attention_mask"].bool()
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of hidden (B, T, D) over the positions where mask (B, T) is True -> (B, D)."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
