@@ -119,7 +119,9 @@ def _keys(ds, **loader) -> list[str]:
 @pytest.mark.parametrize("world_size", [2, 3, 8])
 def test_ranks_partition_the_data(shards: str, world_size: int) -> None:
     # 4 shards: split by shard for 2 ranks, by sample for 3 and 8 (fewer shards than ranks).
-    per_rank = [_keys(build_dataset(shards, 8, seed=1, rank=r, world_size=world_size)) for r in range(world_size)]
+    per_rank = [
+        _keys(build_dataset(shards, 8, seed=1, rank=r, world_size=world_size)) for r in range(world_size)
+    ]
     everything = [k for keys in per_rank for k in keys]
     assert len(everything) == len(set(everything)) == 24
     assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 24 // world_size
@@ -146,7 +148,9 @@ def test_exact_resume_from_state_dict(shards: str, num_workers: int) -> None:
     def make():
         return build_dataset(shards, 8, False, True, seed=5, rank=0, world_size=1, shuffle_buffer=8)
 
-    reference = [(b["__key__"], b["images"]) for b in DataLoader(make(), batch_size=3, num_workers=num_workers)]
+    reference = [
+        (b["__key__"], b["images"]) for b in DataLoader(make(), batch_size=3, num_workers=num_workers)
+    ]
     ds = make()
     for step, batch in enumerate(DataLoader(ds, batch_size=3, num_workers=num_workers)):
         ds.observe(batch)

@@ -26,6 +26,15 @@ TARGET_PARAMS_M = {  # NeMo Imagen size table (UNet parameters, millions)
 TEXT_DIM, TOKENS, SIZE = 12, 5, 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run faster on one thread, and much faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_regular(**overrides) -> dict:
     cfg = dict(
         embed_dim=16, image_size=SIZE, channels=3, text_embed_dim=TEXT_DIM, num_res_blocks=[1, 2],

@@ -35,5 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from t2i.data.shapes import write_shapes_dataset
 
     shards = write_shapes_dataset(args.out, args.num, args.size, args.seed, args.shard_size, args.split)
-    print(f"wrote {args.num} images ({args.size}px, split {args.split}) to {len(shards)} shard(s) in {args.out}")
+    print(
+        f"wrote {args.num} images ({args.size}px, split {args.split}) to {len(shards)} shard(s) in {args.out}"
+    )
     return 0

@@ -26,7 +26,9 @@ def register(subparsers) -> None:
         description="Generate one image per prompt of a shapes split and score it with the analytic judge.",
     )
     shapes.add_argument("--model", required=True, help="pipeline folder (or cascade folder)")
-    shapes.add_argument("--num", type=int, default=None, help="number of prompts (default: the whole split, cycled)")
+    shapes.add_argument(
+        "--num", type=int, default=None, help="number of prompts (default: the whole split, cycled)"
+    )
     shapes.add_argument("--split", choices=("heldout", "train"), default="heldout", help="prompt split")
     shapes.add_argument("--out", default=None, help="write a captioned PNG grid here")
     shapes.add_argument("--steps", type=int, default=None, help="sampling steps (pipeline default if unset)")
@@ -85,7 +87,9 @@ def evaluate_shapes(
     from t2i.errors import InvalidInputError
 
     if not prompts or batch_size < 1:
-        raise InvalidInputError(f"eval shapes: need prompts and batch_size >= 1, got {len(prompts)}/{batch_size}")
+        raise InvalidInputError(
+            f"eval shapes: need prompts and batch_size >= 1, got {len(prompts)}/{batch_size}"
+        )
     images: list = []
     for i, start in enumerate(range(0, len(prompts), batch_size)):
         options = {"steps": steps, "sampler": sampler, "guidance": guidance, "seed": seed + i}
@@ -99,6 +103,8 @@ def load_model(path: str):
     import t2i
     from t2i.errors import PipelineLoadError
 
+    if not hasattr(t2i, "load_pipeline"):
+        raise PipelineLoadError(f"{path}: t2i.load_pipeline is not available in this build")
     folder = Path(path)
     if any((folder / name).is_file() for name in ("cascade.json", "cascade.yaml")):
         return t2i.load_cascade(path)

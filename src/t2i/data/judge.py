@@ -168,7 +168,9 @@ def score(images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, fl
     detection has a None field counts as wrong on that attribute (and on "all").
     """
     if len(images) != len(prompts) or not images:
-        raise InvalidInputError(f"score: need equally many images and prompts (>0), got {len(images)}/{len(prompts)}")
+        raise InvalidInputError(
+            f"score: need equally many images and prompts (>0), got {len(images)}/{len(prompts)}"
+        )
     hits = np.zeros((len(images), 3), dtype=bool)
     for i, (image, prompt) in enumerate(zip(images, prompts)):
         expected = parse_caption(prompt)

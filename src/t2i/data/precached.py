@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+
 from t2i.data.readers import ShardDataset, default_rank
 from t2i.data.sources import resolve_sources
 from t2i.data.stats import BadSample, DataStats
@@ -53,7 +54,9 @@ def encode_precached_sample(
             f"{tuple(embeddings.shape)} / mask {tuple(mask.shape)} must agree"
         )
     moments = {"mean": mean, "logvar": logvar}
-    text = {"embeddings": embeddings, "mask": mask.bool()} | ({"pooled": pooled} if pooled is not None else {})
+    text = {"embeddings": embeddings, "mask": mask.bool()} | (
+        {"pooled": pooled} if pooled is not None else {}
+    )
     sample = {
         "__key__": key,
         IMAGE_ENCODED: save_tensors({k: v.detach().cpu().contiguous() for k, v in moments.items()}),
@@ -100,7 +103,7 @@ class PrecachedShardWriter:
             self._writer.close()
             self._writer = None
 
-    def __enter__(self) -> PrecachedShardWriter:
+    def __enter__(self) -> "PrecachedShardWriter":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -115,7 +118,9 @@ def _load_blob(raw: dict, ext: str, missing_reason: str, names: Sequence[str]) -
     except (SafetensorError, ValueError, RuntimeError) as exn:
         raise BadSample("corrupt_member", f"{raw['__key__']}.{ext}: {exn}") from None
     if not set(names) <= set(tensors):
-        raise BadSample("corrupt_member", f"{raw['__key__']}.{ext}: has {sorted(tensors)}, expected {list(names)}")
+        raise BadSample(
+            "corrupt_member", f"{raw['__key__']}.{ext}: has {sorted(tensors)}, expected {list(names)}"
+        )
     return tensors
 
 

@@ -87,14 +87,16 @@ class ImageDecoder:
                 return Path(raw["__path__"]).read_bytes()
             except OSError as exn:
                 raise BadSample("missing_image", str(exn)) from None
-        raise BadSample("missing_image", f"{raw['__url__']}: {raw['__key__']} has no {'/'.join(self.image_keys)}")
+        raise BadSample(
+            "missing_image", f"{raw['__url__']}: {raw['__key__']} has no {'/'.join(self.image_keys)}"
+        )
 
     def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
         data = self._image_bytes(raw)
         caption = caption_of(raw, self.caption_keys)
         try:
             image = decode_image(data)
-        except Exception as exn:  # PIL raises many types for bad bytes
+        except Exception as exn:  # noqa: BLE001 -- PIL raises many exception types for bad bytes
             raise BadSample("undecodable", f"{raw['__url__']}: {raw['__key__']}: {exn}") from None
         return {"images": self.transform(image, rng), "captions": caption}
 
@@ -177,7 +179,9 @@ class ShardDataset(IterableDataset):
     def observe(self, batch: dict) -> None:
         """Record the data position of a (collated) batch the trainer consumed; needed for `state_dict`."""
         meta = {k: _as_list(v) for k, v in batch["__data__"].items()}
-        for worker, workers, epoch, index in zip(meta["worker"], meta["workers"], meta["epoch"], meta["index"]):
+        for worker, workers, epoch, index in zip(
+            meta["worker"], meta["workers"], meta["epoch"], meta["index"]
+        ):
             position = (epoch, index)
             self._positions[worker] = max(self._positions.get(worker, position), position)
             self._num_workers = workers
@@ -217,8 +221,14 @@ class ShardDataset(IterableDataset):
         if r is None or r["epoch"] != self.epoch:
             return False
         if r["num_workers"] not in (None, num_workers) or r["world_size"] != self.world_size:
-            log.warning("data resume: saved world_size/num_workers %s/%s differ from %s/%s; restarting epoch %d",
-                        r["world_size"], r["num_workers"], self.world_size, num_workers, self.epoch)
+            log.warning(
+                "data resume: saved world_size/num_workers %s/%s differ from %s/%s; restarting epoch %d",
+                r["world_size"],
+                r["num_workers"],
+                self.world_size,
+                num_workers,
+                self.epoch,
+            )
             return False
         return True
 
@@ -279,7 +289,8 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        stats = DataStats(on_add=self._shared.add if self._shared is not None else None)
+        shared, writer = self._shared, 0 if info is None else 1 + worker
+        stats = DataStats(on_add=None if shared is None else lambda reason: shared.add(reason, writer))
         if info is None:
             self._local.append(stats)
         worker, epoch, skip = self._start(worker, num_workers)
@@ -323,7 +334,9 @@ def build_dataset(
     """
     stats = DataStats()
     units = resolve_sources(sources, stats)
-    decoder = ImageDecoder(ImageTransform(resolution, center_crop, random_flip), tuple(image_keys), tuple(caption_keys))
+    decoder = ImageDecoder(
+        ImageTransform(resolution, center_crop, random_flip), tuple(image_keys), tuple(caption_keys)
+    )
     rank, world_size = default_rank(rank, world_size)
     return ShardDataset(
         units, decoder, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,

@@ -125,7 +125,9 @@ def training_prompts() -> list[str]:
     return [caption_for(*combo) for combo in training_combos()]
 
 
-def _paint(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, side: int, fill: tuple[int, int, int]) -> None:
+def _paint(
+    draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, side: int, fill: tuple[int, int, int]
+) -> None:
     """Paint `shape` into the pixel box [x0, x0 + side) x [y0, y0 + side) (integer coordinates)."""
     x1, y1 = x0 + side - 1, y0 + side - 1  # PIL boxes include both end pixels
     if shape == "circle":
@@ -171,7 +173,9 @@ def sample_combo(split: str, rng: np.random.Generator) -> Combo:
     return combos[int(rng.integers(len(combos)))]
 
 
-def iter_shapes(num: int, size: int, seed: int, split: str = "train") -> Iterator[tuple[str, Image.Image, Combo]]:
+def iter_shapes(
+    num: int, size: int, seed: int, split: str = "train"
+) -> Iterator[tuple[str, Image.Image, Combo]]:
     """Yield ``(key, image, combo)`` for `num` samples; sample i depends only on (seed, i)."""
     if num < 0 or size < 12:
         raise InvalidInputError(f"shapes: need num >= 0 and size >= 12, got num={num} size={size}")
@@ -228,7 +232,12 @@ def write_shapes_dataset(
         writer.write({"__key__": key, "png": _png_bytes(image), "txt": caption_for(*combo), "json": meta})
     if writer is not None:
         writer.close()
-    info = split_description(split) | {"num": num, "size": size, "seed": seed, "shards": [p.name for p in shards]}
+    info = split_description(split) | {
+        "num": num,
+        "size": size,
+        "seed": seed,
+        "shards": [p.name for p in shards],
+    }
     (out / "split.json").write_text(json.dumps(info, indent=2))
     (out / "README.md").write_text(_readme(info))
     return shards

@@ -53,7 +53,9 @@ def _directory_units(directory: Path) -> list[Unit]:
         return [Unit("folder", str(directory))]
     tars = sorted(str(p) for p in directory.glob("*.tar"))
     if not tars:
-        raise DataError(f"data source {str(directory)!r}: directory has neither {METADATA_FILE} nor *.tar shards")
+        raise DataError(
+            f"data source {str(directory)!r}: directory has neither {METADATA_FILE} nor *.tar shards"
+        )
     return [Unit("tar", p) for p in tars]
 
 
@@ -75,7 +77,9 @@ def resolve_sources(sources: str | Path | Sequence[str | Path], stats: DataStats
         paths = _expand_one(source)
         existing = [p for p in paths if os.path.isfile(p)]
         if not existing:
-            raise DataError(f"data source {source!r}: matches no files; expected tar shards, a glob or a folder")
+            raise DataError(
+                f"data source {source!r}: matches no files; expected tar shards, a glob or a folder"
+            )
         for path in paths:
             if path in existing:
                 units.append(Unit("tar", path))

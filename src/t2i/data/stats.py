@@ -15,7 +15,13 @@ log = logging.getLogger("t2i.data")
 # corrupt_member: a tar stream that breaks mid-shard, a duplicate member, a caption that is not UTF-8,
 #   a metadata.jsonl line that is not JSON, a precached tensor blob that does not parse.
 # unreadable_shard: a shard path that does not exist, cannot be opened, or is not a tar file.
-REASONS: tuple[str, ...] = ("undecodable", "missing_caption", "missing_image", "corrupt_member", "unreadable_shard")
+REASONS: tuple[str, ...] = (
+    "undecodable",
+    "missing_caption",
+    "missing_image",
+    "corrupt_member",
+    "unreadable_shard",
+)
 
 
 class BadSample(Exception):
@@ -72,16 +78,21 @@ class DataStats:
 class SharedCounts:
     """Skip counts in shared memory, so DataLoader worker processes report to the main process.
 
-    Created in the main process; workers receive it when the dataset is handed to them at process start
-    (fork or spawn). Pickled in any other way it is dropped (see `ShardDataset.__getstate__`).
+    One row per writer (row 0: the main process, row 1 + i: DataLoader worker i), so no lock is needed and
+    it works under fork and spawn alike. Workers receive it when the dataset is handed to them at process
+    start; pickled in any other way it is dropped (see `ShardDataset.__getstate__`).
     """
 
-    def __init__(self) -> None:
-        self.array = multiprocessing.Array(ctypes.c_int64, len(REASONS))
+    ROWS = 65
 
-    def add(self, reason: str) -> None:
-        with self.array.get_lock():
-            self.array[REASONS.index(reason)] += 1
+    def __init__(self) -> None:
+        self.array = multiprocessing.RawArray(ctypes.c_int64, self.ROWS * len(REASONS))
+
+    def add(self, reason: str, writer: int = 0) -> None:
+        """Count one `reason` for writer `writer` (0 = main process, 1 + i = DataLoader worker i)."""
+        self.array[(writer % self.ROWS) * len(REASONS) + REASONS.index(reason)] += 1
 
     def as_stats(self) -> DataStats:
-        return DataStats(dict(zip(REASONS, self.array[:])))
+        values = self.array[:]
+        totals = [sum(values[i :: len(REASONS)]) for i in range(len(REASONS))]
+        return DataStats(dict(zip(REASONS, totals)))

@@ -88,13 +88,18 @@ _UNSUPPORTED = {
 class SamplingPlan:
     """Everything a sampler needs besides the denoiser: `sigmas` (n + 1,) float64 decreasing, the scale taking
     unit-variance initial latents to `sigmas[0]`, the scale taking the result back to diffusers' output scale, and
-    sampler `options` (keyword arguments) that reproduce the matching diffusers scheduler."""
+    sampler `options` (keyword arguments) that reproduce the matching diffusers scheduler.
+
+    `quantize_timesteps`: diffusers feeds this schedule's model integer (rounded) timesteps; build the
+    `DiscreteDenoiser` with `quantize=plan.quantize_timesteps` for an exact match (DPM-Solver with Karras sigmas).
+    """
 
     sampler: str
     sigmas: torch.Tensor
     init_noise_scale: float
     final_scale: float
     options: dict[str, Any] = field(default_factory=dict)
+    quantize_timesteps: bool = False
 
     @property
     def steps(self) -> int:
@@ -296,7 +301,8 @@ def _dpm_plan(sampler: str, config: dict, steps: int, karras: bool, table: torch
     n = len(grid)
     euler_at_final = bool(config["euler_at_final"]) or (bool(config["lower_order_final"]) and n < 15)
     options = {"euler_at_final": True} if euler_at_final and final > 0 else {}
-    return SamplingPlan(sampler, sigmas, _vp_init(sigmas), _vp_final(sigmas), options)
+    quantize = karras and config["beta_schedule"] != "squaredcos_cap_v2"
+    return SamplingPlan(sampler, sigmas, _vp_init(sigmas), _vp_final(sigmas), options, quantize)
 
 
 def _vp_init(sigmas: torch.Tensor) -> float:

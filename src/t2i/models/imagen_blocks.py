@@ -141,7 +141,8 @@ class AttentionPooling(nn.Module):
         self.W = nn.Linear(dim, 1)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        scores = self.W(tokens).squeeze(-1).float().masked_fill(~mask, float("-inf"))  # (B, T)
+        wide = torch.promote_types(tokens.dtype, torch.float32)
+        scores = self.W(tokens).squeeze(-1).to(wide).masked_fill(~mask, float("-inf"))  # (B, T)
         weights = scores.softmax(dim=1).nan_to_num(0.0).to(tokens.dtype)
         return (tokens * weights[..., None]).sum(dim=1)
 

@@ -155,8 +155,8 @@ def build_task(cfg: RunConfig) -> DiffusionTask:
         try:
             importlib.import_module(TASK_MODULES[kind])
         except ModuleNotFoundError as err:
-            if err.name != TASK_MODULES[kind]:
-                raise
+            if not f"{TASK_MODULES[kind]}.".startswith(f"{err.name}."):
+                raise  # the task module exists but one of its own imports failed
     if kind not in _TASKS:
         raise ConfigError(f"model.kind: no training task registered for {kind!r} "
                           f"(registered: {', '.join(sorted(_TASKS)) or 'none'})")

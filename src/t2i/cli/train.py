@@ -1,0 +1,36 @@
+"""`t2i train CONFIG [key=value ...]`: train any model family from a YAML config (works under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    """Add the `train` command."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train or fine-tune a model from a config",
+        description="Train from a YAML config (a path, or a bundled name such as sd15 or demo/shapes) with "
+        "dotted overrides, e.g. `t2i train sd15 trainer.precision=bf16 data.train=[a.tar,b.tar]`. "
+        "Multi-GPU: `torchrun --nproc_per_node N -m t2i.cli.main train CONFIG ...`.",
+    )
+    parser.add_argument("config", help="config file or bundled config name")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the config with overrides, then print it or train."""
+    from t2i.config import load_config, to_yaml
+
+    cfg = load_config(args.config, list(args.overrides))
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from t2i.train.trainer import train
+
+    result = train(cfg)
+    if result.last_checkpoint is not None:
+        print(f"trained to step {result.step}; last checkpoint: {result.last_checkpoint}")
+    return 0

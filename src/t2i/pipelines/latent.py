@@ -1,0 +1,354 @@
+"""The Stable Diffusion (latent diffusion) text-to-image pipeline: prompt -> text encoder -> sampler over the
+UNet denoiser with classifier-free guidance -> VAE decode -> PIL images.
+
+The sampling schedule is a diffusers scheduler config (dict) kept on the pipeline: it fixes the training betas,
+the prediction type, the timestep spacing and `steps_offset`. Every sampler honours it through
+`t2i.diffusion.plans.make_plan(sampler, scheduler_config, steps)`, so `sampler="ddim"` on a diffusers folder
+reproduces diffusers' `DDIMScheduler.from_config(pipe.scheduler.config)`.
+
+Classifier-free guidance (SD family, as diffusers): the unconditional branch is the encoding of
+`negative_prompt`, or of the empty string "" when none is given; guidance is off for `guidance_scale <= 1`.
+Cross-attention is not masked (the text mask is only used inside BERT/T5 encoders).
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from t2i.diffusion.denoisers import DiscreteDenoiser, normalize_prediction_type
+from t2i.diffusion.guidance import CFGDenoiser
+from t2i.diffusion.plans import SamplingPlan, make_plan
+from t2i.diffusion.samplers import get_sampler
+from t2i.diffusion.schedules import make_alphas_cumprod
+from t2i.errors import InvalidInputError
+from t2i.models.first_stage import LatentFirstStage
+
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.5
+PARAMETERIZATION_OF = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+@dataclass
+class GenerationOutput:
+    """images: PIL images; latents (B, C, h, w): final scaled latents; pixels (B, 3, H, W) float in [0, 1] (CPU)."""
+
+    images: list[Any]
+    latents: torch.Tensor
+    pixels: torch.Tensor
+
+
+def normalize_prompts(prompt: str | list[str], name: str = "prompt") -> list[str]:
+    """A prompt or a non-empty list of prompts -> list of strings; InvalidInputError otherwise."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if prompts is None or not all(isinstance(p, str) for p in prompts):
+        raise InvalidInputError(f"{name}: expected a string or a list of strings, got {prompt!r}")
+    if not prompts:
+        raise InvalidInputError(f"{name}: empty list; expected at least one prompt")
+    return prompts
+
+
+def negative_prompts(negative_prompt: str | list[str] | None, count: int) -> list[str]:
+    """The unconditional prompts: "" (diffusers' default), one string for all, or one per prompt."""
+    if negative_prompt is None:
+        return [""] * count
+    negatives = normalize_prompts(negative_prompt, "negative_prompt")
+    if len(negatives) == 1:
+        return negatives * count
+    if len(negatives) != count:
+        raise InvalidInputError(f"negative_prompt: {len(negatives)} prompts for {count} prompts; expected 1 or {count}")
+    return negatives
+
+
+def to_pil(pixels: torch.Tensor) -> list[Any]:
+    """(B, 3, H, W) in [0, 1] -> PIL RGB images, rounded like diffusers' `numpy_to_pil`."""
+    from PIL import Image
+
+    array = (pixels.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in array]
+
+
+def tail_plan(plan: SamplingPlan, start: int) -> SamplingPlan:
+    """The plan from step `start` on (img2img): sigmas and per-step options sliced, the input taken as is."""
+    options = dict(plan.options)
+    if "sigmas_to" in options:
+        options["sigmas_to"] = options["sigmas_to"][start:]
+    if start > 0:
+        options.pop("sigma_correct_from", None)  # corrects PLMS's warm-up from the full grid's first step
+    return SamplingPlan(plan.sampler, plan.sigmas[start:], 1.0, plan.final_scale, options)
+
+
+class LatentPipeline:
+    """Stable Diffusion inference: `generate` (text-to-image) and `reconstruct` (image-to-image).
+
+    Args:
+        unet: t2i `UNetModel` (eps / v / x0 prediction per the scheduler config).
+        vae: t2i `AutoencoderKL`; latents are scaled by `scale_factor`.
+        text_encoder: a frozen `t2i.text.encoders.TextEncoder`.
+        scheduler_config: diffusers scheduler config dict; `_class_name` picks the default sampler.
+        model_config: the `model:` config section (dict) this pipeline was built from, if any.
+        default_sampler: sampler used when `generate(sampler=None)`.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        scheduler_config: dict[str, Any],
+        scale_factor: float,
+        default_sampler: str,
+        model_config: dict[str, Any] | None = None,
+    ):
+        self.unet = unet.eval().requires_grad_(False)
+        self.first_stage = LatentFirstStage(vae, scale_factor)
+        self.text_encoder = text_encoder
+        self.scheduler_config = dict(scheduler_config)
+        self.default_sampler = default_sampler
+        self.model_config = model_config
+
+    # ------------------------------------------------------------------------------------ properties
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.first_stage.vae
+
+    @property
+    def scale_factor(self) -> float:
+        return self.first_stage.scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def prediction_type(self) -> str:
+        return normalize_prediction_type(self.scheduler_config.get("prediction_type", "epsilon"))
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: VAE factor x the UNet's total downsampling."""
+        levels = len(getattr(self.unet, "channel_mult", [1]))
+        return self.first_stage.downsample_factor * 2 ** (levels - 1)
+
+    @property
+    def default_size(self) -> int:
+        image_size = getattr(self.unet, "unet_config", {}).get("image_size")
+        return int(image_size) * self.first_stage.downsample_factor if image_size else 512
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LatentPipeline:
+        """Move every component to `device`; cast UNet and VAE weights to `dtype` (the text encoder too on GPU)."""
+        for module in (self.unet, self.first_stage):
+            module.to(device=device, dtype=dtype)
+        text_dtype = dtype if dtype is not None and device is not None and torch.device(device).type != "cpu" else None
+        self.text_encoder.to(device=device, dtype=text_dtype)
+        return self
+
+    # ------------------------------------------------------------------------------------ building blocks
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alpha_bar (T,) of the training schedule named by the scheduler config."""
+        c = self.scheduler_config
+        return make_alphas_cumprod(
+            c.get("beta_schedule", "linear"), int(c.get("num_train_timesteps", 1000)),
+            float(c.get("beta_start", 0.0001)), float(c.get("beta_end", 0.02)), c.get("trained_betas"),
+        )
+
+    def denoiser(self, guidance_scale: float) -> nn.Module:
+        """The UNet as `D(x, sigma, cond) -> x0`, wrapped in classifier-free guidance when scale > 1."""
+        inner = DiscreteDenoiser(self.unet, self.alphas_cumprod(), self.prediction_type).to(self.device)
+        return CFGDenoiser(inner, guidance_scale) if guidance_scale > 1 else inner
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """prompts (B) -> context (B, T, D) float32 on the UNet's device."""
+        return self.text_encoder.encode(prompts).embeddings.to(self.device, torch.float32)
+
+    def conditioning(
+        self, prompts: list[str], negative_prompt: str | list[str] | None, num_images: int, guidance_scale: float
+    ) -> dict[str, torch.Tensor]:
+        """cond dict for the (CFG) denoiser; each prompt repeated `num_images` times in a row, as diffusers does."""
+        cond = {"context": self.encode_prompts(prompts).repeat_interleave(num_images, dim=0)}
+        if guidance_scale > 1:
+            negatives = negative_prompts(negative_prompt, len(prompts))
+            cond["uncond_context"] = self.encode_prompts(negatives).repeat_interleave(num_images, dim=0)
+        return cond
+
+    def plan(self, sampler: str | None, steps: int, use_karras_sigmas: bool = False) -> SamplingPlan:
+        """The sampling plan of `sampler` (default: the scheduler config's) for `steps` steps."""
+        if not isinstance(steps, int) or steps < 1:
+            raise InvalidInputError(f"steps: expected an integer >= 1, got {steps!r}")
+        return make_plan(sampler or self.default_sampler, self.scheduler_config, steps, use_karras_sigmas)
+
+    def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) with defaults filled; InvalidInputError unless both are multiples of `size_multiple`."""
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        m = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % m:
+                raise InvalidInputError(
+                    f"{name}: {value!r} is not a positive multiple of {m} (VAE factor "
+                    f"{self.first_stage.downsample_factor} x UNet downsampling {m // self.first_stage.downsample_factor})"
+                )
+        return height, width
+
+    @staticmethod
+    def make_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
+        if generator is not None:
+            return generator
+        seed = random.randrange(2**63) if seed is None else int(seed)
+        return torch.Generator("cpu").manual_seed(seed)
+
+    @staticmethod
+    def sampler_options(sampler: str, eta: float) -> dict[str, Any]:
+        """`eta` for the samplers that take it; a non-zero eta elsewhere is an error."""
+        if "eta" in inspect.signature(get_sampler(sampler)).parameters:
+            return {"eta": float(eta)}
+        if eta:
+            raise InvalidInputError(f"eta: {eta} is not used by sampler {sampler!r}; expected 0 (ddim takes eta)")
+        return {}
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) -> pixels (B, 3, H, W) float32 in [0, 1] on the CPU."""
+        images = self.first_stage.decode(latents.to(self.device))
+        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    # ------------------------------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        sampler: str | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        latents: torch.Tensor | None = None,
+        use_karras_sigmas: bool = False,
+        eta: float = 0.0,
+        progress: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> GenerationOutput:
+        """Text-to-image. `latents` (B, C, h, w) are unit-variance initial noise (diffusers' `latents=`), with
+        B = len(prompts) * num_images; when None they are drawn from `generator` (or `seed`)."""
+        prompts = normalize_prompts(prompt)
+        if not isinstance(num_images, int) or num_images < 1:
+            raise InvalidInputError(f"num_images: expected an integer >= 1, got {num_images!r}")
+        height, width = self.check_size(height, width)
+        plan = self.plan(sampler, steps, use_karras_sigmas)
+        options = self.sampler_options(plan.sampler, eta)
+        generator = self.make_generator(seed, generator)
+        f = self.first_stage.downsample_factor
+        shape = (len(prompts) * num_images, self.first_stage.latent_channels, height // f, width // f)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise InvalidInputError(f"latents: shape {tuple(latents.shape)}; expected {shape}")
+        cond = self.conditioning(prompts, negative_prompt, num_images, guidance_scale)
+        x = plan.sample(self.denoiser(guidance_scale), latents.to(self.device, torch.float32), cond,
+                        generator=generator, progress=progress, **options)
+        pixels = self.decode(x)
+        return GenerationOutput(to_pil(pixels), x, pixels)
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        prompt: str | list[str],
+        image: Any,
+        strength: float = 0.6,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        sampler: str | None = None,
+        seed: int | None = None,
+        use_karras_sigmas: bool = False,
+        eta: float = 0.0,
+        progress: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> GenerationOutput:
+        """Image-to-image (SDEdit): encode `image`, noise it to the sigma `strength` of the way into the plan
+        (diffusers' img2img `get_timesteps`: skip the first `steps - int(steps * strength)` steps), denoise.
+
+        `image`: a PIL image, a list of them (one per prompt), or a tensor (B, 3, H, W) in [0, 1].
+        """
+        prompts = normalize_prompts(prompt)
+        if not 0 < strength <= 1:
+            raise InvalidInputError(f"strength: {strength!r}; expected a number in (0, 1]")
+        plan = self.plan(sampler, steps, use_karras_sigmas)
+        denoise_steps = min(int(steps * strength), steps)
+        if denoise_steps < 1:
+            raise InvalidInputError(f"strength: {strength} x steps {steps} leaves no step; expected strength*steps >= 1")
+        options = self.sampler_options(plan.sampler, eta)
+        generator = self.make_generator(seed, generator)
+        pixels = self.prepare_images(image, len(prompts), height, width)
+        z0 = self.first_stage.encode(pixels.to(self.device) * 2 - 1, generator=generator).float()
+        tail = tail_plan(plan, steps - denoise_steps)
+        noise = torch.randn(z0.shape, generator=generator, device=generator.device, dtype=torch.float32)
+        x = z0 + float(tail.sigmas[0]) * noise.to(z0.device)
+        cond = self.conditioning(prompts, negative_prompt, 1, guidance_scale)
+        x = tail.sample(self.denoiser(guidance_scale), x, cond, generator=generator, progress=progress, **options)
+        out = self.decode(x)
+        return GenerationOutput(to_pil(out), x, out)
+
+    def prepare_images(self, image: Any, count: int, height: int | None, width: int | None) -> torch.Tensor:
+        """PIL image(s) or a [0, 1] tensor -> (count, 3, H, W) float32 in [0, 1] at a valid size."""
+        if isinstance(image, torch.Tensor):
+            pixels = image.unsqueeze(0) if image.ndim == 3 else image
+            if pixels.ndim != 4 or pixels.shape[1] != 3:
+                raise InvalidInputError(f"image: tensor of shape {tuple(image.shape)}; expected (B, 3, H, W) in [0, 1]")
+            pixels = pixels.float()
+            size = (height or pixels.shape[2], width or pixels.shape[3])
+            if size != tuple(pixels.shape[2:]):
+                pixels = torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", antialias=True)
+        else:
+            pixels = self.pil_to_pixels(image, height, width)
+        self.check_size(int(pixels.shape[2]), int(pixels.shape[3]))
+        if pixels.shape[0] == 1:
+            pixels = pixels.expand(count, -1, -1, -1)
+        if pixels.shape[0] != count:
+            raise InvalidInputError(f"image: {pixels.shape[0]} images for {count} prompts; expected 1 or {count}")
+        return pixels
+
+    def pil_to_pixels(self, image: Any, height: int | None, width: int | None) -> torch.Tensor:
+        """PIL image(s) -> (B, 3, H, W) in [0, 1]; without an explicit size, rounded down to a valid multiple."""
+        from PIL import Image
+
+        images = image if isinstance(image, (list, tuple)) else [image]
+        if not images or not all(isinstance(i, Image.Image) for i in images):
+            raise InvalidInputError(f"image: expected a PIL image, a list of them or a tensor, got {type(image).__name__}")
+        m = self.size_multiple
+        arrays = []
+        for img in images:
+            w = width or max(m, img.width // m * m)
+            h = height or max(m, img.height // m * m)
+            img = img.convert("RGB")
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.LANCZOS)
+            arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
+        if len({a.shape for a in arrays}) != 1:
+            raise InvalidInputError("image: the images differ in size; give height and width")
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write a t2i pipeline folder: the diffusers layout (loads in `StableDiffusionPipeline`) + `t2i.yaml`."""
+        from t2i.pipelines.loading import save_pipeline
+
+        return save_pipeline(self, path)

@@ -1,0 +1,112 @@
+"""Tiny random Stable Diffusion pipelines built with diffusers + transformers (the independent reference).
+
+Nothing is downloaded: the CLIP tokenizer is built from a byte-level vocabulary and a few merges.
+SD1 style: conv projections in the transformers, epsilon prediction, PNDM scheduler (as SD 1.5 ships).
+SD2 style: linear projections, v prediction, DDIM scheduler with `trailing` spacing, steps_offset 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+MAX_LENGTH = 16
+SIZE = 32  # pixels; the tiny VAE downsamples by 2, so latents are 16 x 16
+
+
+def gpt2_byte_chars() -> list[str]:
+    """The 256 printable stand-ins that byte-level BPE (GPT-2, CLIP) uses for raw bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def tiny_clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    chars = gpt2_byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    merges = [("r", "e"), ("re", "d</w>"), ("c", "i"), ("ci", "r"), ("cir", "c"), ("circ", "l"), ("circl", "e</w>")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+
+
+def tiny_diffusers_pipeline(style: str):
+    """A random diffusers StableDiffusionPipeline: `sd1` (eps, conv proj) or `sd2` (v, linear proj, 2 heads...)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0 if style == "sd1" else 1)
+    sd2 = style == "sd2"
+    unet = UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4) if sd2 else 4, use_linear_projection=sd2,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=SIZE,
+    )
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=521, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH, hidden_act="gelu" if sd2 else "quick_gelu",
+    )).eval()
+    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    if sd2:
+        scheduler = DDIMScheduler(**schedule, prediction_type="v_prediction", timestep_spacing="trailing",
+                                  steps_offset=0, set_alpha_to_one=False, clip_sample=False)
+    else:
+        scheduler = PNDMScheduler(**schedule, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tiny_clip_tokenizer(), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def sd1_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sd1_diffusers")
+    tiny_diffusers_pipeline("sd1").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd2_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sd2_diffusers")
+    tiny_diffusers_pipeline("sd2").save_pretrained(folder)
+    return folder
+
+
+def initial_latents(batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randn((batch, 4, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(seed))
+
+
+def diffusers_images(folder: Path, sampler_class: str | None, prompt, latents, steps: int = 3, **kwargs):
+    """Images (B, H, W, 3) in [0, 1] from diffusers' StableDiffusionPipeline with scheduler `sampler_class`."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    if sampler_class is not None:
+        scheduler_class, extra = sampler_class if isinstance(sampler_class, tuple) else (sampler_class, {})
+        pipe.scheduler = getattr(diffusers, scheduler_class).from_config(pipe.scheduler.config, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt, num_inference_steps=steps, latents=latents, height=SIZE, width=SIZE, output_type="np",
+               **kwargs)
+    return out.images
+
+
+def t2i_images(pipe, prompt, latents, steps: int = 3, **kwargs):
+    """Images (B, H, W, 3) in [0, 1] from a t2i LatentPipeline (float pixels, before PIL rounding)."""
+    out = pipe.generate(prompt, latents=latents, height=SIZE, width=SIZE, steps=steps, progress=False, **kwargs)
+    return out.pixels.permute(0, 2, 3, 1).numpy()
