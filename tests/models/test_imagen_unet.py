@@ -36,7 +36,7 @@ def single_thread():
 
 
 def tiny_regular(**overrides) -> dict:
-    cfg = dict(
+    cfg = dict(  # noqa: C408 (keyword form reads like the YAML)
         embed_dim=16, image_size=SIZE, channels=3, text_embed_dim=TEXT_DIM, num_res_blocks=[1, 2],
         channel_mult=[1, 2], per_head_channels=8, cond_dim=16, attention_type="fused",
         learned_sinu_pos_emb_dim=0, attention_resolutions=[SIZE, SIZE // 2],
@@ -45,7 +45,7 @@ def tiny_regular(**overrides) -> dict:
 
 
 def tiny_efficient(**overrides) -> dict:
-    cfg = dict(
+    cfg = dict(  # noqa: C408 (keyword form reads like the YAML)
         embed_dim=16, image_size=SIZE, channels=3, text_embed_dim=TEXT_DIM, channel_mult=[1, 2, 2],
         num_resblocks=[1, 1, 2], atnn_enabled_at=[0, 1, 1], per_head_channels=8, attention_type="fused",
         learned_sinu_pos_emb_dim=0, skip_connection_scaling=True, noise_cond_aug=True,
@@ -68,12 +68,12 @@ def inputs(batch: int = 2, size: int = SIZE, seed: int = 1, sr: bool = False, au
     gen = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, TOKENS, dtype=torch.bool)
     mask[0, 3:] = False
-    args = dict(
-        x=torch.randn(batch, 3, size, size, generator=gen),
-        time_cond=torch.randn(batch, generator=gen),
-        text_embed=torch.randn(batch, TOKENS, TEXT_DIM, generator=gen),
-        text_mask=mask,
-    )
+    args = {
+        "x": torch.randn(batch, 3, size, size, generator=gen),
+        "time_cond": torch.randn(batch, generator=gen),
+        "text_embed": torch.randn(batch, TOKENS, TEXT_DIM, generator=gen),
+        "text_mask": mask,
+    }
     if sr:
         args["x_low_res"] = torch.randn(batch, 3, size // 4, size // 4, generator=gen)
     if aug:
@@ -117,7 +117,9 @@ def test_size_table_parameter_count_within_10_percent(name):
 @pytest.mark.parametrize("unet_type", ["base", "sr-unet", "sr"])
 @pytest.mark.parametrize("attention_type", ["self", "cross", "stacked", "fused"])
 def test_forward_backward_every_attention_type(unet_type, attention_type):
-    cfg, args = case(unet_type, attention_type=attention_type, learned_sinu_pos_emb_dim=8, use_null_token=True)
+    cfg, args = case(
+        unet_type, attention_type=attention_type, learned_sinu_pos_emb_dim=8, use_null_token=True
+    )
     model = build(unet_type, cfg).train()
     out = model(**args)
     assert out.shape == args["x"].shape
@@ -140,7 +142,9 @@ def test_text_embed_none_is_unconditional():
     args = inputs()
     with torch.no_grad():
         out = model(args["x"], args["time_cond"], None, None)
-        all_padding = model(args["x"], args["time_cond"], args["text_embed"], torch.zeros(2, TOKENS, dtype=bool))
+        all_padding = model(
+            args["x"], args["time_cond"], args["text_embed"], torch.zeros(2, TOKENS, dtype=bool)
+        )
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, all_padding)
 
@@ -151,7 +155,9 @@ def test_text_embed_none_is_unconditional():
 def test_flash_and_stable_attention_give_the_same_output(unet_type, attention_type):
     outputs = []
     for flash, stable in [(False, False), (False, True), (True, False)]:
-        cfg, args = case(unet_type, attention_type=attention_type, flash_attention=flash, stable_attention=stable)
+        cfg, args = case(
+            unet_type, attention_type=attention_type, flash_attention=flash, stable_attention=stable
+        )
         model, args = double(build(unet_type, cfg), args)
         with torch.no_grad():
             outputs.append(model(**args))
@@ -234,7 +240,9 @@ def test_channels_last_input_gives_the_same_output(unet_type):
 def test_sr_stage_uses_low_res_image_and_aug_cond(unet_type):
     cfg, args = case(unet_type)
     model = build(unet_type, cfg)
-    upsampled = F.interpolate(args["x_low_res"], size=args["x"].shape[-2:], mode="bicubic", align_corners=False)
+    upsampled = F.interpolate(
+        args["x_low_res"], size=args["x"].shape[-2:], mode="bicubic", align_corners=False
+    )
     with torch.no_grad():
         out = model(**args)
         torch.testing.assert_close(model(**dict(args, x_low_res=upsampled)), out)
@@ -284,9 +292,13 @@ def test_efficient_resblock_scales_the_shortcut_by_inverse_sqrt2():
 
 # ------------------------------------------------------------------------------------------------ configs
 def test_unknown_key_raises_config_error_listing_valid_keys():
-    with pytest.raises(ConfigError, match=r"model\.unet\.atention_type: unknown key; valid keys: .*attention_type"):
+    with pytest.raises(
+        ConfigError, match=r"model\.unet\.atention_type: unknown key; valid keys: .*attention_type"
+    ):
         build_imagen_unet("base", tiny_regular(atention_type="fused"))
-    with pytest.raises(ConfigError, match=r"model\.unet\.attention_resolutions: unknown key.*atnn_enabled_at"):
+    with pytest.raises(
+        ConfigError, match=r"model\.unet\.attention_resolutions: unknown key.*atnn_enabled_at"
+    ):
         build_imagen_unet("sr", tiny_efficient(attention_resolutions=[8]))
 
 
@@ -312,3 +324,15 @@ def test_sr_unet_type_defaults_to_low_res_conditioning():
     model = build_imagen_unet("sr-unet", tiny_regular())
     assert isinstance(model, ImagenUNet) and model.low_res_cond
     assert model.input_blocks[0][0].in_channels == 6
+
+
+@pytest.mark.parametrize("resblock_updown,resample_with_conv", [(True, True), (False, False)])
+def test_regular_unet_resampling_variants(resblock_updown, resample_with_conv):
+    cfg = tiny_regular(resblock_updown=resblock_updown, resample_with_conv=resample_with_conv, dropout=0.1)
+    model = build("base", cfg)
+    args = inputs()
+    with torch.no_grad():
+        out = model(**args)
+    assert out.shape == args["x"].shape and torch.isfinite(out).all()
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.ConvTranspose2d,))]
+    assert bool(convs) == (resample_with_conv and not resblock_updown)

@@ -13,6 +13,7 @@ differs). Like NeMo, the text context width `cond_dim` defaults to `text_embed_d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -51,14 +52,14 @@ class EfficientUNet(nn.Module):
         image_size: int,
         channels: int = 3,
         text_embed_dim: int = 512,
-        channel_mult: list[int] = (1, 1, 2, 4, 8),
+        channel_mult: Sequence[int] = (1, 1, 2, 4, 8),
         num_attn_heads: int = 8,
         per_head_channels: int = 64,
         attention_type: str = "fused",
-        atnn_enabled_at: list[int] = (0, 0, 0, 0, 1),
+        atnn_enabled_at: Sequence[int] = (0, 0, 0, 0, 1),
         feature_pooling_type: str = "attention",
         stride: int = 2,
-        num_resblocks: list[int] = (1, 2, 4, 8, 8),
+        num_resblocks: int | Sequence[int] = (1, 2, 4, 8, 8),
         learned_sinu_pos_emb_dim: int = 16,
         use_null_token: bool = False,
         init_conv_kernel_size: int = 3,
@@ -76,7 +77,8 @@ class EfficientUNet(nn.Module):
         if stride < 2 or stride % 2:
             raise ConfigError(f"model.unet.stride: {stride}; expected an even resampling factor >= 2")
         levels = len(channel_mult)
-        self.image_size, self.stride, self.levels, self.noise_cond_aug = image_size, stride, levels, noise_cond_aug
+        self.image_size, self.stride, self.levels = image_size, stride, levels
+        self.noise_cond_aug = noise_cond_aug
         blocks = per_level("num_resblocks", num_resblocks, levels)
         attn_at = per_level("atnn_enabled_at", atnn_enabled_at, levels)
         cond_dim = cond_dim or text_embed_dim
@@ -130,7 +132,7 @@ class EfficientUNet(nn.Module):
         x_low_res: torch.Tensor | None = None,
         aug_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        check_optional_input("x_low_res", x_low_res, True, "the Efficient UNet (unet_type sr)")
+        check_optional_input("x_low_res", x_low_res, True, "unet_type sr")
         check_optional_input("aug_cond", aug_cond, self.noise_cond_aug, "model.unet.noise_cond_aug")
         check_divisible(x, self.stride ** (self.levels - 1))
         emb = self.time_embed(time_cond)

@@ -6,15 +6,19 @@ keys/values are the image tokens concatenated with the text tokens).
 
 Where we differ from NeMo on purpose:
 - the text context is normalised per token with LayerNorm (NeMo uses GroupNorm over the token axis, which lets
-  padding tokens leak into real ones); the parameter count is the same;
-  feature pooling (mean or attention) ignores padding tokens.
-- a query row with no real key (cross attention on an all-padding text) yields zero instead of NaN-then-zero.
+  padding tokens leak into real ones); the parameter count is the same.
+- feature pooling (mean or attention) ignores padding tokens (NeMo pools over all of them).
+- NeMo's Regular UNet offers only `stacked` and `fused`; here every UNet takes all four kinds.
+- a query row with no real key (cross attention on an all-padding text) yields zero, as NeMo's nan_to_num does.
+- `stable_attention` is a forward-pass reformulation (q and k each scaled by d^-1/4, float32 softmax), not
+  NeMo's custom backward that rescales the gradient; `flash_attention` uses torch's SDPA and takes precedence.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +70,9 @@ def heads_for(channels: int, num_heads: int, head_channels: int) -> int:
             )
         return channels // head_channels
     if channels % num_heads:
-        raise ConfigError(f"model.unet.num_attn_heads: {num_heads} does not divide attention width {channels}")
+        raise ConfigError(
+            f"model.unet.num_attn_heads: {num_heads} does not divide attention width {channels}"
+        )
     return num_heads
 
 
@@ -109,7 +115,9 @@ class ScalarEmbedding(nn.Module):
     def __init__(self, embed_dim: int, learned_dim: int, out_dim: int):
         super().__init__()
         if learned_dim < 0:
-            raise ConfigError(f"model.unet.learned_sinu_pos_emb_dim: {learned_dim}; expected 0 or a positive size")
+            raise ConfigError(
+                f"model.unet.learned_sinu_pos_emb_dim: {learned_dim}; expected 0 or a positive size"
+            )
         if learned_dim > 0:
             self.features: nn.Module = LearnedSinusoidalEmbedding(learned_dim)
             width = learned_dim + 1
@@ -154,7 +162,9 @@ class TextConditioner(nn.Module):
     hidden (B, time_embed_dim); T' = T + 1 with the learned null token appended (`use_null_token`).
     """
 
-    def __init__(self, text_embed_dim: int, cond_dim: int, time_embed_dim: int, pooling: str, use_null_token: bool):
+    def __init__(
+        self, text_embed_dim: int, cond_dim: int, time_embed_dim: int, pooling: str, use_null_token: bool
+    ):
         super().__init__()
         self.text_embed_dim = text_embed_dim
         self.pooling = pooling
@@ -173,7 +183,8 @@ class TextConditioner(nn.Module):
     def forward(
         self, text_embed: torch.Tensor | None, text_mask: torch.Tensor | None, batch: int, ref: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if text_embed is None:  # unconditional: one all-padding token, so only the null token (if any) is seen
+        if text_embed is None:
+            # unconditional: one all-padding token, so only the null token (if any) is attended to
             text_embed = ref.new_zeros(batch, 1, self.text_embed_dim)
             text_mask = torch.zeros(batch, 1, dtype=torch.bool, device=ref.device)
         elif text_mask is None:
@@ -269,10 +280,14 @@ class AttentionBlockBase(nn.Module):
         super().__init__()
         self.heads, self.stable, self.flash, self.checkpointing = heads, stable, flash, checkpointing
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """q (B, N, C), k/v (B, M, C) -> (B, N, C)."""
         h = self.heads
-        out = attention_core(_split(q, h), _split(k, h), _split(v, h), mask, stable=self.stable, flash=self.flash)
+        out = attention_core(
+            _split(q, h), _split(k, h), _split(v, h), mask, stable=self.stable, flash=self.flash
+        )
         return _merge(out)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -299,7 +314,9 @@ class SelfAttentionBlock(AttentionBlockBase):
 class CrossAttentionBlock(AttentionBlockBase):
     """x + proj_out(Attention(q = GroupNorm(x), k/v = LayerNorm(text))). (B, C, H, W) -> same."""
 
-    def __init__(self, channels: int, context_dim: int, heads: int, stable: bool, flash: bool, checkpointing: bool):
+    def __init__(
+        self, channels: int, context_dim: int, heads: int, stable: bool, flash: bool, checkpointing: bool
+    ):
         super().__init__(channels, heads, stable, flash, checkpointing)
         self.norm = group_norm(channels)
         self.norm_context = nn.LayerNorm(context_dim)
@@ -319,7 +336,9 @@ class FusedAttentionBlock(AttentionBlockBase):
     (B, C, H, W), context (B, T, D), mask (B, T) -> (B, C, H, W).
     """
 
-    def __init__(self, channels: int, context_dim: int, heads: int, stable: bool, flash: bool, checkpointing: bool):
+    def __init__(
+        self, channels: int, context_dim: int, heads: int, stable: bool, flash: bool, checkpointing: bool
+    ):
         super().__init__(channels, heads, stable, flash, checkpointing)
         self.norm = group_norm(channels)
         self.norm_self = group_norm(channels)
@@ -356,7 +375,9 @@ class GEGLUFeedForward(nn.Module):
 class StackedAttentionBlock(AttentionBlockBase):
     """x + proj_out(FF(Cross(Self(proj_in(GroupNorm(x)))))), as NeMo's StackedCrossAttentionBlock."""
 
-    def __init__(self, channels: int, context_dim: int, heads: int, stable: bool, flash: bool, checkpointing: bool):
+    def __init__(
+        self, channels: int, context_dim: int, heads: int, stable: bool, flash: bool, checkpointing: bool
+    ):
         super().__init__(channels, heads, stable, flash, checkpointing)
         self.norm = group_norm(channels)
         self.proj_in = nn.Conv2d(channels, channels, 1)
@@ -387,8 +408,8 @@ def make_attention_block(
     heads = heads_for(channels, num_heads, head_channels)
     if kind == "self":
         return SelfAttentionBlock(channels, heads, stable, flash, checkpointing)
-    block = {"cross": CrossAttentionBlock, "stacked": StackedAttentionBlock, "fused": FusedAttentionBlock}[kind]
-    return block(channels, context_dim, heads, stable, flash, checkpointing)
+    blocks = {"cross": CrossAttentionBlock, "stacked": StackedAttentionBlock, "fused": FusedAttentionBlock}
+    return blocks[kind](channels, context_dim, heads, stable, flash, checkpointing)
 
 
 # ------------------------------------------------------------------------------------------ residual blocks
@@ -483,7 +504,9 @@ class EfficientResBlock(nn.Module):
 class CondSequential(nn.ModuleList):
     """Runs its layers in order, giving each what it takes: ResBlocks get emb, attention gets the text."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, (ResBlock, EfficientResBlock)):
                 x = layer(x, emb)
@@ -515,7 +538,7 @@ def check_divisible(x: torch.Tensor, factor: int) -> None:
 def check_optional_input(name: str, value: torch.Tensor | None, expected: bool, flag: str) -> None:
     """InvalidInputError when an input is missing although `flag` is on, or given although it is off."""
     if expected and value is None:
-        raise InvalidInputError(f"{name}: required because {flag} is on")
+        raise InvalidInputError(f"{name}: missing, but {flag} needs it")
     if not expected and value is not None:
         raise InvalidInputError(f"{name}: given, but {flag} is off; pass None")
 
@@ -531,7 +554,7 @@ def reject_unknown_keys(unknown: dict, cls: type) -> None:
     """Raise ConfigError naming the first unknown `model.unet` key and listing the valid ones."""
     if unknown:
         valid = signature_keys(cls)
-        key = sorted(unknown)[0]
+        key = min(unknown)
         raise ConfigError(f"model.unet.{key}: unknown key; valid keys: {', '.join(valid)}")
 
 
@@ -542,13 +565,15 @@ def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def per_level(key: str, value: int | list[int], levels: int) -> list[int]:
+def per_level(key: str, value: int | Sequence[int], levels: int) -> list[int]:
     """An int repeated per UNet level, or a list that must have one entry per level."""
     if isinstance(value, int):
         return [value] * levels
     values = [int(v) for v in value]
     if len(values) != levels:
-        raise ConfigError(f"model.unet.{key}: {values} has {len(values)} entries; expected one per level ({levels})")
+        raise ConfigError(
+            f"model.unet.{key}: {values} has {len(values)} entries; expected one per level ({levels})"
+        )
     return values
 
 

@@ -15,7 +15,7 @@ Conditioning vector = MLP(sinusoid(time_cond)) [+ MLP(sinusoid(aug_cond))] + MLP
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,7 +42,7 @@ from t2i.models.imagen_blocks import (
     zero_init,
 )
 
-__all__ = ["ImagenUNet", "EfficientUNet", "UNET_TYPES", "build_imagen_unet", "valid_unet_keys"]
+__all__ = ["UNET_TYPES", "EfficientUNet", "ImagenUNet", "build_imagen_unet", "valid_unet_keys"]
 
 UNET_TYPES = ("base", "sr-unet", "sr")
 
@@ -62,15 +62,15 @@ class ImagenUNet(nn.Module):
         image_size: int,
         channels: int = 3,
         text_embed_dim: int = 512,
-        num_res_blocks: int | list[int] = 3,
-        channel_mult: list[int] = (1, 2, 3, 4),
+        num_res_blocks: int | Sequence[int] = 3,
+        channel_mult: Sequence[int] = (1, 2, 3, 4),
         num_attn_heads: int = 4,
         per_head_channels: int = 64,
         cond_dim: int = 512,
         attention_type: str = "fused",
         feature_pooling_type: str = "attention",
         learned_sinu_pos_emb_dim: int = 16,
-        attention_resolutions: list[int] = (8, 16, 32),
+        attention_resolutions: Sequence[int] = (8, 16, 32),
         dropout: bool | float = False,
         use_null_token: bool = False,
         init_conv_kernel_size: int = 3,
@@ -87,22 +87,24 @@ class ImagenUNet(nn.Module):
         super().__init__()
         reject_unknown_keys(unknown, ImagenUNet)
         if noise_cond_aug and not low_res_cond:
-            raise ConfigError("model.unet.noise_cond_aug: needs low_res_cond: true (it augments the low-res input)")
+            raise ConfigError(
+                "model.unet.noise_cond_aug: needs low_res_cond: true (it augments the low-res input)"
+            )
         levels = len(channel_mult)
         self.image_size, self.low_res_cond, self.noise_cond_aug = image_size, low_res_cond, noise_cond_aug
         self._blocks_per_level = per_level("num_res_blocks", num_res_blocks, levels)
         self._attention_ds = _attention_factors(attention_resolutions, image_size)
-        self._settings = dict(
-            attention_type=attention_type,
-            cond_dim=cond_dim,
-            num_attn_heads=num_attn_heads,
-            per_head_channels=per_head_channels,
-            stable=stable_attention,
-            flash=flash_attention,
-            checkpointing=gradient_checkpointing,
-            dropout=dropout_rate(dropout),
-            scale_shift_norm=scale_shift_norm,
-        )
+        self._settings = {
+            "attention_type": attention_type,
+            "cond_dim": cond_dim,
+            "num_attn_heads": num_attn_heads,
+            "per_head_channels": per_head_channels,
+            "stable": stable_attention,
+            "flash": flash_attention,
+            "checkpointing": gradient_checkpointing,
+            "dropout": dropout_rate(dropout),
+            "scale_shift_norm": scale_shift_norm,
+        }
         self._resample = (resblock_updown, resample_with_conv)
         time_dim = 4 * embed_dim
         self._time_dim = time_dim
@@ -155,9 +157,11 @@ class ImagenUNet(nn.Module):
         resblock_updown, with_conv = self._resample
         if resblock_updown:
             return self._res(ch, ch, up=True)
-        return nn.ConvTranspose2d(ch, ch, 4, stride=2, padding=1) if with_conv else nn.Upsample(scale_factor=2)
+        return (
+            nn.ConvTranspose2d(ch, ch, 4, stride=2, padding=1) if with_conv else nn.Upsample(scale_factor=2)
+        )
 
-    def _build_down(self, ch: int, embed_dim: int, channel_mult: list[int]) -> list[int]:
+    def _build_down(self, ch: int, embed_dim: int, channel_mult: Sequence[int]) -> list[int]:
         """Append the down path to input_blocks; return the channel count of every block output (the skips)."""
         skips, ds = [ch], 1
         for level, mult in enumerate(channel_mult):
@@ -175,7 +179,7 @@ class ImagenUNet(nn.Module):
         self._deepest_ds = ds
         return skips
 
-    def _build_up(self, ch: int, skips: list[int], embed_dim: int, channel_mult: list[int]) -> int:
+    def _build_up(self, ch: int, skips: list[int], embed_dim: int, channel_mult: Sequence[int]) -> int:
         """Fill output_blocks, consuming the skip channel counts in reverse; return the final channel count."""
         skips, ds = list(skips), self._deepest_ds
         for level in reversed(range(len(channel_mult))):
@@ -223,7 +227,7 @@ class ImagenUNet(nn.Module):
         return self.out(h)
 
 
-def _attention_factors(resolutions: list[int], image_size: int) -> set[int]:
+def _attention_factors(resolutions: Sequence[int], image_size: int) -> set[int]:
     """Pixel resolutions (NeMo `attention_resolutions`) -> downsample factors image_size // resolution."""
     factors = set()
     for res in resolutions:

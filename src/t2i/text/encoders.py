@@ -135,7 +135,7 @@ class CLIPEncoder(TextEncoder):
         penultimate = self.layer == "penultimate"
         out = self.model(input_ids=input_ids, output_hidden_states=penultimate)
         if penultimate:
-            hidden = self.model.text_model.final_layer_norm(out.hidden_states[-2])
+            hidden = clip_text_core(self.model).final_layer_norm(out.hidden_states[-2])
         else:
             hidden = out.last_hidden_state
         pooled = out.pooler_output
@@ -163,6 +163,22 @@ class MaskedMeanEncoder(TextEncoder):
         if self.normalize_pooled:
             pooled = F.normalize(pooled, p=2, dim=-1)
         return TextEncoding(hidden, mask, pooled)
+
+
+def clip_text_core(model: nn.Module) -> nn.Module:
+    """The module holding embeddings/encoder/final_layer_norm: `model.text_model` in transformers 4,
+    the CLIPTextModel itself in transformers 5 (which dropped the wrapper)."""
+    return getattr(model, "text_model", model)
+
+
+def fit_text_model_prefix(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Add or strip the `text_model.` prefix of HF CLIP keys to match how this transformers version names them."""
+    wants_prefix = any(k.startswith("text_model.") for k in model.state_dict())
+    fitted = {}
+    for key, value in state.items():
+        bare = key.removeprefix("text_model.")
+        fitted["text_model." + bare if wants_prefix else bare] = value
+    return fitted
 
 
 # ---------------------------------------------------------------- builders
@@ -293,7 +309,7 @@ def build_openclip(
     if "text_projection.weight" in hf_state:
         projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
         projection.weight.data.copy_(hf_state.pop("text_projection.weight"))
-    result = model.load_state_dict(hf_state, strict=False)
+    result = model.load_state_dict(fit_text_model_prefix(hf_state, model), strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
         raise WeightsMismatchError(
