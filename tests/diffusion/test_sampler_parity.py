@@ -63,7 +63,10 @@ def run_diffusers(sampler: str, config: dict, steps: int, noise: torch.Tensor, s
 def run_ours(sampler: str, config: dict, steps: int, noise: torch.Tensor, seed: int, karras: bool = False):
     plan = make_plan(sampler, config, steps, use_karras_sigmas=karras)
     denoiser = DiscreteDenoiser(
-        MODEL, ALPHAS_CUMPROD.float(), config.get("prediction_type", "epsilon"), quantize=plan.quantize_timesteps
+        MODEL,
+        ALPHAS_CUMPROD.float(),
+        config.get("prediction_type", "epsilon"),
+        quantize=plan.quantize_timesteps,
     )
     return plan.sample(denoiser, noise, generator=torch.Generator().manual_seed(seed))
 
@@ -98,7 +101,9 @@ def test_karras_sigmas_match_diffusers(sampler, prediction_type):
     config = {**SD_CONFIG, "prediction_type": prediction_type, "use_karras_sigmas": True}
     noise = noise_like(torch.float64)
     expected = run_diffusers(sampler, config, 8, noise, seed=0)
-    actual = run_ours(sampler, {k: v for k, v in config.items() if k != "use_karras_sigmas"}, 8, noise, 0, True)
+    actual = run_ours(
+        sampler, {k: v for k, v in config.items() if k != "use_karras_sigmas"}, 8, noise, 0, True
+    )
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4)
 
 
@@ -114,8 +119,10 @@ def test_dpm_solver_final_step_rules_match_diffusers(config, steps):
     config = {**SD_CONFIG, **config}
     noise = noise_like(torch.float64)
     torch.testing.assert_close(
-        run_ours("dpmpp_2m", config, steps, noise, 0), run_diffusers("dpmpp_2m", config, steps, noise, 0),
-        rtol=0, atol=1e-4,
+        run_ours("dpmpp_2m", config, steps, noise, 0),
+        run_diffusers("dpmpp_2m", config, steps, noise, 0),
+        rtol=0,
+        atol=1e-4,
     )
 
 

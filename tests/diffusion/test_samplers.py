@@ -62,7 +62,9 @@ def test_more_steps_reduce_the_error(name):
     x = start(8)
     exact = MU + (x - MU) * S / (S**2 + SIGMA_MAX**2) ** 0.5
     errors = [
-        (get_sampler(name)(gaussian_denoiser, x, append_zero(karras_sigmas(n, 0.002, SIGMA_MAX))) - exact).abs().max()
+        (get_sampler(name)(gaussian_denoiser, x, append_zero(karras_sigmas(n, 0.002, SIGMA_MAX))) - exact)
+        .abs()
+        .max()
         for n in (5, 20)
     ]
     assert errors[1] < errors[0]
@@ -127,10 +129,11 @@ def test_lms_coefficients_integrate_polynomials_exactly():
     """An order-k rule integrates any polynomial of degree < k in sigma exactly."""
     sigmas = [14.0, 9.0, 5.5, 2.0, 0.5]
     i, order = 3, 4
-    f = lambda s: 3 * s**3 - s + 2  # noqa: E731
     nodes = [sigmas[i - j] for j in range(order)]
-    estimate = sum(lms_coefficient(sigmas, i, order, j) * f(nodes[j]) for j in range(order))
-    exact = (lambda s: 0.75 * s**4 - 0.5 * s**2 + 2 * s)(sigmas[i + 1]) - (
-        lambda s: 0.75 * s**4 - 0.5 * s**2 + 2 * s
-    )(sigmas[i])
+    estimate = sum(lms_coefficient(sigmas, i, order, j) * (3 * s**3 - s + 2) for j, s in enumerate(nodes))
+
+    def antiderivative(s: float) -> float:
+        return 0.75 * s**4 - 0.5 * s**2 + 2 * s
+
+    exact = antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i])
     assert estimate == pytest.approx(exact, rel=1e-12)

@@ -108,7 +108,9 @@ def test_denoiser_passes_cond_through():
         return torch.zeros_like(x)
 
     ctx, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
-    _denoiser("epsilon", model)(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), {"context": ctx, "context_mask": mask})
+    _denoiser("epsilon", model)(
+        torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), {"context": ctx, "context_mask": mask}
+    )
     assert got["context"] is ctx and got["context_mask"] is mask
 
 

@@ -90,7 +90,9 @@ class DiscreteDenoiser(nn.Module):
         w = t - low
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[low + 1]).exp()
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any] | None = None
+    ) -> torch.Tensor:
         """x (B,C,H,W) on the VE scale, sigma (B,) -> x0_hat (B,C,H,W)."""
         sigma = torch.as_tensor(sigma, device=x.device)
         if sigma.ndim == 0:

@@ -34,7 +34,9 @@ class CFGDenoiser(nn.Module):
     def sigma_max(self) -> float:
         return self.inner.sigma_max
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any] | None = None
+    ) -> torch.Tensor:
         """x (B, ...), sigma (B,) -> guided x0_hat (B, ...)."""
         cond = dict(cond or {})
         if self.scale == 1.0:
@@ -50,7 +52,9 @@ def _without_uncond(cond: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cond.items() if k not in _UNCOND_KEYS.values()}
 
 
-def _pair(cond_value: torch.Tensor | None, uncond_value: torch.Tensor | None, key: str) -> torch.Tensor | None:
+def _pair(
+    cond_value: torch.Tensor | None, uncond_value: torch.Tensor | None, key: str
+) -> torch.Tensor | None:
     """cat([uncond, cond]) along the batch; a missing mask on one side means 'attend to every token'."""
     if cond_value is None and uncond_value is None:
         return None

@@ -44,7 +44,9 @@ def register_sampler(name: str) -> Callable[[SamplerFn], SamplerFn]:
 def get_sampler(name: str) -> SamplerFn:
     """The sampler function registered as `name`; raises UnknownSamplerError listing the valid names."""
     if name not in SAMPLERS:
-        raise UnknownSamplerError(f"sampler: unknown name {name!r}; valid samplers: {', '.join(sorted(SAMPLERS))}")
+        raise UnknownSamplerError(
+            f"sampler: unknown name {name!r}; valid samplers: {', '.join(sorted(SAMPLERS))}"
+        )
     return SAMPLERS[name]
 
 
@@ -77,7 +79,9 @@ def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float 
     when eta = 1, DDIM when eta = 0)."""
     if eta == 0 or sigma_to == 0:
         return sigma_to, sigma_to * 0
-    sigma_up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2).sqrt())
+    sigma_up = torch.minimum(
+        sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2).sqrt()
+    )
     return (sigma_to**2 - sigma_up**2).sqrt(), sigma_up
 
 
@@ -97,7 +101,9 @@ def _steps(sigmas: torch.Tensor, progress: bool) -> range:
 
 
 def _prepare(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(sigmas, device=x.device).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return torch.as_tensor(sigmas, device=x.device).to(
+        torch.float64 if x.dtype == torch.float64 else torch.float32
+    )
 
 
 # ---------------------------------------------------------------------------------- Euler family (ODE/SDE)
@@ -381,7 +387,12 @@ def _v_to_eps(v: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Te
 
 def _plms_combine(outputs: list[torch.Tensor]) -> torch.Tensor:
     """Adams-Bashforth combination of the newest-first model outputs (Liu et al. 2022, PNDM eq. 12)."""
-    weights = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+    weights = {
+        1: [1.0],
+        2: [3 / 2, -1 / 2],
+        3: [23 / 12, -16 / 12, 5 / 12],
+        4: [55 / 24, -59 / 24, 37 / 24, -9 / 24],
+    }
     return sum(w * out for w, out in zip(weights[len(outputs)], outputs))
 
 
@@ -416,7 +427,9 @@ def sample_plms(
         denoised = _denoise(denoiser, x_, sigma, cond)
         return (_to_v if use_v else to_d)(x_, sigma, denoised), denoised
 
-    def ddim_jump(x_: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def ddim_jump(
+        x_: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
         eps = _v_to_eps(out, x_, sigma) if use_v else out
         return x_ + (target - sigma) * eps
 

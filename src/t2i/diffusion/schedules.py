@@ -53,10 +53,13 @@ def make_betas(
     if beta_schedule == "squaredcos_cap_v2":
         steps = num_train_timesteps
         betas = [
-            min(1 - cosine_alpha_bar((i + 1) / steps) / cosine_alpha_bar(i / steps), 0.999) for i in range(steps)
+            min(1 - cosine_alpha_bar((i + 1) / steps) / cosine_alpha_bar(i / steps), 0.999)
+            for i in range(steps)
         ]
         return torch.tensor(betas, dtype=torch.float32)
-    raise ConfigError(f"beta_schedule: unknown value {beta_schedule!r}; expected one of {', '.join(BETA_SCHEDULES)}")
+    raise ConfigError(
+        f"beta_schedule: unknown value {beta_schedule!r}; expected one of {', '.join(BETA_SCHEDULES)}"
+    )
 
 
 def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
