@@ -11,6 +11,8 @@ drift hits both), their ratio (t2i / diffusers; below 1 means t2i is faster), an
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import statistics
 import threading
 import time
@@ -77,6 +79,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
+            gc.collect()
+            _release_free_heap()
             self._start = _rss_bytes()
             self._peak = self._start
             self._stop = threading.Event()
@@ -97,6 +101,14 @@ class PeakMemory:
             self._thread.join()
             peak = max(self._peak, _rss_bytes())
         self.peak_mb = (peak - self._start) / 2**20
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS so the next RSS peak is not hidden by warm allocator caches."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _rss_bytes() -> int:

@@ -346,7 +346,9 @@ def available_configs() -> list[str]:
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`["a.b=1", "c=[x,y]"]` -> `{"a": {"b": 1}, "c": ["x", "y"]}`; values are parsed as YAML."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     result: dict[str, Any] = {}
     for item in overrides:
@@ -355,18 +357,20 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. trainer.precision=bf16)")
         try:
             parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item.lstrip("+")]), resolve=False)
-        except Exception as err:  # omegaconf raises several grammar error types
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
             raise ConfigError(f"override {item!r}: cannot parse value ({_first_line(err)})") from None
         result = _deep_merge(result, parsed)
     return result
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception as err:
+    except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML ({_first_line(err)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
@@ -387,16 +391,18 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def _resolve(data: dict[str, Any]) -> dict[str, Any]:
     """Resolve `${...}` interpolations; a failure names the key holding it."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     try:
         return OmegaConf.to_container(OmegaConf.create(data), resolve=True)
-    except Exception as err:
+    except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "config"
         raise ConfigError(f"{key}: cannot resolve interpolation ({_first_line(err)})") from None
 
 
 def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = " ".join(str(err).split())  # YAML parser messages span several lines
+    return text[:200] if text else type(err).__name__
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -461,9 +467,8 @@ def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    elif tp is str and isinstance(value, str):
+        return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 

@@ -68,7 +68,9 @@ def tiny_diffusers_pipeline(style: str):
         scheduler = DDIMScheduler(**schedule, prediction_type="v_prediction", timestep_spacing="trailing",
                                   steps_offset=0, set_alpha_to_one=False, clip_sample=False)
     else:
-        scheduler = PNDMScheduler(**schedule, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+        # SD 1.5's scheduler_config.json: PNDM, plus `clip_sample: false`, which DDIM inherits via from_config.
+        scheduler = PNDMScheduler.from_config({**schedule, "skip_prk_steps": True, "steps_offset": 1,
+                                               "set_alpha_to_one": False, "clip_sample": False})
     return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tiny_clip_tokenizer(), unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -92,15 +94,30 @@ def initial_latents(batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randn((batch, 4, SIZE // 2, SIZE // 2), generator=torch.Generator().manual_seed(seed))
 
 
-def diffusers_images(folder: Path, sampler_class: str | None, prompt, latents, steps: int = 3, **kwargs):
-    """Images (B, H, W, 3) in [0, 1] from diffusers' StableDiffusionPipeline with scheduler `sampler_class`."""
+_LOADED: dict[str, tuple] = {}
+
+
+def load_diffusers(folder: Path):
+    """StableDiffusionPipeline.from_pretrained(folder), cached, with its original scheduler config."""
     import diffusers
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    if str(folder) not in _LOADED:
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        _LOADED[str(folder)] = (pipe, pipe.scheduler)
+    return _LOADED[str(folder)]
+
+
+def diffusers_images(folder: Path, sampler_class, prompt, latents, steps: int = 3, **kwargs):
+    """Images (B, H, W, 3) in [0, 1] from diffusers' StableDiffusionPipeline; `sampler_class` (a name, or a
+    (name, extra config) pair) replaces the folder's scheduler via `from_config`, None keeps it."""
+    import diffusers
+
+    pipe, scheduler = load_diffusers(folder)
+    pipe.scheduler = scheduler
     if sampler_class is not None:
         scheduler_class, extra = sampler_class if isinstance(sampler_class, tuple) else (sampler_class, {})
-        pipe.scheduler = getattr(diffusers, scheduler_class).from_config(pipe.scheduler.config, **extra)
-    pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = getattr(diffusers, scheduler_class).from_config(scheduler.config, **extra)
     out = pipe(prompt, num_inference_steps=steps, latents=latents, height=SIZE, width=SIZE, output_type="np",
                **kwargs)
     return out.images

@@ -66,7 +66,7 @@ def test_leftover_tmp_dir_is_ignored_and_replaced(tmp_path):
 
 
 def test_training_crash_in_save_then_resume_auto(tmp_path, monkeypatch):
-    settings = dict(max_steps=6, checkpoint_every=3)
+    settings = {"max_steps": 6, "checkpoint_every": 3}
     full = train(toy_config(tmp_path / "full", **settings), ToyTask())
     real_save = ckpt_io.save_checkpoint
 

@@ -50,8 +50,8 @@ def _tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-RESUME_SETTINGS = dict(max_steps=8, checkpoint_every=4, keep_last=5, grad_accum=2, grad_clip=0.5,
-                       optim={"sched": {"warmup_steps": 3, "schedule": "cosine", "min_lr": 1e-4}})
+RESUME_SETTINGS = {"max_steps": 8, "checkpoint_every": 4, "keep_last": 5, "grad_accum": 2, "grad_clip": 0.5,
+                   "optim": {"sched": {"warmup_steps": 3, "schedule": "cosine", "min_lr": 1e-4}}}
 
 
 def test_resume_from_checkpoint_continues_bit_exact(tmp_path):
@@ -70,7 +70,7 @@ def test_resume_from_checkpoint_continues_bit_exact(tmp_path):
 
 @pytest.mark.parametrize("stateful_data", [False, True])
 def test_killed_run_resumes_with_auto(tmp_path, stateful_data):
-    settings = dict(RESUME_SETTINGS, checkpoint_every=3)
+    settings = {**RESUME_SETTINGS, "checkpoint_every": 3}
     full = train(toy_config(tmp_path / "full", **settings), ToyTask(num_batches=5, stateful_data=stateful_data))
     run_dir = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):  # dies in step 5 (micro-batch 9 of 16), after ckpt-000003

@@ -68,12 +68,13 @@ class ToyTask(DiffusionTask):
         self.calls += 1
         if self.fail_at_call is not None and self.calls == self.fail_at_call:
             raise KeyboardInterrupt("simulated kill")
-        x0 = batch["x"]
+        device = self.net[0].weight.device
+        x0 = batch["x"].to(device)
         if self.noise_from_batch:
-            noise, t = batch["noise"], batch["t"]
+            noise, t = batch["noise"].to(device), batch["t"].to(device)
         else:
-            noise = torch.randn(x0.shape, generator=generator)
-            t = torch.rand(x0.shape[0], generator=generator)
+            noise = torch.randn(x0.shape, generator=generator, device=device)
+            t = torch.rand(x0.shape[0], generator=generator, device=device)
         x_t = (1 - t).sqrt()[:, None] * x0 + t.sqrt()[:, None] * noise
         pred = self.net(torch.cat([self.frozen(x_t), t[:, None]], dim=1))
         return (pred.float() - noise).pow(2).mean()
@@ -82,8 +83,8 @@ class ToyTask(DiffusionTask):
         gen = torch.Generator().manual_seed(seed)
         images = []
         for _ in prompts:
-            x = torch.randn(1, DIM, generator=gen)
-            value = self.net(torch.cat([x, torch.ones(1, 1)], 1)).tanh()[0]
+            x = torch.randn(1, DIM, generator=gen).to(self.net[0].weight.device)
+            value = self.net(torch.cat([x, torch.ones_like(x[:, :1])], 1)).tanh()[0].cpu()
             side = int(math.sqrt(DIM * 2))
             pixels = ((value.repeat(2)[: side * side].reshape(side, side) + 1) * 127.5).byte().numpy()
             images.append(Image.fromarray(pixels, mode="L").resize((16, 16)))

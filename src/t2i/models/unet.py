@@ -124,6 +124,13 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is stored that way, else the default layout."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class SpatialTransformer(nn.Module):
     """Transformer over the H*W positions of a feature map, with a residual around the whole stack.
 
@@ -165,14 +172,17 @@ class SpatialTransformer(nn.Module):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # (B, C, H, W) -> (B, HW, C)
+        # (B, C, H, W) -> (B, HW, C); contiguous so the residual stream does not drag a strided view through
+        # every LayerNorm (a no-op for channels_last input).
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1).contiguous()
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context, context_mask)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W)
+        # (B, HW, C) -> (B, C, H, W) in the layout of the input feature map.
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(x_in))
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

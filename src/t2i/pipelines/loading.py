@@ -291,8 +291,8 @@ def _penultimate_as_last(model: nn.Module) -> nn.Module:
     original's penultimate layer through final_layer_norm, which is what SD 2 conditions on."""
     config = copy.deepcopy(model.config)
     config.num_hidden_layers -= 1
-    last = f"text_model.encoder.layers.{config.num_hidden_layers}."
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(last)}
+    last = f"encoder.layers.{config.num_hidden_layers}."
+    state = {k: v for k, v in model.state_dict().items() if not k.removeprefix("text_model.").startswith(last)}
     truncated = type(model)(config)
     truncated.load_state_dict(state)
     return truncated

@@ -195,44 +195,54 @@ def _clip_config_from_shapes(text: dict[str, torch.Tensor]) -> Any:
     )
 
 
-def _clip_config(cond: Any, text: dict[str, torch.Tensor]) -> Any:
-    """The CLIP text config: `cond.path`'s config.json (or its text_encoder/) if there, else from the shapes."""
+def _folder_clip_config(cond: Any) -> Any | None:
+    """The CLIPTextConfig in `cond.path` (or its text_encoder/), if there is one."""
     from transformers import CLIPTextConfig
 
     for folder in (Path(cond.path) / "text_encoder", Path(cond.path)) if cond.path else ():
         if (folder / "config.json").is_file():
             return CLIPTextConfig.from_pretrained(str(folder), local_files_only=True)
-    return _clip_config_from_shapes(text)
+    return None
 
 
 def _sd1_clip(text: dict[str, torch.Tensor], cond: Any, source: str) -> nn.Module:
     from transformers import CLIPTextModel
 
     from t2i.convert.text_keys import sd1_text_to_hf
-    from t2i.text.encoders import CLIPEncoder
+    from t2i.text.encoders import CLIPEncoder, fit_text_model_prefix
 
     if cond.kind != "clip":
         raise ConfigError(f"model.cond_stage_config.kind: {cond.kind!r}, but {source} holds an SD1 CLIP text "
                           "encoder; expected clip")
-    hf_state = sd1_text_to_hf({SD1_TEXT_PREFIX + k: v for k, v in text.items()})
+    hf_state = sd1_text_to_hf({TEXT_PREFIX + k: v for k, v in text.items()})
     tokenizer = _tokenizer(cond, source)
-    model = CLIPTextModel(_clip_config(cond, hf_state))  # on CPU: its position_ids buffer is not in the file
-    load_strict(model, {k: v.float() for k, v in hf_state.items()}, "text encoder", source)
+    # Built on the CPU: its position_ids buffer is not in the file.
+    model = CLIPTextModel(_folder_clip_config(cond) or _clip_config_from_shapes(hf_state))
+    load_strict(model, fit_text_model_prefix({k: v.float() for k, v in hf_state.items()}, model), "text encoder",
+                source)
     return CLIPEncoder(model, tokenizer, str(cond.layer), cond.max_length)
+
+
+def _openclip_arch_guess(cond: Any, width: int) -> dict[str, Any]:
+    """Heads and activation from `cond.path`'s CLIP config when present, else 64-wide heads and GELU."""
+    folder_config = _folder_clip_config(cond)
+    if folder_config is not None:
+        return {"width": width, "heads": folder_config.num_attention_heads, "act": folder_config.hidden_act}
+    return {"width": width, "heads": max(1, width // 64), "act": "gelu"}
 
 
 def _sd2_openclip(text: dict[str, torch.Tensor], cond: Any, source: str) -> nn.Module:
     from transformers import CLIPTextModel
 
     from t2i.convert.text_keys import openclip_text_shapes, openclip_to_hf
-    from t2i.text.encoders import CLIPEncoder, openclip_hf_config, resolve_openclip_arch
+    from t2i.text.encoders import CLIPEncoder, fit_text_model_prefix, openclip_hf_config, resolve_openclip_arch
 
     if cond.kind not in ("openclip", "clip"):
         raise ConfigError(f"model.cond_stage_config.kind: {cond.kind!r}, but {source} holds an SD2 OpenCLIP text "
                           "encoder; expected openclip")
     tower = {k[len("model."):]: v.float() for k, v in text.items() if not k.startswith("model.visual.")}
     shapes = openclip_text_shapes(tower)
-    arch = cond.arch if cond.arch is not None else {"width": shapes["width"], "heads": max(1, shapes["width"] // 64)}
+    arch = cond.arch if cond.arch is not None else _openclip_arch_guess(cond, shapes["width"])
     config = openclip_hf_config(resolve_openclip_arch(arch, shapes), shapes)
     try:
         hf_state = openclip_to_hf(tower)
@@ -243,7 +253,7 @@ def _sd2_openclip(text: dict[str, torch.Tensor], cond: Any, source: str) -> nn.M
         projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
         projection.weight.data.copy_(hf_state.pop("text_projection.weight"))
     model = CLIPTextModel(config)
-    load_strict(model, hf_state, "text encoder", source)
+    load_strict(model, fit_text_model_prefix(hf_state, model), "text encoder", source)
     return CLIPEncoder(model, _tokenizer(cond, source), str(cond.layer), cond.max_length, projection,
                        kind="openclip")
 

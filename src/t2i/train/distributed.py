@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False  # True when init_distributed created the process group (and must destroy it)
 
     @property
@@ -44,7 +44,8 @@ def init_distributed() -> DistContext:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world_size <= 1 and not dist.is_initialized():
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ  # torchrun, even with one process
+    if not launched and world_size <= 1 and not dist.is_initialized():
         return DistContext(device=device)
     owns = False
     if not dist.is_initialized():
@@ -69,13 +70,18 @@ def wrap_model(task: nn.Module, ctx: DistContext, strategy: str) -> nn.Module:
     Frozen parameters (requires_grad False) are not synchronised by DDP. FSDP flattens parameters with
     `use_orig_params=True` so frozen and trainable weights may share a shard unit.
     """
-    if not ctx.is_distributed:
+    if not dist.is_initialized():
         return task
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     if strategy == "fsdp":
+        if ctx.device.type != "cuda":
+            from t2i.errors import ConfigError
+
+            raise ConfigError("trainer.strategy: 'fsdp' needs CUDA devices (FSDP has no CPU backend); use ddp")
+        import functools
+
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
-        import functools
 
         policy = functools.partial(size_based_auto_wrap_policy, min_num_params=20_000_000)
         return FullyShardedDataParallel(task, auto_wrap_policy=policy, use_orig_params=True,

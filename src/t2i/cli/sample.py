@@ -1,0 +1,134 @@
+"""`t2i sample`: generate images from a pipeline folder or a single-file checkpoint.
+
+    t2i sample --model runs/x/export --prompt "a red circle" --out out.png --steps 30 --seed 0
+    t2i sample --model sd15.safetensors --config sd15 --set model.cond_stage_config.path=tok/ --prompt ... --out o.png
+    t2i sample --model DIR --prompt "..." --init-image in.png --strength 0.6 --out out.png
+
+Arguments are added group by group (`add_*_arguments`) so later options (e.g. LoRA) extend one group, and
+`prepare_pipeline` is where options that modify a loaded pipeline are applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "sample", help="generate images from a pipeline or checkpoint",
+        description="Generate images with a Stable Diffusion pipeline (diffusers/t2i folder or single file).",
+    )
+    add_model_arguments(parser)
+    add_prompt_arguments(parser)
+    add_sampling_arguments(parser)
+    add_image_to_image_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, help="pipeline folder (diffusers or t2i) or single-file checkpoint")
+    group.add_argument("--config", help="architecture of a single file: sd15, sd2, sd21-v or a YAML path")
+    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a --config key, e.g. model.cond_stage_config.path=DIR (repeatable)")
+    group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    group.add_argument("--dtype", choices=DTYPES, default="float32", help="UNet/VAE weight dtype")
+    return group
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("prompt and output")
+    group.add_argument("--prompt", required=True, action="append",
+                       help="text prompt; repeat for a batch of prompts")
+    group.add_argument("--negative-prompt", help="what to steer away from (default: the empty prompt)")
+    group.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    group.add_argument("--out", required=True, help="output PNG; several images get -0, -1, ... before the suffix")
+    return group
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--steps", type=int, default=30)
+    group.add_argument("--sampler", help="ddim, plms, euler, dpmpp_2m, ... (default: the pipeline's scheduler)")
+    group.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--height", type=int, default=None)
+    group.add_argument("--width", type=int, default=None)
+    group.add_argument("--karras", action="store_true", help="Karras et al. (rho 7) sigmas")
+    group.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
+    return group
+
+
+def add_image_to_image_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("image to image")
+    group.add_argument("--init-image", help="start from this image (img2img)")
+    group.add_argument("--strength", type=float, default=0.6, help="how much of the schedule to run, in (0, 1]")
+    return group
+
+
+def load_from_args(args: argparse.Namespace) -> Any:
+    """The pipeline named by --model/--config/--set, on --device in --dtype."""
+    import torch
+
+    from t2i.pipelines.loading import load_pipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    pipe = load_pipeline(args.model, config=args.config, dtype=dtype, overrides=args.overrides or None)
+    return prepare_pipeline(pipe, args).to(device)
+
+
+def prepare_pipeline(pipe: Any, args: argparse.Namespace) -> Any:
+    """Apply the options that modify a loaded pipeline (adapters such as --lora hook in here)."""
+    return pipe
+
+
+def generate_from_args(pipe: Any, args: argparse.Namespace) -> Any:
+    common = dict(
+        negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
+        guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, use_karras_sigmas=args.karras,
+        eta=args.eta, progress=True,
+    )
+    if args.init_image:
+        if args.num_images < 1:
+            from t2i.errors import InvalidInputError
+
+            raise InvalidInputError(f"--num-images: expected an integer >= 1, got {args.num_images}")
+        prompts = [p for p in args.prompt for _ in range(args.num_images)]
+        return pipe.reconstruct(prompts, open_image(args.init_image), strength=args.strength, **common)
+    return pipe.generate(args.prompt, num_images=args.num_images, **common)
+
+
+def open_image(path: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    from t2i.errors import InvalidInputError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InvalidInputError(f"--init-image {path}: cannot read image ({exc.__class__.__name__})") from None
+
+
+def output_paths(out: str, count: int) -> list[Path]:
+    """`out` for one image; `stem-0.png`, `stem-1.png`, ... for several."""
+    path = Path(out)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+
+
+def run(args: argparse.Namespace) -> int:
+    pipe = load_from_args(args)
+    result = generate_from_args(pipe, args)
+    paths = output_paths(args.out, len(result.images))
+    for image, path in zip(result.images, paths, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        print(path)
+    return 0
