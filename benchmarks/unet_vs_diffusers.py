@@ -22,16 +22,29 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from typing_extensions import Self
 
 from t2i.convert.unet_diffusers import diffusers_to_t2i_state_dict, unet_config_to_diffusers
 from t2i.models.unet import UNetModel
 
-MID_CONFIG = dict(
-    in_channels=4, out_channels=4, model_channels=128, attention_resolutions=[4, 2, 1], num_res_blocks=2,
-    channel_mult=[1, 2, 4], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
-    use_linear_in_transformer=False, transformer_depth=1, context_dim=768, use_checkpoint=False, legacy=False,
-    use_flash_attention=True, dropout=0.0,
-)
+MID_CONFIG = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 128,
+    "attention_resolutions": [4, 2, 1],
+    "num_res_blocks": 2,
+    "channel_mult": [1, 2, 4],
+    "num_heads": 8,
+    "num_head_channels": -1,
+    "use_spatial_transformer": True,
+    "use_linear_in_transformer": False,
+    "transformer_depth": 1,
+    "context_dim": 768,
+    "use_checkpoint": False,
+    "legacy": False,
+    "use_flash_attention": True,
+    "dropout": 0.0,
+}
 SIZES = {
     # name: (unet_config, latent side, default batch, default dtype, context tokens)
     "mid": (MID_CONFIG, 32, 2, "float32", 77),
@@ -73,7 +86,7 @@ class PeakMemory:
         self.device = torch.device(device)
         self.peak_mb = 0.0
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -193,23 +206,31 @@ def bench_unet(args: argparse.Namespace) -> list[Row]:
         mem_a = peak_memory(steps_ours[name], args.device)
         mem_b = peak_memory(steps_theirs[name], args.device)
         rows.append(Row(name, a * 1e3, b * 1e3, mem_a, mem_b))
-    print(f"UNet {args.size}: batch {batch}, latent {side}x{side}, {dtype}, device {args.device}, "
-          f"compile {args.compile}, threads {torch.get_num_threads()}, median of {args.repeats}")
+    print(
+        f"UNet {args.size}: batch {batch}, latent {side}x{side}, {dtype}, device {args.device}, "
+        f"compile {args.compile}, threads {torch.get_num_threads()}, median of {args.repeats}"
+    )
     return rows
 
 
 def print_table(title: str, rows: list[Row]) -> None:
     print(f"\n{title}")
-    print(f"{'step':<18}{'t2i ms':>10}{'diffusers ms':>14}{'ratio':>8}{'t2i peak MiB':>15}{'diff. peak MiB':>16}")
+    print(
+        f"{'step':<18}{'t2i ms':>10}{'diffusers ms':>14}{'ratio':>8}{'t2i peak MiB':>15}{'diff. peak MiB':>16}"
+    )
     for r in rows:
-        print(f"{r.name:<18}{r.t2i_ms:>10.1f}{r.diffusers_ms:>14.1f}{r.t2i_ms / r.diffusers_ms:>8.3f}"
-              f"{r.t2i_peak_mb:>15.1f}{r.diffusers_peak_mb:>16.1f}")
+        print(
+            f"{r.name:<18}{r.t2i_ms:>10.1f}{r.diffusers_ms:>14.1f}{r.t2i_ms / r.diffusers_ms:>8.3f}"
+            f"{r.t2i_peak_mb:>15.1f}{r.diffusers_peak_mb:>16.1f}"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float32 (mid), bfloat16 (sd2)")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default=None, help="default: float32 (mid), bfloat16 (sd2)"
+    )
     p.add_argument("--size", choices=list(SIZES), default="mid")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile both models")

@@ -30,24 +30,32 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "sd"
 CONTEXT_DIM = 24
 
 # SD1 style: conv proj_in/out, attention_head_dim = number of heads; deepest level without attention.
-SD1_STYLE = dict(
-    block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-)
+SD1_STYLE = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "attention_head_dim": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+}
 # SD2 style: linear projections, per-level head counts with a constant head width of 16, depth 2,
 # first level without attention.
-SD2_STYLE = dict(
-    block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=[2, 4, 4], use_linear_projection=True,
-    transformer_layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-)
+SD2_STYLE = {
+    "block_out_channels": (32, 64, 64),
+    "layers_per_block": 2,
+    "attention_head_dim": [2, 4, 4],
+    "use_linear_projection": True,
+    "transformer_layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+}
 # Attention at the outer levels only (skips the middle one), SD1 projections, 2 res blocks.
-SKIP_MIDDLE = dict(
-    block_out_channels=(32, 32, 64), layers_per_block=2, attention_head_dim=2,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
-)
+SKIP_MIDDLE = {
+    "block_out_channels": (32, 32, 64),
+    "layers_per_block": 2,
+    "attention_head_dim": 2,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
+}
 CASES = {"sd1_style": SD1_STYLE, "sd2_style": SD2_STYLE, "skip_middle": SKIP_MIDDLE}
 
 
@@ -60,16 +68,25 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
 
 
 def tiny_diffusers_unet(kind: str, seed: int = 0) -> UNet2DConditionModel:
-    model = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, cross_attention_dim=CONTEXT_DIM,
-                                 norm_num_groups=32, **CASES[kind])
+    model = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        cross_attention_dim=CONTEXT_DIM,
+        norm_num_groups=32,
+        **CASES[kind],
+    )
     randomize_(model, seed)
     return model.eval()
 
 
 def inputs(size: int = 16):
     g = torch.Generator().manual_seed(7)
-    return (torch.randn(2, 4, size, size, generator=g), torch.tensor([1.0, 871.0]),
-            torch.randn(2, 6, CONTEXT_DIM, generator=g))
+    return (
+        torch.randn(2, 4, size, size, generator=g),
+        torch.tensor([1.0, 871.0]),
+        torch.randn(2, 6, CONTEXT_DIM, generator=g),
+    )
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -93,7 +110,7 @@ def test_diffusers_folder_loads_and_matches_reference(saved_reference, use_flash
 
 
 def test_t2i_weights_export_to_diffusers_and_match(saved_reference, tmp_path):
-    ref, folder = saved_reference
+    _ref, folder = saved_reference
     ours = load_unet_from_diffusers(folder)
     randomize_(ours, seed=3)  # fresh weights so the round trip cannot pass by returning the originals
     x, t, ctx = inputs()
@@ -109,15 +126,32 @@ def test_t2i_weights_export_to_diffusers_and_match(saved_reference, tmp_path):
 
 def diffusers_sd_config(name: str) -> dict:
     """The published SD 1.5 / SD 2.x unet/config.json fields that matter (facts from the model cards)."""
-    common = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, in_channels=4, out_channels=4,
-                  down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                  up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, norm_num_groups=32, norm_eps=1e-5,
-                  act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
-                  mid_block_scale_factor=1, center_input_sample=False)
+    common = {
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "center_input_sample": False,
+    }
     if name == "sd15":
         return {**common, "attention_head_dim": 8, "cross_attention_dim": 768, "sample_size": 64}
-    return {**common, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "sample_size": 96,
-            "use_linear_projection": True, "upcast_attention": True}
+    return {
+        **common,
+        "attention_head_dim": [5, 10, 20, 20],
+        "cross_attention_dim": 1024,
+        "sample_size": 96,
+        "use_linear_projection": True,
+        "upcast_attention": True,
+    }
 
 
 @pytest.mark.parametrize(("diffusers_name", "yaml_name"), [("sd15", "sd15"), ("sd2", "sd21-v")])
@@ -135,7 +169,9 @@ def test_unsupported_diffusers_config_is_a_config_error():
     with pytest.raises(ConfigError, match="resnet_time_scale_shift"):
         diffusers_to_unet_config({**diffusers_sd_config("sd15"), "resnet_time_scale_shift": "scale_shift"})
     with pytest.raises(ConfigError, match="up_block_types"):
-        diffusers_to_unet_config({**diffusers_sd_config("sd15"), "up_block_types": ["CrossAttnUpBlock2D"] * 4})
+        diffusers_to_unet_config(
+            {**diffusers_sd_config("sd15"), "up_block_types": ["CrossAttnUpBlock2D"] * 4}
+        )
 
 
 def test_mismatched_weights_and_missing_folder_are_errors(saved_reference, tmp_path):
@@ -147,7 +183,9 @@ def test_mismatched_weights_and_missing_folder_are_errors(saved_reference, tmp_p
     config = json.loads((folder / "config.json").read_text())
     config["layers_per_block"] = config["layers_per_block"] + 1
     (bad / "config.json").write_text(json.dumps(config))
-    (bad / "diffusion_pytorch_model.safetensors").write_bytes((folder / "diffusion_pytorch_model.safetensors").read_bytes())
+    (bad / "diffusion_pytorch_model.safetensors").write_bytes(
+        (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
     with pytest.raises(WeightsMismatchError, match="missing"):
         load_unet_from_diffusers(bad)
 

@@ -154,7 +154,7 @@ def test_latent_first_stage_scales_and_identity_is_identity():
     stage = LatentFirstStage(vae, scale_factor=0.25)
     assert stage.downsample_factor == 2 and stage.latent_channels == 4
     images = torch.rand(2, 3, 32, 32) * 2 - 1
-    mean, logvar = stage.encode_moments(images)
+    mean, _ = stage.encode_moments(images)
     with torch.no_grad():
         posterior = vae.encode(images)
     torch.testing.assert_close(mean, posterior.mean)

@@ -19,11 +19,20 @@ from t2i.models.unet import UNetModel
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "sd"
 
-TINY = dict(
-    in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2], num_res_blocks=1,
-    channel_mult=[1, 2], num_heads=4, use_spatial_transformer=True, transformer_depth=1, context_dim=16,
-    legacy=False, use_flash_attention=True,
-)
+TINY = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "attention_resolutions": [1, 2],
+    "num_res_blocks": 1,
+    "channel_mult": [1, 2],
+    "num_heads": 4,
+    "use_spatial_transformer": True,
+    "transformer_depth": 1,
+    "context_dim": 16,
+    "legacy": False,
+    "use_flash_attention": True,
+}
 
 
 def yaml_unet_config(name: str) -> dict:
@@ -47,7 +56,9 @@ def tiny_inputs(batch: int = 2, tokens: int = 5, size: int = 16):
     return x, t, ctx
 
 
-@pytest.mark.parametrize(("name", "expected"), [("sd15", 859_520_964), ("sd2", 865_910_724), ("sd21-v", 865_910_724)])
+@pytest.mark.parametrize(
+    ("name", "expected"), [("sd15", 859_520_964), ("sd2", 865_910_724), ("sd21-v", 865_910_724)]
+)
 def test_sd_parameter_counts_match_the_released_unets(name, expected):
     with torch.device("meta"):
         model = UNetModel(**yaml_unet_config(name))
@@ -59,19 +70,31 @@ def test_sd15_uses_compvis_key_names():
         keys = set(UNetModel(**yaml_unet_config("sd15")).state_dict())
     # Names as they appear in the original v1-5 single file after stripping `model.diffusion_model.`.
     for key in [
-        "time_embed.0.weight", "time_embed.2.bias", "input_blocks.0.0.weight", "input_blocks.1.0.in_layers.2.weight",
-        "input_blocks.1.1.proj_in.weight", "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
-        "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight", "input_blocks.3.0.op.weight",
-        "input_blocks.4.0.skip_connection.weight", "middle_block.1.norm.weight", "middle_block.2.emb_layers.1.bias",
-        "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.11.1.proj_out.bias",
-        "out.0.weight", "out.2.weight",
+        "time_embed.0.weight",
+        "time_embed.2.bias",
+        "input_blocks.0.0.weight",
+        "input_blocks.1.0.in_layers.2.weight",
+        "input_blocks.1.1.proj_in.weight",
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+        "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight",
+        "input_blocks.3.0.op.weight",
+        "input_blocks.4.0.skip_connection.weight",
+        "middle_block.1.norm.weight",
+        "middle_block.2.emb_layers.1.bias",
+        "output_blocks.2.1.conv.weight",
+        "output_blocks.5.2.conv.weight",
+        "output_blocks.11.1.proj_out.bias",
+        "out.0.weight",
+        "out.2.weight",
     ]:
         assert key in keys, key
     assert not any(k.startswith("input_blocks.10.1") for k in keys)  # deepest level has no attention
 
 
 def test_unknown_key_is_a_config_error_listing_valid_keys():
-    with pytest.raises(ConfigError, match=r"unet_config\.num_head: unknown key; valid keys: .*num_head_channels"):
+    with pytest.raises(
+        ConfigError, match=r"unet_config\.num_head: unknown key; valid keys: .*num_head_channels"
+    ):
         UNetModel(**TINY, num_head=4)
 
 
@@ -101,8 +124,9 @@ def test_attention_matches_reference_and_mask_drops_keys(use_sdpa):
     mask = torch.tensor([[True, True, False, True, False], [True] * 5])
     out = attention(q, k, v, mask=mask, use_sdpa=use_sdpa)
     keep = [0, 1, 3]
-    torch.testing.assert_close(out[0], attention(q[:1], k[:1, :, keep], v[:1, :, keep], use_sdpa=False)[0],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out[0], attention(q[:1], k[:1, :, keep], v[:1, :, keep], use_sdpa=False)[0], atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(out[1], ref[1], atol=1e-5, rtol=1e-5)
 
 
@@ -112,7 +136,9 @@ def test_context_mask_equals_dropping_masked_tokens():
     mask = torch.tensor([[True, True, True, False, False], [True] * 5])
     with torch.no_grad():
         masked = model(x, t, ctx, mask)
-        assert torch.allclose(model(x, t, ctx, torch.ones(2, 5, dtype=torch.bool)), model(x, t, ctx), atol=1e-6)
+        assert torch.allclose(
+            model(x, t, ctx, torch.ones(2, 5, dtype=torch.bool)), model(x, t, ctx), atol=1e-6
+        )
         first = model(x[:1], t[:1], ctx[:1, :3])
     torch.testing.assert_close(masked[:1], first, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(masked[:1], model(x[:1], t[:1], ctx[:1]), atol=1e-4)
@@ -127,6 +153,16 @@ def test_sdpa_and_explicit_attention_agree():
         torch.testing.assert_close(fused(x, t, ctx), explicit(x, t, ctx), atol=1e-5, rtol=1e-5)
 
 
+class ForwardCounter:
+    """Forward hook counting how many times the hooked modules ran."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *_: object) -> None:
+        self.calls += 1
+
+
 def test_checkpointing_gives_same_output_and_gradients():
     x, t, ctx = tiny_inputs()
     plain = randomized(UNetModel(**TINY)).train()
@@ -134,13 +170,13 @@ def test_checkpointing_gives_same_output_and_gradients():
     ckpt.load_state_dict(plain.state_dict())
     outs, calls = [], []
     for model in (plain, ckpt):
-        count = [0]
-        model.input_blocks[1][1].transformer_blocks[0].attn1.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
-        model.input_blocks[1][0].in_layers.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        counter = ForwardCounter()
+        model.input_blocks[1][1].transformer_blocks[0].attn1.register_forward_hook(counter)
+        model.input_blocks[1][0].in_layers.register_forward_hook(counter)
         out = model(x, t, ctx)
         out.square().mean().backward()
         outs.append(out.detach())
-        calls.append(count[0])
+        calls.append(counter.calls)
     assert calls == [2, 4]  # checkpointed blocks run their forward again during backward
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
@@ -169,8 +205,16 @@ def test_scalar_timestep_broadcasts_over_batch():
 
 def test_plain_attention_block_matches_per_head_softmax():
     """use_spatial_transformer: false uses openaimodel's AttentionBlock with the legacy per-head q/k/v layout."""
-    cfg = dict(in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[2], num_res_blocks=1,
-               channel_mult=[1, 2], num_heads=2, use_flash_attention=True)
+    cfg = {
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "attention_resolutions": [2],
+        "num_res_blocks": 1,
+        "channel_mult": [1, 2],
+        "num_heads": 2,
+        "use_flash_attention": True,
+    }
     model = randomized(UNetModel(**cfg)).eval()
     block = model.input_blocks[3][1]
     x = torch.randn(1, 64, 4, 4)
@@ -178,7 +222,7 @@ def test_plain_attention_block_matches_per_head_softmax():
         qkv = block.qkv(block.norm(x).reshape(1, 64, 16))[0]  # (3C, N): per head [q; k; v] of 32 rows
         heads = []
         for h in range(2):
-            q, k, v = qkv[h * 96:(h + 1) * 96].split(32)
+            q, k, v = qkv[h * 96 : (h + 1) * 96].split(32)
             w = torch.softmax(q.T @ k / math.sqrt(32), dim=-1)  # (Nq, Nk)
             heads.append((w @ v.T).T)
         ref = x + block.proj_out(torch.cat(heads)[None]).reshape(1, 64, 4, 4)

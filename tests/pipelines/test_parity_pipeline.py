@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from conftest import SIZE, diffusers_images, initial_latents, t2i_images
 
 import t2i
+from conftest import (
+    SIZE,
+    diffusers_images,
+    initial_latents,
+    single_file_from_diffusers,
+    t2i_images,
+    tiny_sd1_yaml,
+)
 
 TOL = 2 / 255
 PROMPTS = ["a red circle", "circle"]
@@ -56,10 +62,22 @@ def assert_close_images(ours: np.ndarray, ref: np.ndarray) -> None:
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m", "plms"])
 def test_diffusers_folder_matches_diffusers(folders, t2i_pipes, style, sampler):
     latents = initial_latents(len(PROMPTS))
-    ref = diffusers_images(folders[style], SCHEDULER_OF[sampler], PROMPTS, latents.clone(), negative_prompt=NEGATIVE,
-                           guidance_scale=6.0)
-    ours = t2i_images(t2i_pipes[style], PROMPTS, latents.clone(), sampler=sampler, negative_prompt=NEGATIVE,
-                      guidance_scale=6.0)
+    ref = diffusers_images(
+        folders[style],
+        SCHEDULER_OF[sampler],
+        PROMPTS,
+        latents.clone(),
+        negative_prompt=NEGATIVE,
+        guidance_scale=6.0,
+    )
+    ours = t2i_images(
+        t2i_pipes[style],
+        PROMPTS,
+        latents.clone(),
+        sampler=sampler,
+        negative_prompt=NEGATIVE,
+        guidance_scale=6.0,
+    )
     assert_close_images(ours, ref)
     assert np.abs(ours[0] - ours[1]).max() > 10 * TOL, "the prompt must change the image"
 
@@ -77,10 +95,18 @@ def test_default_sampler_is_the_folders_scheduler(folders, t2i_pipes, style):
 
 def test_num_images_per_prompt_and_no_guidance_match_diffusers(folders, t2i_pipes):
     latents = initial_latents(4, seed=5)
-    ref = diffusers_images(folders["sd1"], "EulerDiscreteScheduler", PROMPTS, latents.clone(), steps=2,
-                           num_images_per_prompt=2, guidance_scale=1.0)
-    ours = t2i_images(t2i_pipes["sd1"], PROMPTS, latents.clone(), steps=2, sampler="euler", num_images=2,
-                      guidance_scale=1.0)
+    ref = diffusers_images(
+        folders["sd1"],
+        "EulerDiscreteScheduler",
+        PROMPTS,
+        latents.clone(),
+        steps=2,
+        num_images_per_prompt=2,
+        guidance_scale=1.0,
+    )
+    ours = t2i_images(
+        t2i_pipes["sd1"], PROMPTS, latents.clone(), steps=2, sampler="euler", num_images=2, guidance_scale=1.0
+    )
     assert_close_images(ours, ref)
 
 
@@ -95,51 +121,6 @@ def test_diffusers_to_t2i_to_diffusers_round_trip(tmp_path, folders, t2i_pipes, 
     reloaded = t2i.load_pipeline(saved)
     assert reloaded.default_sampler == t2i_pipes[style].default_sampler
     assert_close_images(t2i_images(reloaded, "a red circle", latents.clone()), ref)
-
-
-def single_file_from_diffusers(folder, path) -> None:
-    """An original SD1 single file (CompVis key names), made from diffusers weights with t2i's converters."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-    from transformers import CLIPTextModel
-
-    from t2i.convert.text_keys import hf_to_sd1_text
-    from t2i.convert.unet_diffusers import diffusers_to_t2i_state_dict, diffusers_to_unet_config
-    from t2i.convert.vae_diffusers import state_dict_from_diffusers
-
-    unet_config = diffusers_to_unet_config(json.loads((folder / "unet" / "config.json").read_text()))
-    unet = diffusers_to_t2i_state_dict(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"), unet_config)
-    vae = state_dict_from_diffusers(load_file(folder / "vae" / "diffusion_pytorch_model.safetensors"))
-    hf_text = CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict()
-    # Original SD1 files name the CLIP weights `...transformer.text_model.*` (the transformers 4 layout).
-    text = hf_to_sd1_text({"text_model." + k.removeprefix("text_model."): v for k, v in hf_text.items()})
-    state = {
-        **{f"model.diffusion_model.{k}": v for k, v in unet.items()},
-        **{f"first_stage_model.{k}": v for k, v in vae.items()},
-        **text,
-        "alphas_cumprod": torch.ones(1000),  # a schedule buffer, as CompVis files carry; ignored
-    }
-    save_file({k: v.contiguous() for k, v in state.items()}, path)
-    return unet_config
-
-
-def tiny_sd1_yaml(folder, unet_config, path) -> None:
-    """The t2i config describing the tiny SD1 architecture; the tokenizer/config come from `folder`."""
-    import json
-
-    from omegaconf import OmegaConf
-
-    from t2i.convert.vae_diffusers import config_from_diffusers
-
-    vae = config_from_diffusers(json.loads((folder / "vae" / "config.json").read_text()))
-    model = {
-        "kind": "latent_diffusion", "parameterization": "eps", "scale_factor": vae["scale_factor"],
-        "unet_config": unet_config,
-        "first_stage_config": {"embed_dim": vae["embed_dim"], "ddconfig": vae["ddconfig"]},
-        "cond_stage_config": {"kind": "clip", "path": str(folder), "max_length": 16},
-    }
-    OmegaConf.save(OmegaConf.create({"model": model}), path)
 
 
 def test_single_file_to_t2i_to_diffusers(tmp_path, sd1_dir):

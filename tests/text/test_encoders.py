@@ -30,7 +30,7 @@ from t2i.convert.text_keys import (
     sd1_text_to_hf,
     sd2_text_to_hf,
 )
-from t2i.errors import ConfigError, PipelineLoadError
+from t2i.errors import ConfigError, PipelineLoadError, WeightsMismatchError
 from t2i.text.encoders import build_text_encoder, minilm_path
 
 PROMPTS = ["a red circle", "a red circle in the top left of a big square", ""]
@@ -41,7 +41,11 @@ PROMPTS = ["a red circle", "a red circle in the top left of a big square", ""]
 
 def gpt2_byte_chars() -> list[str]:
     """The 256 printable stand-ins that byte-level BPE (GPT-2, CLIP) uses for raw bytes."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars, extra = [], 0
     for b in range(256):
         if b in printable:
@@ -56,7 +60,15 @@ def tiny_clip_tokenizer(max_length: int = 16) -> CLIPTokenizer:
     chars = gpt2_byte_chars()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    merges = [("r", "e"), ("re", "d</w>"), ("c", "i"), ("ci", "r"), ("cir", "c"), ("circ", "l"), ("circl", "e</w>")]
+    merges = [
+        ("r", "e"),
+        ("re", "d</w>"),
+        ("c", "i"),
+        ("ci", "r"),
+        ("cir", "c"),
+        ("circ", "l"),
+        ("circl", "e</w>"),
+    ]
     for a, b in merges:
         vocab[a + b] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)
@@ -65,16 +77,16 @@ def tiny_clip_tokenizer(max_length: int = 16) -> CLIPTokenizer:
 
 
 def tiny_clip_config(**overrides) -> CLIPTextConfig:
-    base = dict(
-        vocab_size=521,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=16,
-        projection_dim=24,
-        eos_token_id=520,  # the tiny tokenizer's <|endoftext|>; it is also the largest id, as in real CLIP
-    )
+    base = {
+        "vocab_size": 521,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 16,
+        "projection_dim": 24,
+        "eos_token_id": 520,  # the tiny tokenizer's <|endoftext|>; also the largest id, as in real CLIP
+    }
     return CLIPTextConfig(**{**base, **overrides})
 
 
@@ -127,7 +139,9 @@ def test_clip_matches_transformers(tmp_path, clip_tokenizer_dir, layer):
 
 def test_clip_encoder_is_frozen_and_separate_tokenizer_path_works(tmp_path, clip_tokenizer_dir):
     randomize(CLIPTextModel(tiny_clip_config())).save_pretrained(tmp_path / "te")
-    encoder = build_text_encoder("clip", tmp_path / "te", tokenizer_path=str(clip_tokenizer_dir), max_length=8)
+    encoder = build_text_encoder(
+        "clip", tmp_path / "te", tokenizer_path=str(clip_tokenizer_dir), max_length=8
+    )
     assert encoder.max_length == 8
     encoder.train()
     assert not encoder.model.training
@@ -139,7 +153,9 @@ def test_clip_encoder_is_frozen_and_separate_tokenizer_path_works(tmp_path, clip
 # ---------------------------------------------------------------- OpenCLIP
 
 
-def openclip_reference_forward(state: dict[str, torch.Tensor], ids: torch.Tensor, heads: int, penultimate: bool):
+def openclip_reference_forward(
+    state: dict[str, torch.Tensor], ids: torch.Tensor, heads: int, penultimate: bool
+):
     """OpenCLIP's TextTransformer semantics written from its keys: nn.MultiheadAttention with a causal mask,
     GELU MLP, ln_final; pooled = ln_final(x)[argmax(ids)] @ text_projection."""
     width = state["token_embedding.weight"].shape[1]
@@ -161,8 +177,11 @@ def openclip_reference_forward(state: dict[str, torch.Tensor], ids: torch.Tensor
         h = F.layer_norm(x, (width,), state[p + "ln_1.weight"], state[p + "ln_1.bias"])
         x = x + attn(h, h, h, attn_mask=causal, need_weights=False)[0]
         h = F.layer_norm(x, (width,), state[p + "ln_2.weight"], state[p + "ln_2.bias"])
-        h = F.linear(F.gelu(F.linear(h, state[p + "mlp.c_fc.weight"], state[p + "mlp.c_fc.bias"])),
-                     state[p + "mlp.c_proj.weight"], state[p + "mlp.c_proj.bias"])
+        h = F.linear(
+            F.gelu(F.linear(h, state[p + "mlp.c_fc.weight"], state[p + "mlp.c_fc.bias"])),
+            state[p + "mlp.c_proj.weight"],
+            state[p + "mlp.c_proj.bias"],
+        )
         x = x + h
         hidden_states.append(x)
 
@@ -182,7 +201,8 @@ def tiny_openclip_state():
 
 def test_openclip_key_maps_roundtrip(tiny_openclip_state):
     hf, state = tiny_openclip_state
-    assert "transformer.resblocks.2.attn.in_proj_weight" in state and state["text_projection"].shape == (32, 24)
+    assert "transformer.resblocks.2.attn.in_proj_weight" in state
+    assert state["text_projection"].shape == (32, 24)
     back = openclip_to_hf({**state, "logit_scale": torch.tensor(1.0), "visual.proj": torch.zeros(2)})
     expected = {k: v for k, v in hf.state_dict().items() if not k.endswith("position_ids")}
     assert set(back) == set(expected)
@@ -197,9 +217,15 @@ def test_openclip_key_maps_roundtrip(tiny_openclip_state):
 
 @pytest.mark.parametrize(
     ("fmt", "layer", "prefix"),
-    [("safetensors", "last", ""), ("pt", "penultimate", ""), ("safetensors", "penultimate", "cond_stage_model.model.")],
+    [
+        ("safetensors", "last", ""),
+        ("pt", "penultimate", ""),
+        ("safetensors", "penultimate", "cond_stage_model.model."),
+    ],
 )
-def test_openclip_matches_reference_forward(tmp_path, clip_tokenizer_dir, tiny_openclip_state, fmt, layer, prefix):
+def test_openclip_matches_reference_forward(
+    tmp_path, clip_tokenizer_dir, tiny_openclip_state, fmt, layer, prefix
+):
     hf, state = tiny_openclip_state
     on_disk = {prefix + k: v.contiguous() for k, v in state.items()}
     on_disk[prefix + "logit_scale"] = torch.tensor(4.6)
@@ -210,7 +236,9 @@ def test_openclip_matches_reference_forward(tmp_path, clip_tokenizer_dir, tiny_o
     save_file(on_disk, str(path)) if fmt == "safetensors" else torch.save(on_disk, path)
 
     arch = {"width": 32, "heads": 4, "layers": 3}
-    encoder = build_text_encoder("openclip", version=str(path), arch=arch, tokenizer_path=str(clip_tokenizer_dir), layer=layer)
+    encoder = build_text_encoder(
+        "openclip", version=str(path), arch=arch, tokenizer_path=str(clip_tokenizer_dir), layer=layer
+    )
     out = encoder.encode(PROMPTS)
     ids, _ = encoder.tokenize(PROMPTS)
     with torch.no_grad():
@@ -227,11 +255,20 @@ def test_openclip_bad_arch_and_missing_file(tmp_path, clip_tokenizer_dir, tiny_o
     path = tmp_path / "oc.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     with pytest.raises(ConfigError, match="ViT-Q-99"):
-        build_text_encoder("openclip", version=str(path), arch="ViT-Q-99", tokenizer_path=str(clip_tokenizer_dir))
-    with pytest.raises(Exception, match="width 1024"):
-        build_text_encoder("openclip", version=str(path), arch="ViT-H-14", tokenizer_path=str(clip_tokenizer_dir))
-    with pytest.raises(PipelineLoadError, match="missing.safetensors"):
-        build_text_encoder("openclip", version=str(tmp_path / "missing.safetensors"), arch="ViT-H-14")
+        build_text_encoder(
+            "openclip", version=str(path), arch="ViT-Q-99", tokenizer_path=str(clip_tokenizer_dir)
+        )
+    with pytest.raises(WeightsMismatchError, match="width 1024"):
+        build_text_encoder(
+            "openclip", version=str(path), arch="ViT-H-14", tokenizer_path=str(clip_tokenizer_dir)
+        )
+    missing = str(tmp_path / "missing.safetensors")
+    with pytest.raises(PipelineLoadError, match="missing.safetensors: OpenCLIP checkpoint not found"):
+        build_text_encoder(
+            "openclip", version=missing, arch="ViT-H-14", tokenizer_path=str(clip_tokenizer_dir)
+        )
+    with pytest.raises(PipelineLoadError, match="needs tokenizer_path"):
+        build_text_encoder("openclip", version=str(path), arch="ViT-H-14")
 
 
 # ---------------------------------------------------------------- T5
@@ -240,12 +277,25 @@ def test_openclip_bad_arch_and_missing_file(tmp_path, clip_tokenizer_dir, tiny_o
 def tiny_t5_tokenizer() -> T5Tokenizer:
     import sentencepiece as spm
 
-    sentences = ["a red circle in the top left", "a blue square on the right", "two green triangles",
-                 "the small yellow star", "a big purple circle at the bottom"] * 20
+    sentences = [
+        "a red circle in the top left",
+        "a blue square on the right",
+        "two green triangles",
+        "the small yellow star",
+        "a big purple circle at the bottom",
+    ] * 20
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=buffer, vocab_size=40, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2, hard_vocab_limit=False,
+        sentence_iterator=iter(sentences),
+        model_writer=buffer,
+        vocab_size=40,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+        hard_vocab_limit=False,
     )
     sp = spm.SentencePieceProcessor(model_proto=buffer.getvalue())
     vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
@@ -255,7 +305,9 @@ def tiny_t5_tokenizer() -> T5Tokenizer:
 def test_t5_matches_transformers(tmp_path):
     tokenizer, sp = tiny_t5_tokenizer()
     tokenizer.save_pretrained(tmp_path / "tok")
-    config = T5Config(vocab_size=40, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=40, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, decoder_start_token_id=0
+    )
     reference = randomize(T5EncoderModel(config))
     reference.save_pretrained(tmp_path / "t5")
 
@@ -290,7 +342,8 @@ def test_minilm_loads_offline_and_pools_like_sentence_transformers(minilm, monke
     folder = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder).eval()
-    batch = tokenizer(prompts, padding=True, return_tensors="pt")  # no max_length padding: pooling must not care
+    # Padding only to the longest prompt: masked mean pooling must not depend on the padding length.
+    batch = tokenizer(prompts, padding=True, return_tensors="pt")
     assert out.mask.sum(1).tolist() == batch.attention_mask.sum(1).tolist()
     with torch.no_grad():
         tokens = model(**batch).last_hidden_state

@@ -20,12 +20,21 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "info", help="show the components of a config or pipeline and their parameter counts",
+        "info",
+        help="show the components of a config or pipeline and their parameter counts",
         description="Print each component's class and parameter count (built on the meta device).",
     )
-    parser.add_argument("target", metavar="CONFIG_OR_PATH", help="config name/YAML, pipeline folder or checkpoint")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable)")
+    parser.add_argument(
+        "target", metavar="CONFIG_OR_PATH", help="config name/YAML, pipeline folder or checkpoint"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -38,6 +47,15 @@ def describe(target: str, overrides: list[str] | None = None) -> dict[str, tuple
         return _count_modules(folder_components_on_meta(path))
     if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
         return single_file_counts(path)
+    if not path.exists() and (
+        path.is_absolute() or target.startswith(".") or path.suffix in SINGLE_FILE_SUFFIXES
+    ):
+        from t2i.errors import PipelineLoadError
+
+        raise PipelineLoadError(
+            f"{target}: no such file or folder; expected a config name or YAML, a pipeline "
+            "folder or a checkpoint file"
+        )
     from t2i.config import load_config
     from t2i.pipelines.build import build_components
 
@@ -69,7 +87,8 @@ def folder_components_on_meta(root: Path) -> dict[str, Any]:
         return {
             "unet": UNetModel(**diffusers_to_unet_config(read_json(root / "unet" / "config.json"))),
             "vae": AutoencoderKL.from_config(config_from_diffusers(read_json(root / "vae" / "config.json"))),
-            "text_encoder": text_class(text_config) if text_class is not transformers.AutoModel
+            "text_encoder": text_class(text_config)
+            if text_class is not transformers.AutoModel
             else transformers.AutoModel.from_config(text_config),
         }
 

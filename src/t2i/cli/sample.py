@@ -19,7 +19,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "sample", help="generate images from a pipeline or checkpoint",
+        "sample",
+        help="generate images from a pipeline or checkpoint",
         description="Generate images with a Stable Diffusion pipeline (diffusers/t2i folder or single file).",
     )
     add_model_arguments(parser)
@@ -31,10 +32,18 @@ def register(subparsers: Any) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", required=True, help="pipeline folder (diffusers or t2i) or single-file checkpoint")
+    group.add_argument(
+        "--model", required=True, help="pipeline folder (diffusers or t2i) or single-file checkpoint"
+    )
     group.add_argument("--config", help="architecture of a single file: sd15, sd2, sd21-v or a YAML path")
-    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a --config key, e.g. model.cond_stage_config.path=DIR (repeatable)")
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a --config key, e.g. model.cond_stage_config.path=DIR (repeatable)",
+    )
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     group.add_argument("--dtype", choices=DTYPES, default="float32", help="UNet/VAE weight dtype")
     return group
@@ -42,19 +51,26 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("prompt and output")
-    group.add_argument("--prompt", required=True, action="append",
-                       help="text prompt; repeat for a batch of prompts")
+    group.add_argument(
+        "--prompt", required=True, action="append", help="text prompt; repeat for a batch of prompts"
+    )
     group.add_argument("--negative-prompt", help="what to steer away from (default: the empty prompt)")
     group.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    group.add_argument("--out", required=True, help="output PNG; several images get -0, -1, ... before the suffix")
+    group.add_argument(
+        "--out", required=True, help="output PNG; several images get -0, -1, ... before the suffix"
+    )
     return group
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("sampling")
     group.add_argument("--steps", type=int, default=30)
-    group.add_argument("--sampler", help="ddim, plms, euler, dpmpp_2m, ... (default: the pipeline's scheduler)")
-    group.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    group.add_argument(
+        "--sampler", help="ddim, plms, euler, dpmpp_2m, ... (default: the pipeline's scheduler)"
+    )
+    group.add_argument(
+        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)"
+    )
     group.add_argument("--seed", type=int, default=None)
     group.add_argument("--height", type=int, default=None)
     group.add_argument("--width", type=int, default=None)
@@ -66,7 +82,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
 def add_image_to_image_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("image to image")
     group.add_argument("--init-image", help="start from this image (img2img)")
-    group.add_argument("--strength", type=float, default=0.6, help="how much of the schedule to run, in (0, 1]")
+    group.add_argument(
+        "--strength", type=float, default=0.6, help="how much of the schedule to run, in (0, 1]"
+    )
     return group
 
 
@@ -88,11 +106,18 @@ def prepare_pipeline(pipe: Any, args: argparse.Namespace) -> Any:
 
 
 def generate_from_args(pipe: Any, args: argparse.Namespace) -> Any:
-    common = dict(
-        negative_prompt=args.negative_prompt, height=args.height, width=args.width, steps=args.steps,
-        guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, use_karras_sigmas=args.karras,
-        eta=args.eta, progress=True,
-    )
+    common = {
+        "negative_prompt": args.negative_prompt,
+        "height": args.height,
+        "width": args.width,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "sampler": args.sampler,
+        "seed": args.seed,
+        "use_karras_sigmas": args.karras,
+        "eta": args.eta,
+        "progress": True,
+    }
     if args.init_image:
         if args.num_images < 1:
             from t2i.errors import InvalidInputError
@@ -112,7 +137,9 @@ def open_image(path: str) -> Any:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError) as exc:
-        raise InvalidInputError(f"--init-image {path}: cannot read image ({exc.__class__.__name__})") from None
+        raise InvalidInputError(
+            f"--init-image {path}: cannot read image ({exc.__class__.__name__})"
+        ) from None
 
 
 def output_paths(out: str, count: int) -> list[Path]:

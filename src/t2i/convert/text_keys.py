@@ -163,6 +163,8 @@ def openclip_text_shapes(state: dict[str, torch.Tensor]) -> dict[str, int]:
         "vocab_size": int(vocab),
         "layers": max(layers) + 1 if layers else 0,
         "context_length": int(state["positional_embedding"].shape[0]),
-        "intermediate": int(state[f"{OPENCLIP_BLOCK}.0.mlp.c_fc.weight"].shape[0]) if layers else 4 * int(width),
+        "intermediate": int(state[f"{OPENCLIP_BLOCK}.0.mlp.c_fc.weight"].shape[0])
+        if layers
+        else 4 * int(width),
         "projection_dim": int(projection.shape[1]) if projection is not None else int(width),
     }

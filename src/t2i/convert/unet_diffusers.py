@@ -81,7 +81,9 @@ def _uniform(value: Any, name: str, where: str = "diffusers config") -> Any:
     """A scalar, or the single value of a list whose items are all equal; ConfigError otherwise."""
     if isinstance(value, (list, tuple)):
         if len(set(map(str, value))) != 1:
-            raise ConfigError(f"{where}.{name}: per-block values {list(value)} are not supported; expected one value")
+            raise ConfigError(
+                f"{where}.{name}: per-block values {list(value)} are not supported; expected one value"
+            )
         return value[0]
     return value
 
@@ -92,7 +94,9 @@ def _check_supported_diffusers_fields(config: dict[str, Any]) -> None:
         if isinstance(value, (list, tuple)) and not isinstance(expected, (list, tuple)):
             value = _uniform(value, key)
         if value != expected:
-            raise ConfigError(f"diffusers config.{key}: {value!r} is not supported by UNetModel; expected {expected!r}")
+            raise ConfigError(
+                f"diffusers config.{key}: {value!r} is not supported by UNetModel; expected {expected!r}"
+            )
 
 
 def _attention_levels(down_types: list[str], up_types: list[str]) -> list[int]:
@@ -103,10 +107,14 @@ def _attention_levels(down_types: list[str], up_types: list[str]) -> list[int]:
             raise ConfigError(f"diffusers config.down_block_types[{i}]: unsupported block {kind!r}")
         if kind == "CrossAttnDownBlock2D":
             levels.append(i)
-    expected_up = ["CrossAttnUpBlock2D" if i in levels else "UpBlock2D" for i in reversed(range(len(down_types)))]
+    expected_up = [
+        "CrossAttnUpBlock2D" if i in levels else "UpBlock2D" for i in reversed(range(len(down_types)))
+    ]
     if list(up_types) != expected_up:
-        raise ConfigError(f"diffusers config.up_block_types: {list(up_types)} does not mirror down_block_types; "
-                          f"expected {expected_up}")
+        raise ConfigError(
+            f"diffusers config.up_block_types: {list(up_types)} does not mirror down_block_types; "
+            f"expected {expected_up}"
+        )
     return levels
 
 
@@ -118,8 +126,10 @@ def _head_settings(channels_and_heads: list[tuple[int, int]]) -> tuple[int, int]
     dims = {c // h for c, h in channels_and_heads}
     if len(dims) == 1 and all(c % h == 0 for c, h in channels_and_heads):
         return -1, dims.pop()
-    raise ConfigError(f"diffusers config.attention_head_dim: heads per block {channels_and_heads} have neither a "
-                      "constant head count nor a constant head width")
+    raise ConfigError(
+        f"diffusers config.attention_head_dim: heads per block {channels_and_heads} have neither a "
+        "constant head count nor a constant head width"
+    )
 
 
 def diffusers_to_unet_config(config: dict[str, Any], use_flash_attention: bool = True) -> dict[str, Any]:
@@ -147,8 +157,9 @@ def diffusers_to_unet_config(config: dict[str, Any], use_flash_attention: bool =
         "num_head_channels": num_head_channels,
         "use_spatial_transformer": True,
         "use_linear_in_transformer": bool(config.get("use_linear_projection", False)),
-        "transformer_depth": int(_uniform(config.get("transformer_layers_per_block", 1),
-                                          "transformer_layers_per_block")),
+        "transformer_depth": int(
+            _uniform(config.get("transformer_layers_per_block", 1), "transformer_layers_per_block")
+        ),
         "context_dim": int(_uniform(config.get("cross_attention_dim", 1280), "cross_attention_dim")),
         "use_checkpoint": False,
         "legacy": False,
@@ -162,7 +173,9 @@ def unet_config_to_diffusers(unet_config: dict[str, Any]) -> dict[str, Any]:
     check_unet_config_keys(unet_config)
     c = {**_unet_defaults(), **unet_config}
     if not c["use_spatial_transformer"]:
-        raise ConfigError("model.unet_config.use_spatial_transformer: diffusers export needs true (got false)")
+        raise ConfigError(
+            "model.unet_config.use_spatial_transformer: diffusers export needs true (got false)"
+        )
     mc, mults = int(c["model_channels"]), [int(m) for m in c["channel_mult"]]
     attn = [int(r) for r in c["attention_resolutions"]]
     has_attn = [2**i in attn for i in range(len(mults))]
@@ -170,8 +183,10 @@ def unet_config_to_diffusers(unet_config: dict[str, Any]) -> dict[str, Any]:
     for mult in mults:
         h, d = attention_heads(mc * mult, c["num_heads"], c["num_head_channels"], c["legacy"], True)
         if h * d != mc * mult:
-            raise ConfigError(f"model.unet_config.num_heads: {h} heads x {d} channels != {mc * mult} channels; "
-                              "diffusers needs heads * head width == channels")
+            raise ConfigError(
+                f"model.unet_config.num_heads: {h} heads x {d} channels != {mc * mult} channels; "
+                "diffusers needs heads * head width == channels"
+            )
         heads.append(h)
     return {
         "_class_name": "UNet2DConditionModel",
@@ -199,9 +214,18 @@ def unet_config_to_diffusers(unet_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _unet_defaults() -> dict[str, Any]:
-    return {"channel_mult": (1, 2, 4, 8), "num_heads": -1, "num_head_channels": -1, "use_spatial_transformer": False,
-            "use_linear_in_transformer": False, "transformer_depth": 1, "context_dim": None, "legacy": True,
-            "dropout": 0.0, "image_size": None}
+    return {
+        "channel_mult": (1, 2, 4, 8),
+        "num_heads": -1,
+        "num_head_channels": -1,
+        "use_spatial_transformer": False,
+        "use_linear_in_transformer": False,
+        "transformer_depth": 1,
+        "context_dim": None,
+        "legacy": True,
+        "dropout": 0.0,
+        "image_size": None,
+    }
 
 
 # ------------------------------------------------------------------------------------------- state dicts
@@ -236,7 +260,7 @@ class _Layout:
 def _rename_resnet_suffix(rest: str) -> str:
     for ours, theirs in RESNET_RENAMES.items():
         if rest == ours or rest.startswith(ours + "."):
-            return theirs + rest[len(ours):]
+            return theirs + rest[len(ours) :]
     raise KeyError(rest)
 
 
@@ -244,7 +268,7 @@ def t2i_key_to_diffusers(key: str, layout: _Layout) -> str:
     """One CompVis/t2i UNet state-dict key -> its diffusers name."""
     for ours, theirs in TOP_LEVEL_RENAMES.items():
         if key.startswith(ours + "."):
-            return theirs + key[len(ours):]
+            return theirs + key[len(ours) :]
     parts = key.split(".")
     if parts[0] == "middle_block":
         sub, rest = int(parts[1]), ".".join(parts[2:])
@@ -268,7 +292,9 @@ def t2i_to_diffusers_key_map(unet_config: dict[str, Any]) -> dict[str, str]:
     return {key: t2i_key_to_diffusers(key, layout) for key in model.state_dict()}
 
 
-def _remap(state_dict: dict[str, torch.Tensor], key_map: dict[str, str], source: str) -> dict[str, torch.Tensor]:
+def _remap(
+    state_dict: dict[str, torch.Tensor], key_map: dict[str, str], source: str
+) -> dict[str, torch.Tensor]:
     missing = [k for k in key_map if k not in state_dict]
     unexpected = [k for k in state_dict if k not in key_map]
     if missing or unexpected:
@@ -306,7 +332,9 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         for shard in shards:
             weights.update(load_file(folder / shard))
         return weights
-    raise PipelineLoadError(f"{folder}: no {WEIGHTS_NAME} (or sharded index); expected a diffusers UNet folder")
+    raise PipelineLoadError(
+        f"{folder}: no {WEIGHTS_NAME} (or sharded index); expected a diffusers UNet folder"
+    )
 
 
 def _unet_folder(path: str | Path) -> Path:
@@ -326,7 +354,9 @@ def load_unet_from_diffusers(
     Weights keep the file's dtype unless `dtype` is given. A pipeline folder's `unet/` is found on its own.
     """
     folder = _unet_folder(path)
-    unet_config = diffusers_to_unet_config(json.loads((folder / CONFIG_NAME).read_text()), use_flash_attention)
+    unet_config = diffusers_to_unet_config(
+        json.loads((folder / CONFIG_NAME).read_text()), use_flash_attention
+    )
     state_dict = diffusers_to_t2i_state_dict(_read_weights(folder), unet_config)
     if dtype is not None:
         state_dict = {k: v.to(dtype) for k, v in state_dict.items()}

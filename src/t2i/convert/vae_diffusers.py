@@ -43,14 +43,19 @@ def attn_resolutions_from_blocks(config: dict[str, Any]) -> list[int]:
     n = len(config["block_out_channels"])
     down = list(config.get("down_block_types", [DOWN_PLAIN] * n))
     up = list(config.get("up_block_types", [UP_PLAIN] * n))
-    for name, types, allowed in (("down_block_types", down, (DOWN_PLAIN, DOWN_ATTN)), ("up_block_types", up, (UP_PLAIN, UP_ATTN))):
+    for name, types, allowed in (
+        ("down_block_types", down, (DOWN_PLAIN, DOWN_ATTN)),
+        ("up_block_types", up, (UP_PLAIN, UP_ATTN)),
+    ):
         bad = [t for t in types if t not in allowed]
         if bad or len(types) != n:
             raise ConfigError(f"vae config {name}: {types} not supported; expected {n} of {list(allowed)}")
     down_attn = [t == DOWN_ATTN for t in down]
     up_attn = [t == UP_ATTN for t in reversed(up)]  # diffusers' up blocks run from the lowest resolution
     if down_attn != up_attn:
-        raise ConfigError(f"vae config: encoder attention levels {down} and decoder {up} must mirror each other")
+        raise ConfigError(
+            f"vae config: encoder attention levels {down} and decoder {up} must mirror each other"
+        )
     res = base_resolution(config)
     return [res // 2**i for i, has_attn in enumerate(down_attn) if has_attn]
 
@@ -60,7 +65,9 @@ def config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("act_fn", "silu") != "silu":
         raise ConfigError(f"vae config act_fn: {config['act_fn']!r} not supported; expected 'silu'")
     if config.get("norm_num_groups", 32) != 32:
-        raise ConfigError(f"vae config norm_num_groups: {config['norm_num_groups']} not supported; expected 32")
+        raise ConfigError(
+            f"vae config norm_num_groups: {config['norm_num_groups']} not supported; expected 32"
+        )
     if config.get("shift_factor") is not None:
         raise ConfigError(f"vae config shift_factor: {config['shift_factor']} not supported; expected null")
     channels = list(config.get("block_out_channels", [64]))

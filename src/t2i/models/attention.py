@@ -98,7 +98,9 @@ class CrossAttention(nn.Module):
 class SelfAttention(CrossAttention):
     """CrossAttention whose keys and values always come from x itself. x: (B, N, dim) -> (B, N, dim)."""
 
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, use_sdpa: bool = True):
+    def __init__(
+        self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, use_sdpa: bool = True
+    ):
         super().__init__(dim, None, heads=heads, dim_head=dim_head, dropout=dropout, use_sdpa=use_sdpa)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]

@@ -178,7 +178,10 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         for i, mult in enumerate(ch_mult):
             block_in, block_out = ch * in_mult[i], ch * mult
-            blocks = [ResnetBlock(block_in if j == 0 else block_out, block_out, dropout) for j in range(num_res_blocks)]
+            blocks = [
+                ResnetBlock(block_in if j == 0 else block_out, block_out, dropout)
+                for j in range(num_res_blocks)
+            ]
             attns = [AttnBlock(block_out) for _ in blocks] if curr_res in attn_resolutions else []
             level = Level(blocks, attns)
             if i != len(ch_mult) - 1:
@@ -227,7 +230,8 @@ class Decoder(nn.Module):
         for i in reversed(range(len(ch_mult))):
             block_out = ch * ch_mult[i]
             blocks = [
-                ResnetBlock(block_in if j == 0 else block_out, block_out, dropout) for j in range(num_res_blocks + 1)
+                ResnetBlock(block_in if j == 0 else block_out, block_out, dropout)
+                for j in range(num_res_blocks + 1)
             ]
             attns = [AttnBlock(block_out) for _ in blocks] if curr_res in attn_resolutions else []
             level = Level(blocks, attns)
@@ -296,10 +300,14 @@ def check_ddconfig(ddconfig: dict[str, Any]) -> dict[str, Any]:
     ddconfig = dict(ddconfig)
     missing = [k for k in DDCONFIG_KEYS if k not in ddconfig and k not in ("dropout", "attn_resolutions")]
     if missing:
-        raise ConfigError(f"first_stage_config.ddconfig.{missing[0]}: missing; expected keys {list(DDCONFIG_KEYS)}")
+        raise ConfigError(
+            f"first_stage_config.ddconfig.{missing[0]}: missing; expected keys {list(DDCONFIG_KEYS)}"
+        )
     unknown = [k for k in ddconfig if k not in DDCONFIG_KEYS]
     if unknown:
-        raise ConfigError(f"first_stage_config.ddconfig.{unknown[0]}: unknown key; valid keys: {list(DDCONFIG_KEYS)}")
+        raise ConfigError(
+            f"first_stage_config.ddconfig.{unknown[0]}: unknown key; valid keys: {list(DDCONFIG_KEYS)}"
+        )
     ddconfig.setdefault("dropout", 0.0)
     ddconfig.setdefault("attn_resolutions", [])
     ddconfig["ch_mult"] = list(ddconfig["ch_mult"])
@@ -394,7 +402,13 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> AutoencoderKL:
         """Build from a t2i config dict ({embed_dim, ddconfig, ...}); unknown top-level keys are ignored."""
-        known = ("use_quant_conv", "use_post_quant_conv", "mid_attention", "gradient_checkpointing", "scale_factor")
+        known = (
+            "use_quant_conv",
+            "use_post_quant_conv",
+            "mid_attention",
+            "gradient_checkpointing",
+            "scale_factor",
+        )
         kwargs = {k: config[k] for k in known if k in config}
         return cls(config["embed_dim"], config["ddconfig"], **kwargs)
 

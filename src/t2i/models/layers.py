@@ -16,7 +16,9 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     Frequencies are exp(-log(max_period) * i / half) for i in [0, half).
     """
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) * (-math.log(max_period) / half)
+    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) * (
+        -math.log(max_period) / half
+    )
     angles = timesteps.float()[:, None] * torch.exp(exponent)[None, :]
     emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     if dim % 2:

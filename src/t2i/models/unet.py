@@ -44,7 +44,9 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             normalization(out_channels),
@@ -52,7 +54,9 @@ class ResBlock(nn.Module):
             nn.Dropout(dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.skip_connection = (
+            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return run_maybe_checkpointed(self, self.use_checkpoint, self._forward, x, emb)
@@ -311,16 +315,34 @@ class UNetModel(nn.Module):
     ):
         super().__init__()
         check_unet_config_keys(unknown)
-        self._validate(model_channels, channel_mult, num_heads, num_head_channels, use_spatial_transformer,
-                       context_dim, num_res_blocks)
-        self.unet_config: dict[str, Any] = dict(
-            in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
-            attention_resolutions=[int(r) for r in attention_resolutions], num_res_blocks=num_res_blocks,
-            channel_mult=[int(m) for m in channel_mult], num_heads=num_heads, num_head_channels=num_head_channels,
-            use_spatial_transformer=use_spatial_transformer, use_linear_in_transformer=use_linear_in_transformer,
-            transformer_depth=transformer_depth, context_dim=context_dim, use_checkpoint=use_checkpoint,
-            legacy=legacy, use_flash_attention=use_flash_attention, dropout=dropout, image_size=image_size,
+        self._validate(
+            model_channels,
+            channel_mult,
+            num_heads,
+            num_head_channels,
+            use_spatial_transformer,
+            context_dim,
+            num_res_blocks,
         )
+        self.unet_config: dict[str, Any] = {
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "model_channels": model_channels,
+            "attention_resolutions": [int(r) for r in attention_resolutions],
+            "num_res_blocks": num_res_blocks,
+            "channel_mult": [int(m) for m in channel_mult],
+            "num_heads": num_heads,
+            "num_head_channels": num_head_channels,
+            "use_spatial_transformer": use_spatial_transformer,
+            "use_linear_in_transformer": use_linear_in_transformer,
+            "transformer_depth": transformer_depth,
+            "context_dim": context_dim,
+            "use_checkpoint": use_checkpoint,
+            "legacy": legacy,
+            "use_flash_attention": use_flash_attention,
+            "dropout": dropout,
+            "image_size": image_size,
+        }
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.model_channels = model_channels
@@ -328,13 +350,21 @@ class UNetModel(nn.Module):
         self.num_res_blocks = num_res_blocks
         self.channel_mult = self.unet_config["channel_mult"]
         self.use_checkpoint = use_checkpoint
-        self._attn = dict(
-            num_heads=num_heads, num_head_channels=num_head_channels, legacy=legacy,
-            use_spatial_transformer=use_spatial_transformer, use_linear=use_linear_in_transformer,
-            depth=int(transformer_depth), context_dim=context_dim, use_sdpa=use_flash_attention, dropout=dropout,
-        )
+        self._attn = {
+            "num_heads": num_heads,
+            "num_head_channels": num_head_channels,
+            "legacy": legacy,
+            "use_spatial_transformer": use_spatial_transformer,
+            "use_linear": use_linear_in_transformer,
+            "depth": int(transformer_depth),
+            "context_dim": context_dim,
+            "use_sdpa": use_flash_attention,
+            "dropout": dropout,
+        }
         time_dim = model_channels * 4
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
+        )
         skip_channels = self._build_input_blocks(time_dim, dropout)
         ch = self.channel_mult[-1] * model_channels
         self.middle_block = TimestepEmbedSequential(
@@ -344,20 +374,33 @@ class UNetModel(nn.Module):
         )
         self._build_output_blocks(time_dim, dropout, skip_channels)
         self.out = nn.Sequential(
-            normalization(model_channels), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
+            normalization(model_channels),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)),
         )
 
     @staticmethod
-    def _validate(model_channels, channel_mult, num_heads, num_head_channels, use_spatial_transformer,
-                  context_dim, num_res_blocks) -> None:
+    def _validate(
+        model_channels,
+        channel_mult,
+        num_heads,
+        num_head_channels,
+        use_spatial_transformer,
+        context_dim,
+        num_res_blocks,
+    ) -> None:
         if num_heads == -1 and num_head_channels == -1:
             raise ConfigError("model.unet_config.num_heads: set num_heads or num_head_channels (both are -1)")
         if use_spatial_transformer and context_dim is None:
             raise ConfigError("model.unet_config.context_dim: required when use_spatial_transformer is true")
         if context_dim is not None and not use_spatial_transformer:
-            raise ConfigError("model.unet_config.context_dim: needs use_spatial_transformer: true (got false)")
+            raise ConfigError(
+                "model.unet_config.context_dim: needs use_spatial_transformer: true (got false)"
+            )
         if not isinstance(num_res_blocks, int) or num_res_blocks < 1:
-            raise ConfigError(f"model.unet_config.num_res_blocks: expected an int >= 1, got {num_res_blocks!r}")
+            raise ConfigError(
+                f"model.unet_config.num_res_blocks: expected an int >= 1, got {num_res_blocks!r}"
+            )
         for mult in channel_mult:
             if (model_channels * mult) % 32:
                 raise ConfigError(
@@ -374,7 +417,14 @@ class UNetModel(nn.Module):
             heads = heads if dim_head == -1 else ch // dim_head
             return AttentionBlock(ch, heads, a["use_sdpa"], self.use_checkpoint)
         return SpatialTransformer(
-            ch, heads, dim_head, a["depth"], a["dropout"], a["context_dim"], a["use_linear"], a["use_sdpa"],
+            ch,
+            heads,
+            dim_head,
+            a["depth"],
+            a["dropout"],
+            a["context_dim"],
+            a["use_linear"],
+            a["use_sdpa"],
             self.use_checkpoint,
         )
 
@@ -408,7 +458,9 @@ class UNetModel(nn.Module):
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
                 skip = skip_channels.pop()
-                layers: list[nn.Module] = [ResBlock(ch + skip, time_dim, dropout, mc * mult, self.use_checkpoint)]
+                layers: list[nn.Module] = [
+                    ResBlock(ch + skip, time_dim, dropout, mc * mult, self.use_checkpoint)
+                ]
                 ch = mc * mult
                 if ds in self.attention_resolutions:
                     layers.append(self._attention_layer(ch))

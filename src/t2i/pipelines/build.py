@@ -26,8 +26,13 @@ from t2i.errors import ConfigError
 # Hugging Face CLIP tokenizer vocabulary and context used by every SD text encoder (CLIP and OpenCLIP).
 CLIP_VOCAB_SIZE = 49408
 CLIP_CONTEXT_LENGTH = 77
-CLIP_L_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-               "projection_dim": 768}
+CLIP_L_TEXT = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "projection_dim": 768,
+}
 
 
 def as_model_config(model_cfg: Any) -> Any:
@@ -44,7 +49,9 @@ def as_model_config(model_cfg: Any) -> Any:
         from omegaconf import DictConfig, OmegaConf
 
         if not isinstance(model_cfg, DictConfig):
-            raise ConfigError(f"model config: expected a dict, DictConfig or dataclass, got {type(model_cfg).__name__}")
+            raise ConfigError(
+                f"model config: expected a dict, DictConfig or dataclass, got {type(model_cfg).__name__}"
+            )
         model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
     if "model" in model_cfg and "kind" not in model_cfg:
         model_cfg = model_cfg["model"]
@@ -82,7 +89,9 @@ def build_vae(model_cfg: Any, device: str | torch.device | None = None) -> nn.Mo
     _require_latent(cfg, "vae")
     first = cfg.first_stage_config
     with _device_context(device):
-        return AutoencoderKL(first.embed_dim, dataclasses.asdict(first.ddconfig), scale_factor=cfg.scale_factor)
+        return AutoencoderKL(
+            first.embed_dim, dataclasses.asdict(first.ddconfig), scale_factor=cfg.scale_factor
+        )
 
 
 def build_text_encoder(
@@ -101,8 +110,9 @@ def build_text_encoder(
         return text_model_on_meta(cond, folder)
     from t2i.text.encoders import build_text_encoder as build_from_files
 
-    encoder = build_from_files(cond.kind, folder, layer=cond.layer, max_length=cond.max_length, arch=cond.arch,
-                               version=cond.version)
+    encoder = build_from_files(
+        cond.kind, folder, layer=cond.layer, max_length=cond.max_length, arch=cond.arch, version=cond.version
+    )
     return encoder.to(device) if device is not None else encoder
 
 
@@ -148,11 +158,15 @@ def _text_config(cond: Any, folder: str | Path | None) -> Any:
     if config_file is not None:
         return AutoConfig.from_pretrained(str(config_file.parent), local_files_only=True)
     if cond.kind == "clip":
-        return CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_CONTEXT_LENGTH, **CLIP_L_TEXT)
+        return CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_CONTEXT_LENGTH, **CLIP_L_TEXT
+        )
     if cond.kind == "openclip":
         return _openclip_default_config(cond.arch)
-    raise ConfigError(f"model.cond_stage_config.path: missing; a {cond.kind} encoder needs a local folder with "
-                      "config.json to be built")
+    raise ConfigError(
+        f"model.cond_stage_config.path: missing; a {cond.kind} encoder needs a local folder with "
+        "config.json to be built"
+    )
 
 
 def _find_text_config(folder: str | Path) -> Path | None:
@@ -170,11 +184,17 @@ def _openclip_default_config(arch: str | None) -> Any:
 
     base = (arch or "").removesuffix("-quickgelu")
     if base not in OPENCLIP_ARCHS:
-        raise ConfigError(f"model.cond_stage_config.arch: {arch!r} unknown; expected one of {list(OPENCLIP_ARCHS)}")
+        raise ConfigError(
+            f"model.cond_stage_config.arch: {arch!r} unknown; expected one of {list(OPENCLIP_ARCHS)}"
+        )
     spec = OPENCLIP_ARCHS[base]
     return CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_CONTEXT_LENGTH, hidden_size=spec["width"],
-        intermediate_size=4 * spec["width"], num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+        vocab_size=CLIP_VOCAB_SIZE,
+        max_position_embeddings=CLIP_CONTEXT_LENGTH,
+        hidden_size=spec["width"],
+        intermediate_size=4 * spec["width"],
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"],
         projection_dim=spec["width"],
     )
 
@@ -206,7 +226,9 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read JSON ({exc.__class__.__name__}); expected a JSON object") from None
+        raise ConfigError(
+            f"{path}: cannot read JSON ({exc.__class__.__name__}); expected a JSON object"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

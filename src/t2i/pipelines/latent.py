@@ -47,7 +47,9 @@ class GenerationOutput:
 
 def normalize_prompts(prompt: str | list[str], name: str = "prompt") -> list[str]:
     """A prompt or a non-empty list of prompts -> list of strings; InvalidInputError otherwise."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    prompts = (
+        [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    )
     if prompts is None or not all(isinstance(p, str) for p in prompts):
         raise InvalidInputError(f"{name}: expected a string or a list of strings, got {prompt!r}")
     if not prompts:
@@ -63,7 +65,9 @@ def negative_prompts(negative_prompt: str | list[str] | None, count: int) -> lis
     if len(negatives) == 1:
         return negatives * count
     if len(negatives) != count:
-        raise InvalidInputError(f"negative_prompt: {len(negatives)} prompts for {count} prompts; expected 1 or {count}")
+        raise InvalidInputError(
+            f"negative_prompt: {len(negatives)} prompts for {count} prompts; expected 1 or {count}"
+        )
     return negatives
 
 
@@ -147,11 +151,15 @@ class LatentPipeline:
         image_size = getattr(self.unet, "unet_config", {}).get("image_size")
         return int(image_size) * self.first_stage.downsample_factor if image_size else 512
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LatentPipeline:
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> LatentPipeline:
         """Move every component to `device`; cast UNet and VAE weights to `dtype` (the text encoder too on GPU)."""
         for module in (self.unet, self.first_stage):
             module.to(device=device, dtype=dtype)
-        text_dtype = dtype if dtype is not None and device is not None and torch.device(device).type != "cpu" else None
+        text_dtype = (
+            dtype if dtype is not None and device is not None and torch.device(device).type != "cpu" else None
+        )
         self.text_encoder.to(device=device, dtype=text_dtype)
         return self
 
@@ -161,8 +169,11 @@ class LatentPipeline:
         """alpha_bar (T,) of the training schedule named by the scheduler config."""
         c = self.scheduler_config
         return make_alphas_cumprod(
-            c.get("beta_schedule", "linear"), int(c.get("num_train_timesteps", 1000)),
-            float(c.get("beta_start", 0.0001)), float(c.get("beta_end", 0.02)), c.get("trained_betas"),
+            c.get("beta_schedule", "linear"),
+            int(c.get("num_train_timesteps", 1000)),
+            float(c.get("beta_start", 0.0001)),
+            float(c.get("beta_end", 0.02)),
+            c.get("trained_betas"),
         )
 
     def denoiser(self, guidance_scale: float) -> nn.Module:
@@ -175,7 +186,11 @@ class LatentPipeline:
         return self.text_encoder.encode(prompts).embeddings.to(self.device, torch.float32)
 
     def conditioning(
-        self, prompts: list[str], negative_prompt: str | list[str] | None, num_images: int, guidance_scale: float
+        self,
+        prompts: list[str],
+        negative_prompt: str | list[str] | None,
+        num_images: int,
+        guidance_scale: float,
     ) -> dict[str, torch.Tensor]:
         """cond dict for the (CFG) denoiser; each prompt repeated `num_images` times in a row, as diffusers does."""
         cond = {"context": self.encode_prompts(prompts).repeat_interleave(num_images, dim=0)}
@@ -216,7 +231,9 @@ class LatentPipeline:
         if "eta" in inspect.signature(get_sampler(sampler)).parameters:
             return {"eta": float(eta)}
         if eta:
-            raise InvalidInputError(f"eta: {eta} is not used by sampler {sampler!r}; expected 0 (ddim takes eta)")
+            raise InvalidInputError(
+                f"eta: {eta} is not used by sampler {sampler!r}; expected 0 (ddim takes eta)"
+            )
         return {}
 
     @torch.no_grad()
@@ -261,8 +278,14 @@ class LatentPipeline:
         elif tuple(latents.shape) != shape:
             raise InvalidInputError(f"latents: shape {tuple(latents.shape)}; expected {shape}")
         cond = self.conditioning(prompts, negative_prompt, num_images, guidance_scale)
-        x = plan.sample(self.denoiser(guidance_scale), latents.to(self.device, torch.float32), cond,
-                        generator=generator, progress=progress, **options)
+        x = plan.sample(
+            self.denoiser(guidance_scale),
+            latents.to(self.device, torch.float32),
+            cond,
+            generator=generator,
+            progress=progress,
+            **options,
+        )
         pixels = self.decode(x)
         return GenerationOutput(to_pil(pixels), x, pixels)
 
@@ -295,7 +318,9 @@ class LatentPipeline:
         plan = self.plan(sampler, steps, use_karras_sigmas)
         denoise_steps = min(int(steps * strength), steps)
         if denoise_steps < 1:
-            raise InvalidInputError(f"strength: {strength} x steps {steps} leaves no step; expected strength*steps >= 1")
+            raise InvalidInputError(
+                f"strength: {strength} x steps {steps} leaves no step; expected strength*steps >= 1"
+            )
         options = self.sampler_options(plan.sampler, eta)
         generator = self.make_generator(seed, generator)
         pixels = self.prepare_images(image, len(prompts), height, width)
@@ -304,7 +329,9 @@ class LatentPipeline:
         noise = torch.randn(z0.shape, generator=generator, device=generator.device, dtype=torch.float32)
         x = z0 + float(tail.sigmas[0]) * noise.to(z0.device)
         cond = self.conditioning(prompts, negative_prompt, 1, guidance_scale)
-        x = tail.sample(self.denoiser(guidance_scale), x, cond, generator=generator, progress=progress, **options)
+        x = tail.sample(
+            self.denoiser(guidance_scale), x, cond, generator=generator, progress=progress, **options
+        )
         out = self.decode(x)
         return GenerationOutput(to_pil(out), x, out)
 
@@ -313,7 +340,9 @@ class LatentPipeline:
         if isinstance(image, torch.Tensor):
             pixels = image.unsqueeze(0) if image.ndim == 3 else image
             if pixels.ndim != 4 or pixels.shape[1] != 3:
-                raise InvalidInputError(f"image: tensor of shape {tuple(image.shape)}; expected (B, 3, H, W) in [0, 1]")
+                raise InvalidInputError(
+                    f"image: tensor of shape {tuple(image.shape)}; expected (B, 3, H, W) in [0, 1]"
+                )
             pixels = pixels.float()
             size = (height or pixels.shape[2], width or pixels.shape[3])
             if size != tuple(pixels.shape[2:]):
@@ -324,7 +353,9 @@ class LatentPipeline:
         if pixels.shape[0] == 1:
             pixels = pixels.expand(count, -1, -1, -1)
         if pixels.shape[0] != count:
-            raise InvalidInputError(f"image: {pixels.shape[0]} images for {count} prompts; expected 1 or {count}")
+            raise InvalidInputError(
+                f"image: {pixels.shape[0]} images for {count} prompts; expected 1 or {count}"
+            )
         return pixels
 
     def pil_to_pixels(self, image: Any, height: int | None, width: int | None) -> torch.Tensor:
@@ -333,7 +364,9 @@ class LatentPipeline:
 
         images = image if isinstance(image, (list, tuple)) else [image]
         if not images or not all(isinstance(i, Image.Image) for i in images):
-            raise InvalidInputError(f"image: expected a PIL image, a list of them or a tensor, got {type(image).__name__}")
+            raise InvalidInputError(
+                f"image: expected a PIL image, a list of them or a tensor, got {type(image).__name__}"
+            )
         m = self.size_multiple
         arrays = []
         for img in images:

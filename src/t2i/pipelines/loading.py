@@ -35,10 +35,23 @@ CONFIG_DEFAULT_SAMPLER = "ddim"
 PREDICTION_OF = {v: k for k, v in PARAMETERIZATION_OF.items()}
 # model_index text encoder class -> cond_stage_config.kind when a diffusers folder has no t2i.yaml.
 # `model:` keys that describe training, not the saved weights; t2i.yaml keeps them from the source config.
-TRAINING_KEYS = ("text_drop_rate", "min_snr_gamma", "offset_noise", "optim", "lora", "first_stage_key",
-                 "cond_stage_key", "channels_last", "inductor")
-TEXT_KIND_OF_CLASS = {"CLIPTextModel": "clip", "CLIPTextModelWithProjection": "clip", "T5EncoderModel": "t5",
-                      "BertModel": "minilm"}
+TRAINING_KEYS = (
+    "text_drop_rate",
+    "min_snr_gamma",
+    "offset_noise",
+    "optim",
+    "lora",
+    "first_stage_key",
+    "cond_stage_key",
+    "channels_last",
+    "inductor",
+)
+TEXT_KIND_OF_CLASS = {
+    "CLIPTextModel": "clip",
+    "CLIPTextModelWithProjection": "clip",
+    "T5EncoderModel": "t5",
+    "BertModel": "minilm",
+}
 
 
 def load_pipeline(
@@ -61,18 +74,24 @@ def load_pipeline(
     """
     path = Path(path)
     if not path.exists():
-        raise PipelineLoadError(f"{path}: no such file or folder; expected a pipeline folder or a checkpoint file")
+        raise PipelineLoadError(
+            f"{path}: no such file or folder; expected a pipeline folder or a checkpoint file"
+        )
     model_cfg = _model_config(config, overrides) if config is not None else None
     if path.is_dir():
         pipe = load_folder(path, model_cfg, dtype)
     elif path.suffix in SINGLE_FILE_SUFFIXES:
         if model_cfg is None:
-            raise PipelineLoadError(f"{path}: a single-file checkpoint needs config= (sd15, sd2, sd21-v or a YAML "
-                                    "path) describing its architecture")
+            raise PipelineLoadError(
+                f"{path}: a single-file checkpoint needs config= (sd15, sd2, sd21-v or a YAML "
+                "path) describing its architecture"
+            )
         pipe = pipeline_from_single_file(path, model_cfg, dtype)
     else:
-        raise PipelineLoadError(f"{path}: unknown file type {path.suffix!r}; expected a pipeline folder or one of "
-                                f"{', '.join(SINGLE_FILE_SUFFIXES)}")
+        raise PipelineLoadError(
+            f"{path}: unknown file type {path.suffix!r}; expected a pipeline folder or one of "
+            f"{', '.join(SINGLE_FILE_SUFFIXES)}"
+        )
     return pipe.to(device) if device is not None else pipe
 
 
@@ -82,7 +101,9 @@ def _model_config(config: Any, overrides: list[str] | None) -> Any:
 
         return load_config(config, overrides or []).model
     if overrides:
-        raise ConfigError("overrides: only apply to a config name or YAML path; edit the config object instead")
+        raise ConfigError(
+            "overrides: only apply to a config name or YAML path; edit the config object instead"
+        )
     return as_model_config(config)
 
 
@@ -114,8 +135,13 @@ def scheduler_config_from_model(model_cfg: Any, sampler: str = CONFIG_DEFAULT_SA
 def pipeline_from_single_file(path: Path, model_cfg: Any, dtype: torch.dtype | None) -> LatentPipeline:
     parts = load_single_file(path, model_cfg, dtype)
     return LatentPipeline(
-        parts["unet"], parts["vae"], parts["text_encoder"], scheduler_config_from_model(model_cfg),
-        model_cfg.scale_factor, CONFIG_DEFAULT_SAMPLER, _config_dict(model_cfg),
+        parts["unet"],
+        parts["vae"],
+        parts["text_encoder"],
+        scheduler_config_from_model(model_cfg),
+        model_cfg.scale_factor,
+        CONFIG_DEFAULT_SAMPLER,
+        _config_dict(model_cfg),
     )
 
 
@@ -131,16 +157,20 @@ def _config_dict(model_cfg: Any) -> dict[str, Any]:
 def read_model_index(root: Path) -> dict[str, Any]:
     """model_index.json of an SD folder; PipelineLoadError when absent or missing a component."""
     if not (root / MODEL_INDEX).is_file():
-        raise PipelineLoadError(f"{root}: not a pipeline folder (no {MODEL_INDEX}); expected a diffusers or t2i "
-                                "pipeline folder with unet/, vae/, text_encoder/, tokenizer/, scheduler/")
+        raise PipelineLoadError(
+            f"{root}: not a pipeline folder (no {MODEL_INDEX}); expected a diffusers or t2i "
+            "pipeline folder with unet/, vae/, text_encoder/, tokenizer/, scheduler/"
+        )
     try:
         index = read_json(root / MODEL_INDEX)
     except ConfigError as exc:
         raise PipelineLoadError(str(exc)) from None
     missing = [c for c in SD_COMPONENTS if not isinstance(index.get(c), list) or index[c][0] is None]
     if missing:
-        raise PipelineLoadError(f"{root / MODEL_INDEX}: no {', '.join(missing)} entry; expected a Stable Diffusion "
-                                f"pipeline with {', '.join(SD_COMPONENTS)} (class {index.get('_class_name')!r})")
+        raise PipelineLoadError(
+            f"{root / MODEL_INDEX}: no {', '.join(missing)} entry; expected a Stable Diffusion "
+            f"pipeline with {', '.join(SD_COMPONENTS)} (class {index.get('_class_name')!r})"
+        )
     for component in SD_COMPONENTS:
         if not (root / component).is_dir():
             raise PipelineLoadError(f"{root}: missing {component}/ folder listed in {MODEL_INDEX}")
@@ -181,8 +211,15 @@ def load_folder(root: Path, model_cfg: Any, dtype: torch.dtype | None) -> Latent
     text_encoder = load_folder_text_encoder(root, index, model_cfg)
     if model_cfg is None:
         model_cfg = derived_model_config(unet, vae, text_encoder, scheduler_config, scale_factor)
-    return LatentPipeline(unet, vae, text_encoder, scheduler_config, scale_factor,
-                          default_sampler_of(scheduler_config), _config_dict(model_cfg))
+    return LatentPipeline(
+        unet,
+        vae,
+        text_encoder,
+        scheduler_config,
+        scale_factor,
+        default_sampler_of(scheduler_config),
+        _config_dict(model_cfg),
+    )
 
 
 def load_folder_text_encoder(root: Path, index: dict[str, Any], model_cfg: Any) -> nn.Module:
@@ -203,44 +240,67 @@ def load_folder_text_encoder(root: Path, index: dict[str, Any], model_cfg: Any) 
     if kind in ("clip", "openclip"):
         return build_clip(root, None, layer, max_length)
     if kind not in ("t5", "minilm"):
-        raise PipelineLoadError(f"{root / MODEL_INDEX}: text_encoder class {class_name!r} is not supported; "
-                                f"expected one of {', '.join(TEXT_KIND_OF_CLASS)}")
+        raise PipelineLoadError(
+            f"{root / MODEL_INDEX}: text_encoder class {class_name!r} is not supported; "
+            f"expected one of {', '.join(TEXT_KIND_OF_CLASS)}"
+        )
     import transformers
 
     tokenizer = load_tokenizer(root / "tokenizer")
     model_class = getattr(transformers, class_name, transformers.AutoModel)
     model = load_hf_model(model_class, root / "text_encoder", f"a {class_name} folder")
-    return MaskedMeanEncoder(model, tokenizer, max_length or tokenizer.model_max_length, kind=kind,
-                             normalize_pooled=kind == "minilm")
+    return MaskedMeanEncoder(
+        model,
+        tokenizer,
+        max_length or tokenizer.model_max_length,
+        kind=kind,
+        normalize_pooled=kind == "minilm",
+    )
 
 
 def derived_model_config(
-    unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, scheduler_config: dict[str, Any], scale_factor: float
+    unet: nn.Module,
+    vae: nn.Module,
+    text_encoder: nn.Module,
+    scheduler_config: dict[str, Any],
+    scale_factor: float,
 ) -> Any:
     """The `model:` config describing a diffusers folder (so it can be saved as t2i.yaml or trained further)."""
     from t2i.diffusion.denoisers import normalize_prediction_type
 
     prediction = normalize_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
     schedule = scheduler_config.get("beta_schedule", "linear")
-    return as_model_config({
-        "kind": "latent_diffusion",
-        "parameterization": PARAMETERIZATION_OF[prediction],
-        "timesteps": int(scheduler_config.get("num_train_timesteps", 1000)),
-        "beta_schedule": schedule,
-        "linear_start": float(scheduler_config.get("beta_start", 0.0001)),
-        "linear_end": float(scheduler_config.get("beta_end", 0.02)),
-        "scale_factor": float(scale_factor),
-        "unet_config": {**unet.unet_config, "from_pretrained": None},
-        "first_stage_config": {"embed_dim": vae.embed_dim, "from_pretrained": None, "ddconfig": dict(vae.ddconfig)},
-        "cond_stage_config": _saved_cond_stage(text_encoder),
-    })
+    return as_model_config(
+        {
+            "kind": "latent_diffusion",
+            "parameterization": PARAMETERIZATION_OF[prediction],
+            "timesteps": int(scheduler_config.get("num_train_timesteps", 1000)),
+            "beta_schedule": schedule,
+            "linear_start": float(scheduler_config.get("beta_start", 0.0001)),
+            "linear_end": float(scheduler_config.get("beta_end", 0.02)),
+            "scale_factor": float(scale_factor),
+            "unet_config": {**unet.unet_config, "from_pretrained": None},
+            "first_stage_config": {
+                "embed_dim": vae.embed_dim,
+                "from_pretrained": None,
+                "ddconfig": dict(vae.ddconfig),
+            },
+            "cond_stage_config": _saved_cond_stage(text_encoder),
+        }
+    )
 
 
 def _saved_cond_stage(text_encoder: nn.Module) -> dict[str, Any]:
     """cond_stage_config describing the text encoder as `save_pipeline` writes it (a plain HF folder)."""
     kind = "clip" if text_encoder.kind == "openclip" else text_encoder.kind
-    return {"kind": kind, "path": None, "layer": "last", "max_length": text_encoder.max_length, "arch": None,
-            "version": None}
+    return {
+        "kind": kind,
+        "path": None,
+        "layer": "last",
+        "max_length": text_encoder.max_length,
+        "arch": None,
+        "version": None,
+    }
 
 
 # ------------------------------------------------------------------------------------------ saving
@@ -292,7 +352,9 @@ def _penultimate_as_last(model: nn.Module) -> nn.Module:
     config = copy.deepcopy(model.config)
     config.num_hidden_layers -= 1
     last = f"encoder.layers.{config.num_hidden_layers}."
-    state = {k: v for k, v in model.state_dict().items() if not k.removeprefix("text_model.").startswith(last)}
+    state = {
+        k: v for k, v in model.state_dict().items() if not k.removeprefix("text_model.").startswith(last)
+    }
     truncated = type(model)(config)
     truncated.load_state_dict(state)
     return truncated
@@ -335,6 +397,8 @@ def _save_t2i_config(pipe: LatentPipeline, scheduler: dict[str, Any], file: Path
     from omegaconf import OmegaConf
 
     base = pipe.model_config or {}
-    model = _config_dict(derived_model_config(pipe.unet, pipe.vae, pipe.text_encoder, scheduler, pipe.scale_factor))
+    model = _config_dict(
+        derived_model_config(pipe.unet, pipe.vae, pipe.text_encoder, scheduler, pipe.scale_factor)
+    )
     model.update({k: base[k] for k in TRAINING_KEYS if k in base})
     file.write_text(OmegaConf.to_yaml(OmegaConf.create({"model": model})))

@@ -56,18 +56,22 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
         try:
             return load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types for a corrupt header
-            raise PipelineLoadError(f"{path}: not a readable safetensors file ({exc.__class__.__name__})") from None
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for a corrupt header
+            raise PipelineLoadError(
+                f"{path}: not a readable safetensors file ({exc.__class__.__name__})"
+            ) from None
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types for pickled code or a corrupt file
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for pickled code or bad files
         raise PipelineLoadError(
             f"{path}: cannot read checkpoint with weights_only=True ({exc.__class__.__name__}); expected tensors only"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise PipelineLoadError(f"{path}: checkpoint holds a {type(state).__name__}; expected a dict of tensors")
+        raise PipelineLoadError(
+            f"{path}: checkpoint holds a {type(state).__name__}; expected a dict of tensors"
+        )
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -75,7 +79,7 @@ def _strip_nemo_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     """NeMo nests the CompVis names under one more `model.`; remove it when the UNet sits there."""
     if not any(k.startswith(NEMO_PREFIX + UNET_PREFIX) for k in state):
         return state
-    return {(k[len(NEMO_PREFIX):] if k.startswith(NEMO_PREFIX) else k): v for k, v in state.items()}
+    return {(k.removeprefix(NEMO_PREFIX)): v for k, v in state.items()}
 
 
 def split_checkpoint(state: dict[str, torch.Tensor], source: str) -> SingleFileParts:
@@ -85,13 +89,13 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str) -> SingleFileP
     foreign = []
     for key, value in state.items():
         if key.startswith(UNET_PREFIX):
-            parts.unet[key[len(UNET_PREFIX):]] = value
+            parts.unet[key[len(UNET_PREFIX) :]] = value
         elif key.startswith(IGNORED_PREFIXES) or "." not in key:
             continue  # EMA copies, the VAE's training loss, schedule buffers (betas, alphas_cumprod, ...)
         elif key.startswith(VAE_PREFIX):
-            parts.vae[key[len(VAE_PREFIX):]] = value
+            parts.vae[key[len(VAE_PREFIX) :]] = value
         elif key.startswith(TEXT_PREFIX):
-            parts.text[key[len(TEXT_PREFIX):]] = value
+            parts.text[key[len(TEXT_PREFIX) :]] = value
         else:
             foreign.append(key)
     if not parts.unet:
@@ -100,8 +104,10 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str) -> SingleFileP
             f"found {list(state)[:3]}"
         )
     if foreign:
-        raise WeightsMismatchError(f"{source}: unexpected keys {foreign[:3]} ({len(foreign)} total); expected "
-                                   f"{UNET_PREFIX}*, {VAE_PREFIX}*, {TEXT_PREFIX}*")
+        raise WeightsMismatchError(
+            f"{source}: unexpected keys {foreign[:3]} ({len(foreign)} total); expected "
+            f"{UNET_PREFIX}*, {VAE_PREFIX}*, {TEXT_PREFIX}*"
+        )
     return parts
 
 
@@ -118,8 +124,10 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, so
     wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
         k = wrong[0]
-        raise WeightsMismatchError(f"{source}: {what} weight {k} has shape {tuple(state[k].shape)}; the config "
-                                   f"expects {tuple(expected[k].shape)}")
+        raise WeightsMismatchError(
+            f"{source}: {what} weight {k} has shape {tuple(state[k].shape)}; the config "
+            f"expects {tuple(expected[k].shape)}"
+        )
     module.load_state_dict(state, assign=True)
 
 
@@ -139,7 +147,10 @@ def _vae_conv_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """VAE attention projections saved as Linear (C, C) by diffusers-converted files -> 1x1 conv (C, C, 1, 1)."""
     from t2i.convert.vae_diffusers import is_attention_projection
 
-    return {k: (v[:, :, None, None] if v.ndim == 2 and is_attention_projection(k) else v) for k, v in state.items()}
+    return {
+        k: (v[:, :, None, None] if v.ndim == 2 and is_attention_projection(k) else v)
+        for k, v in state.items()
+    }
 
 
 def load_vae(parts: SingleFileParts, model_cfg: Any, dtype: torch.dtype, source: str) -> nn.Module:
@@ -160,14 +171,22 @@ def load_text_encoder(parts: SingleFileParts, cond: Any, source: str) -> nn.Modu
     if not parts.text:
         from t2i.text.encoders import build_text_encoder
 
-        return build_text_encoder(cond.kind, cond.path, layer=cond.layer, max_length=cond.max_length,
-                                  arch=cond.arch, version=cond.version)
+        return build_text_encoder(
+            cond.kind,
+            cond.path,
+            layer=cond.layer,
+            max_length=cond.max_length,
+            arch=cond.arch,
+            version=cond.version,
+        )
     if any(k.startswith("transformer.") for k in parts.text):
         return _sd1_clip(parts.text, cond, source)
     if any(k.startswith("model.") for k in parts.text):
         return _sd2_openclip(parts.text, cond, source)
-    raise WeightsMismatchError(f"{source}: unexpected text keys {['cond_stage_model.' + k for k in parts.text][:3]}; "
-                               f"expected {SD1_TEXT_PREFIX}* (SD1) or {SD2_TEXT_PREFIX}* (SD2)")
+    raise WeightsMismatchError(
+        f"{source}: unexpected text keys {['cond_stage_model.' + k for k in parts.text][:3]}; "
+        f"expected {SD1_TEXT_PREFIX}* (SD1) or {SD2_TEXT_PREFIX}* (SD2)"
+    )
 
 
 def _tokenizer(cond: Any, source: str) -> Any:
@@ -188,7 +207,9 @@ def _clip_config_from_shapes(text: dict[str, torch.Tensor]) -> Any:
     vocab, width = text["text_model.embeddings.token_embedding.weight"].shape
     layers = {int(k.split(".")[3]) for k in text if k.startswith("text_model.encoder.layers.")}
     return CLIPTextConfig(
-        vocab_size=int(vocab), hidden_size=int(width), num_hidden_layers=len(layers),
+        vocab_size=int(vocab),
+        hidden_size=int(width),
+        num_hidden_layers=len(layers),
         num_attention_heads=max(1, int(width) // 64),
         intermediate_size=int(text["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
         max_position_embeddings=int(text["text_model.embeddings.position_embedding.weight"].shape[0]),
@@ -212,14 +233,20 @@ def _sd1_clip(text: dict[str, torch.Tensor], cond: Any, source: str) -> nn.Modul
     from t2i.text.encoders import CLIPEncoder, fit_text_model_prefix
 
     if cond.kind != "clip":
-        raise ConfigError(f"model.cond_stage_config.kind: {cond.kind!r}, but {source} holds an SD1 CLIP text "
-                          "encoder; expected clip")
+        raise ConfigError(
+            f"model.cond_stage_config.kind: {cond.kind!r}, but {source} holds an SD1 CLIP text "
+            "encoder; expected clip"
+        )
     hf_state = sd1_text_to_hf({TEXT_PREFIX + k: v for k, v in text.items()})
     tokenizer = _tokenizer(cond, source)
     # Built on the CPU: its position_ids buffer is not in the file.
     model = CLIPTextModel(_folder_clip_config(cond) or _clip_config_from_shapes(hf_state))
-    load_strict(model, fit_text_model_prefix({k: v.float() for k, v in hf_state.items()}, model), "text encoder",
-                source)
+    load_strict(
+        model,
+        fit_text_model_prefix({k: v.float() for k, v in hf_state.items()}, model),
+        "text encoder",
+        source,
+    )
     return CLIPEncoder(model, tokenizer, str(cond.layer), cond.max_length)
 
 
@@ -235,12 +262,19 @@ def _sd2_openclip(text: dict[str, torch.Tensor], cond: Any, source: str) -> nn.M
     from transformers import CLIPTextModel
 
     from t2i.convert.text_keys import openclip_text_shapes, openclip_to_hf
-    from t2i.text.encoders import CLIPEncoder, fit_text_model_prefix, openclip_hf_config, resolve_openclip_arch
+    from t2i.text.encoders import (
+        CLIPEncoder,
+        fit_text_model_prefix,
+        openclip_hf_config,
+        resolve_openclip_arch,
+    )
 
     if cond.kind not in ("openclip", "clip"):
-        raise ConfigError(f"model.cond_stage_config.kind: {cond.kind!r}, but {source} holds an SD2 OpenCLIP text "
-                          "encoder; expected openclip")
-    tower = {k[len("model."):]: v.float() for k, v in text.items() if not k.startswith("model.visual.")}
+        raise ConfigError(
+            f"model.cond_stage_config.kind: {cond.kind!r}, but {source} holds an SD2 OpenCLIP text "
+            "encoder; expected openclip"
+        )
+    tower = {k[len("model.") :]: v.float() for k, v in text.items() if not k.startswith("model.visual.")}
     shapes = openclip_text_shapes(tower)
     arch = cond.arch if cond.arch is not None else _openclip_arch_guess(cond, shapes["width"])
     config = openclip_hf_config(resolve_openclip_arch(arch, shapes), shapes)
@@ -254,11 +288,14 @@ def _sd2_openclip(text: dict[str, torch.Tensor], cond: Any, source: str) -> nn.M
         projection.weight.data.copy_(hf_state.pop("text_projection.weight"))
     model = CLIPTextModel(config)
     load_strict(model, fit_text_model_prefix(hf_state, model), "text encoder", source)
-    return CLIPEncoder(model, _tokenizer(cond, source), str(cond.layer), cond.max_length, projection,
-                       kind="openclip")
+    return CLIPEncoder(
+        model, _tokenizer(cond, source), str(cond.layer), cond.max_length, projection, kind="openclip"
+    )
 
 
-def load_single_file(path: str | Path, model_cfg: Any, dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
+def load_single_file(
+    path: str | Path, model_cfg: Any, dtype: torch.dtype | None = None
+) -> dict[str, nn.Module]:
     """{"unet", "vae", "text_encoder"} from a single-file checkpoint and the `model:` config describing it.
 
     UNet and VAE weights are cast to `dtype` (float32 when None); the text encoder stays float32.

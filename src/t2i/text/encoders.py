@@ -89,7 +89,9 @@ class TextEncoder(nn.Module):
         if isinstance(prompts, str):
             prompts = [prompts]
         if not all(isinstance(p, str) for p in prompts):
-            raise InvalidInputError(f"prompts: expected a list of strings, got {[type(p).__name__ for p in prompts]}")
+            raise InvalidInputError(
+                f"prompts: expected a list of strings, got {[type(p).__name__ for p in prompts]}"
+            )
         ids, mask = tokenize(self.tokenizer, prompts, self.max_length)
         return ids.to(self.device), mask.to(self.device)
 
@@ -120,7 +122,9 @@ class CLIPEncoder(TextEncoder):
         kind: str = "clip",
     ):
         if layer not in CLIP_LAYERS:
-            raise ConfigError(f"cond_stage_config.layer: {layer!r} is not valid; expected one of {list(CLIP_LAYERS)}")
+            raise ConfigError(
+                f"cond_stage_config.layer: {layer!r} is not valid; expected one of {list(CLIP_LAYERS)}"
+            )
         positions = model.config.max_position_embeddings
         length = min(max_length or tokenizer.model_max_length, positions)
         pooled_dim = text_projection.out_features if text_projection is not None else None
@@ -150,7 +154,9 @@ class MaskedMeanEncoder(TextEncoder):
     `normalize_pooled` L2-normalises the pooled vector (sentence-transformers' all-MiniLM-L6-v2 does).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int, kind: str, normalize_pooled: bool = False):
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, max_length: int, kind: str, normalize_pooled: bool = False
+    ):
         super().__init__(tokenizer, max_length, model.config.hidden_size)
         self.model = model
         self.kind = kind
@@ -189,11 +195,17 @@ def load_hf_model(cls: Any, folder: Path, what: str) -> nn.Module:
     try:
         return cls.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise PipelineLoadError(f"{folder}: cannot load ({exc.__class__.__name__}: {exc}); expected {what}") from exc
+        raise PipelineLoadError(
+            f"{folder}: cannot load ({exc.__class__.__name__}: {exc}); expected {what}"
+        ) from exc
 
 
-def build_clip(path: str | Path | None, tokenizer_path: str | None = None, layer: str = "last",
-               max_length: int | None = None) -> CLIPEncoder:
+def build_clip(
+    path: str | Path | None,
+    tokenizer_path: str | None = None,
+    layer: str = "last",
+    max_length: int | None = None,
+) -> CLIPEncoder:
     """CLIPTextModel from a local folder (or a pipeline root with text_encoder/ and tokenizer/)."""
     from transformers import CLIPTextModel
 
@@ -203,7 +215,9 @@ def build_clip(path: str | Path | None, tokenizer_path: str | None = None, layer
     return CLIPEncoder(load_hf_model(CLIPTextModel, folder, what), tokenizer, layer, max_length)
 
 
-def build_t5(path: str | Path | None, tokenizer_path: str | None = None, max_length: int | None = None) -> MaskedMeanEncoder:
+def build_t5(
+    path: str | Path | None, tokenizer_path: str | None = None, max_length: int | None = None
+) -> MaskedMeanEncoder:
     """T5EncoderModel from a local folder (or a pipeline root with text_encoder/ and tokenizer/)."""
     from transformers import T5EncoderModel
 
@@ -228,7 +242,9 @@ def build_minilm(path: str | Path | None = None, max_length: int | None = None) 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, or from .bin/.pt/.ckpt via torch.load(weights_only=True)."""
     if not path.is_file():
-        raise PipelineLoadError(f"{path}: OpenCLIP checkpoint not found; expected a .safetensors/.bin/.pt file")
+        raise PipelineLoadError(
+            f"{path}: OpenCLIP checkpoint not found; expected a .safetensors/.bin/.pt file"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -236,7 +252,9 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or pickled-code file
-        raise PipelineLoadError(f"{path}: cannot read checkpoint ({exc.__class__.__name__}); expected tensors only") from exc
+        raise PipelineLoadError(
+            f"{path}: cannot read checkpoint ({exc.__class__.__name__}); expected tensors only"
+        ) from exc
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
@@ -245,7 +263,9 @@ def openclip_text_prefix(state: dict[str, torch.Tensor], path: Path) -> str:
     for key in state:
         if key.endswith("token_embedding.weight") and "embeddings." not in key:
             return key[: -len("token_embedding.weight")]
-    raise PipelineLoadError(f"{path}: no OpenCLIP text tower (token_embedding.weight); expected an OpenCLIP checkpoint")
+    raise PipelineLoadError(
+        f"{path}: no OpenCLIP text tower (token_embedding.weight); expected an OpenCLIP checkpoint"
+    )
 
 
 def resolve_openclip_arch(arch: str | dict[str, Any] | None, shapes: dict[str, int]) -> dict[str, Any]:
@@ -255,12 +275,18 @@ def resolve_openclip_arch(arch: str | dict[str, Any] | None, shapes: dict[str, i
     elif isinstance(arch, str):
         base = arch.removesuffix("-quickgelu")
         if base not in OPENCLIP_ARCHS:
-            raise ConfigError(f"cond_stage_config.arch: {arch!r} unknown; expected one of {list(OPENCLIP_ARCHS)} or a dict")
+            raise ConfigError(
+                f"cond_stage_config.arch: {arch!r} unknown; expected one of {list(OPENCLIP_ARCHS)} or a dict"
+            )
         spec = {**OPENCLIP_ARCHS[base], **({"act": "quick_gelu"} if arch.endswith("-quickgelu") else {})}
     else:
-        raise ConfigError("cond_stage_config.arch: missing; expected an OpenCLIP arch name such as 'ViT-H-14'")
+        raise ConfigError(
+            "cond_stage_config.arch: missing; expected an OpenCLIP arch name such as 'ViT-H-14'"
+        )
     if spec.get("width", shapes["width"]) != shapes["width"]:
-        raise WeightsMismatchError(f"openclip arch {arch}: width {spec['width']} but checkpoint has {shapes['width']}")
+        raise WeightsMismatchError(
+            f"openclip arch {arch}: width {spec['width']} but checkpoint has {shapes['width']}"
+        )
     if "heads" not in spec:
         raise ConfigError(f"cond_stage_config.arch: {arch} has no 'heads'; expected width/heads/layers")
     return spec
@@ -296,8 +322,14 @@ def build_openclip(
     from transformers import CLIPTextModel
 
     if version is None:
-        raise PipelineLoadError("cond_stage_config.version: missing; expected a local OpenCLIP checkpoint file")
+        raise PipelineLoadError(
+            "cond_stage_config.version: missing; expected a local OpenCLIP checkpoint file"
+        )
     path = Path(version)
+    if tokenizer_path is None:
+        raise PipelineLoadError(
+            f"{path}: openclip needs tokenizer_path; expected a local CLIP tokenizer folder"
+        )
     state = read_checkpoint(path)
     text_state = strip_prefix(state, openclip_text_prefix(state, path))
     text_state = {k: v for k, v in text_state.items() if not k.startswith("visual.")}
@@ -316,8 +348,6 @@ def build_openclip(
             f"{path}: OpenCLIP text weights do not fit arch {arch}; missing {missing[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}"
         )
-    if tokenizer_path is None:
-        raise PipelineLoadError(f"{path}: openclip needs tokenizer_path; expected a local CLIP tokenizer folder")
     tokenizer = load_tokenizer(tokenizer_folder(tokenizer_path, None))
     return CLIPEncoder(model, tokenizer, layer, max_length, projection, kind="openclip")
 
@@ -339,9 +369,13 @@ def build_text_encoder(kind: str, path: str | Path | None = None, **opts: Any) -
         tokenizer_path = opts.get("tokenizer_path")
         if tokenizer_path is None and path is not None and Path(path).is_dir():
             tokenizer_path = path
-        return build_openclip(version, opts.get("arch"), tokenizer_path, opts.get("layer", "last"), max_length)
+        return build_openclip(
+            version, opts.get("arch"), tokenizer_path, opts.get("layer", "last"), max_length
+        )
     if kind == "t5":
         return build_t5(path, opts.get("tokenizer_path"), max_length)
     if kind == "minilm":
         return build_minilm(path, max_length)
-    raise ConfigError(f"cond_stage_config.kind: {kind!r} is not valid; expected one of {list(TEXT_ENCODER_KINDS)}")
+    raise ConfigError(
+        f"cond_stage_config.kind: {kind!r} is not valid; expected one of {list(TEXT_ENCODER_KINDS)}"
+    )

@@ -53,7 +53,9 @@ def load_tokenizer(folder: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
-        raise PipelineLoadError(f"{folder}: cannot load tokenizer ({exc.__class__.__name__}); expected HF tokenizer files") from exc
+        raise PipelineLoadError(
+            f"{folder}: cannot load tokenizer ({exc.__class__.__name__}); expected HF tokenizer files"
+        ) from exc
 
 
 def tokenize(tokenizer: Any, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
