@@ -198,3 +198,17 @@ def test_pipeline_folder_finds_its_unet(saved_reference, tmp_path):
     ours = load_unet_from_diffusers(tmp_path)
     assert isinstance(ours, UNetModel)
     assert torch.equal(ours.state_dict()["input_blocks.0.0.weight"], ref.state_dict()["conv_in.weight"])
+
+
+@pytest.mark.gpu
+def test_bf16_cuda_matches_float32_reference(saved_reference):
+    """On a GPU in bf16 (SDPA flash/mem-efficient kernels), t2i stays close to diffusers in float32."""
+    ref, folder = saved_reference
+    ours = load_unet_from_diffusers(folder, dtype=torch.bfloat16).cuda()
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        expected = ref(x, t, encoder_hidden_states=ctx).sample
+        got = ours(x.cuda(), t.cuda(), ctx.cuda()).float().cpu()
+    assert got.dtype == torch.float32
+    rel = (got - expected).abs().max() / expected.abs().max()
+    assert rel.item() < 5e-2

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SIZE, single_file_from_diffusers, tiny_sd1_yaml
 from safetensors.torch import load_file, save_file
+from sd_helpers import SIZE, single_file_from_diffusers, tiny_sd1_yaml
 
 import t2i
 from t2i.cli.main import main
@@ -67,11 +67,15 @@ def test_missing_and_unexpected_weight_keys_are_named(single_file):
     with pytest.raises(WeightsMismatchError, match=r"missing \['out\.2\.weight'\]"):
         t2i.load_pipeline(broken_file(single_file, drop=dropped), config=cfg)
     with pytest.raises(WeightsMismatchError, match="unexpected.*input_blocks.99.weight"):
-        t2i.load_pipeline(broken_file(single_file, add="model.diffusion_model.input_blocks.99.weight"), config=cfg)
+        t2i.load_pipeline(
+            broken_file(single_file, add="model.diffusion_model.input_blocks.99.weight"), config=cfg
+        )
     with pytest.raises(WeightsMismatchError, match="unexpected keys.*optimizer.state"):
         t2i.load_pipeline(broken_file(single_file, add="optimizer.state"), config=cfg)
     with pytest.raises(WeightsMismatchError, match="VAE.*first_stage_model|missing.*decoder"):
-        t2i.load_pipeline(broken_file(single_file, drop="first_stage_model.decoder.conv_out.bias"), config=cfg)
+        t2i.load_pipeline(
+            broken_file(single_file, drop="first_stage_model.decoder.conv_out.bias"), config=cfg
+        )
 
 
 def test_wrong_architecture_config_names_the_shape(single_file):

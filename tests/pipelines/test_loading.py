@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from sd_helpers import SIZE, diffusers_images, initial_latents, load_diffusers, t2i_images
 
 import t2i
-from conftest import SIZE, diffusers_images, initial_latents, load_diffusers, t2i_images
 from t2i.pipelines.build import build_components, build_unet, build_vae, count_parameters
 
 TOL = 2 / 255
@@ -96,22 +96,12 @@ TINY_MINILM_MODEL = {
 
 def test_minilm_pipeline_saved_for_diffusers_matches(tmp_path):
     """A t2i-built pipeline with the MiniLM (BERT) encoder: diffusers must mask the encoder and pad to 12."""
-    from t2i.pipelines.latent import LatentPipeline
-    from t2i.pipelines.loading import scheduler_config_from_model
+    from t2i.pipelines.loading import assemble_pipeline
 
     components = build_components(TINY_MINILM_MODEL)
     randomize_zero_params(components["unet"])
-    from t2i.pipelines.build import as_model_config
-
-    cfg = as_model_config(TINY_MINILM_MODEL)
-    pipe = LatentPipeline(
-        components["unet"],
-        components["vae"],
-        components["text_encoder"],
-        scheduler_config_from_model(cfg),
-        cfg.scale_factor,
-        "ddim",
-    )
+    pipe = assemble_pipeline(TINY_MINILM_MODEL, **components)
+    assert pipe.default_sampler == "ddim" and pipe.scheduler_config["steps_offset"] == 1
     root = pipe.save_pretrained(tmp_path / "minilm")
     assert json.loads((root / "text_encoder" / "config.json").read_text())["use_attention_mask"] is True
     latents = initial_latents(2, seed=2)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import t2i
-from conftest import (
+from sd_helpers import (
     SIZE,
     diffusers_images,
     initial_latents,
@@ -20,6 +18,8 @@ from conftest import (
     t2i_images,
     tiny_sd1_yaml,
 )
+
+import t2i
 
 TOL = 2 / 255
 PROMPTS = ["a red circle", "circle"]

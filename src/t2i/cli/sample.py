@@ -94,10 +94,19 @@ def load_from_args(args: argparse.Namespace) -> Any:
 
     from t2i.pipelines.loading import load_pipeline
 
+    quiet_library_loaders()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     pipe = load_pipeline(args.model, config=args.config, dtype=dtype, overrides=args.overrides or None)
     return prepare_pipeline(pipe, args).to(device)
+
+
+def quiet_library_loaders() -> None:
+    """Keep stderr for our progress bar and errors: no weight-loading bars or advice from transformers/diffusers."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def prepare_pipeline(pipe: Any, args: argparse.Namespace) -> Any:

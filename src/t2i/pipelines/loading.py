@@ -132,17 +132,30 @@ def scheduler_config_from_model(model_cfg: Any, sampler: str = CONFIG_DEFAULT_SA
     }
 
 
-def pipeline_from_single_file(path: Path, model_cfg: Any, dtype: torch.dtype | None) -> LatentPipeline:
-    parts = load_single_file(path, model_cfg, dtype)
+def assemble_pipeline(
+    model_cfg: Any,
+    unet: nn.Module,
+    vae: nn.Module,
+    text_encoder: nn.Module,
+    sampler: str = CONFIG_DEFAULT_SAMPLER,
+) -> LatentPipeline:
+    """A pipeline from built modules and their `model:` config (what a training run exports), with SD's
+    schedule for `sampler` as its scheduler config."""
+    model_cfg = as_model_config(model_cfg)
     return LatentPipeline(
-        parts["unet"],
-        parts["vae"],
-        parts["text_encoder"],
-        scheduler_config_from_model(model_cfg),
+        unet,
+        vae,
+        text_encoder,
+        scheduler_config_from_model(model_cfg, sampler),
         model_cfg.scale_factor,
-        CONFIG_DEFAULT_SAMPLER,
+        sampler,
         _config_dict(model_cfg),
     )
+
+
+def pipeline_from_single_file(path: Path, model_cfg: Any, dtype: torch.dtype | None) -> LatentPipeline:
+    parts = load_single_file(path, model_cfg, dtype)
+    return assemble_pipeline(model_cfg, parts["unet"], parts["vae"], parts["text_encoder"])
 
 
 def _config_dict(model_cfg: Any) -> dict[str, Any]:
