@@ -28,7 +28,7 @@ class DemoSettings:
 
     num_images: int = 6000
     image_size: int = 32
-    vae_steps: int = 400
+    vae_steps: int = 600
     unet_steps: int = 2000
     precache_batch: int = 128
     eval_seeds: int = 4
@@ -40,7 +40,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(num_images=64, vae_steps=3, unet_steps=3, precache_batch=32, eval_seeds=1, sample_steps=2,
+        return cls(num_images=32, vae_steps=2, unet_steps=2, precache_batch=32, eval_seeds=1, sample_steps=2,
                    vae_overrides=["data.batch_size=8", "model.ddconfig.ch_mult=[1,2]"],
                    unet_overrides=["data.batch_size=8", "model.unet_config.channel_mult=[1]",
                                    "model.unet_config.attention_resolutions=[1]",
@@ -151,7 +151,7 @@ def precache_latents(out: Path, shards: str, vae_dir: Path, settings: DemoSettin
     from t2i.cli.precache import precache
 
     cfg = _config("demo/shapes-ldm", _ldm_overrides(vae_dir, settings, [f"data.train={shards}"]))
-    return precache(cfg, out / "latents", settings.precache_batch, shard_size=2000)
+    return precache(cfg, out / "latents", settings.precache_batch, shard_size=2000, dtype="float16")
 
 
 def train_unet(out: Path, vae_dir: Path, scale_factor: float, settings: DemoSettings) -> Any:

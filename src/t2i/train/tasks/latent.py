@@ -152,7 +152,8 @@ class LatentDiffusionTask(DiffusionTask):
     def build_dataloader(self, cfg: RunConfig, rank: int, world_size: int) -> ObservedLoader:
         """Endless batches of this rank's share of `data.train` (image shards or precached shards)."""
         d = cfg.data
-        common = dict(seed=cfg.seed, rank=rank, world_size=world_size, shuffle_buffer=d.shuffle_buffer, repeat=True)
+        common = {"seed": cfg.seed, "rank": rank, "world_size": world_size, "shuffle_buffer": d.shuffle_buffer,
+                  "repeat": True}
         if self.precached:
             from t2i.data.precached import build_precached_dataset
 
