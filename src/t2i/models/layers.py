@@ -30,9 +30,12 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype (openaimodel `normalization`), cast back."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return super().forward(x)
-        return super().forward(x.float()).to(x.dtype)
+        # Half-precision weights must be upcast with the input, or group_norm sees mixed dtypes.
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:

@@ -265,7 +265,7 @@ class ImagenStage(nn.Module):
         if self.settings.preconditioning_type == "EDM":
             from t2i.diffusion.edm import EDMDenoiser
 
-            return EDMDenoiser(net, sigma_data=p.sigma_data)
+            return EDMDenoiser(net, sigma_data=p.sigma_data, sigma_min=p.sigma_min, sigma_max=p.sigma_max)
         from t2i.diffusion.continuous import ContinuousDDPMDenoiser
 
         return ContinuousDDPMDenoiser(net, noise_schedule=p.noise_schedule, pred_objective=p.pred_objective)
@@ -290,7 +290,8 @@ class ImagenStage(nn.Module):
         embeddings, mask = fit_tokens(embeddings.float(), mask.bool(), self.settings.conditioning.token_length)
         return {"context": embeddings.to(self.device), "context_mask": mask.to(self.device)}
 
-    def low_res_cond(self, low_res: torch.Tensor, level: float | None) -> dict[str, torch.Tensor]:
+    def low_res_cond(self, low_res: torch.Tensor, level: float | None,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Sampling-time low-res conditioning: the previous stage's images (B, C, h, w) in [-1, 1], resized to
         `low_res_size`, augmented at the fixed `level` (sigma_aug under EDM, time under DDPM)."""
         from t2i.diffusion.noise_aug import fixed_augment
@@ -298,7 +299,7 @@ class ImagenStage(nn.Module):
         s = self.settings
         low_res = resize_images(low_res.to(self.device), s.low_res_size).clamp(-1, 1)
         level = default_aug_level(s) if level is None else level
-        x_aug, aug_cond = fixed_augment(low_res, level, **self.aug_options())
+        x_aug, aug_cond = fixed_augment(low_res, level, generator=generator, **self.aug_options())
         cond = {"x_low_res": x_aug}
         if s.aug_cond:
             cond["aug_cond"] = aug_cond
@@ -362,7 +363,6 @@ def load_stage(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     from safetensors.torch import load_file
 
     from t2i.config import load_config
-    from t2i.models.autoencoder import load_state_dict_strict
 
     folder = Path(folder)
     for name in (WEIGHTS_NAME, CONFIG_NAME, STAGE_NAME):
@@ -376,6 +376,16 @@ def load_stage(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     if cfg.model.kind != "imagen":
         raise PipelineLoadError(f"{folder / CONFIG_NAME}: model.kind {cfg.model.kind!r}; expected imagen")
     stage = ImagenStage(cfg.model)
-    load_state_dict_strict(stage.unet, load_file(str(folder / WEIGHTS_NAME)), f"{folder / WEIGHTS_NAME}")
+    load_unet_strict(stage.unet, load_file(str(folder / WEIGHTS_NAME)), str(folder / WEIGHTS_NAME))
     defaults = StageDefaults(**meta.get("sampling", {}))
     return stage.to(device).eval().requires_grad_(False), defaults
+
+
+def load_unet_strict(unet: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load backbone weights, raising WeightsMismatchError naming the first missing/unexpected keys."""
+    from t2i.errors import WeightsMismatchError
+
+    result = unet.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsMismatchError(f"{source}: Imagen UNet weights do not match model.unet; missing "
+                                   f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")

@@ -1,0 +1,165 @@
+"""LoRAs at inference: load several files into a pipeline, each with its own scale; fuse and unfuse.
+
+    load_lora(pipe, "style.safetensors", scale=0.8)          # -> adapter name "style"
+    load_lora(pipe, "concept.safetensors", scale=0.5, name="c")
+    fuse_lora(pipe)      # W <- W + sum_i scale_i * alpha_i / r_i * B_i A_i ; LoRA branches off
+    unfuse_lora(pipe)    # W is the original tensor again (kept aside, not recomputed)
+
+`pipe` is a LatentPipeline (its UNet and text encoder carry the LoRAs), a {prefix: module} dict or a bare
+backbone (an Imagen UNet, taken as `unet`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from t2i.errors import LoraError
+from t2i.lora.files import Component, components_of, match_to_modules, parse_lora_state_dict, read_lora_file
+from t2i.lora.peft_lora import adapter_names, inject_lora, lora_layers, remove_adapter, set_adapter_scales
+
+SCALES_ATTR = "t2i_lora_scales"  # {adapter name: scale}, kept on each component module
+ORIGINAL_ATTR = "t2i_unfused_weight"  # the base weight tensor put aside by fuse_lora
+
+
+def _scales(module: nn.Module) -> dict[str, float]:
+    if not hasattr(module, SCALES_ATTR):
+        setattr(module, SCALES_ATTR, {})
+    return getattr(module, SCALES_ATTR)
+
+
+def loaded_loras(pipe: Any) -> dict[str, float]:
+    """{adapter name: scale} of the LoRAs loaded into `pipe`."""
+    scales: dict[str, float] = {}
+    for component in components_of(pipe):
+        scales.update(_scales(component.module))
+    return scales
+
+
+def _unique_name(pipe: Any, name: str | None, path: Path) -> str:
+    taken = set(loaded_loras(pipe))
+    for component in components_of(pipe):
+        taken.update(adapter_names(component.module))
+    if name is not None:
+        if name in taken:
+            raise LoraError(f"name: a LoRA called {name!r} is already loaded; pick another name")
+        return name
+    base = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in path.stem) or "lora"
+    candidate, i = base, 1
+    while candidate in taken:
+        candidate, i = f"{base}_{i}", i + 1
+    return candidate
+
+
+def load_lora(pipe: Any, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+    """Add the LoRA file at `path` (PEFT/diffusers or kohya-ss naming) as adapter `name` (default: the file
+    stem) at `scale`; earlier LoRAs stay active with their own scales. Returns the adapter name."""
+    path = Path(path)
+    if any(_is_fused(c) for c in components_of(pipe)):
+        raise LoraError(f"{path}: the pipeline's LoRAs are fused; call unfuse_lora(pipe) before loading more")
+    components = components_of(pipe)
+    matched = match_to_modules(parse_lora_state_dict(read_lora_file(path)), components, str(path))
+    name = _unique_name(pipe, name, path)
+    for component in components:
+        if component.prefix in matched:
+            attach_pairs(component, matched[component.prefix], name)
+            _scales(component.module)[name] = float(scale)
+    activate(pipe)
+    return name
+
+
+def attach_pairs(component: Component, pairs: dict[str, Any], name: str) -> None:
+    """Inject adapter `name` on the modules of `pairs` and copy in A and alpha / r * B (so peft's own
+    alpha == rank and its scale is the user scale)."""
+    import torch
+
+    ranks = {path: pair.rank for path, pair in pairs.items()}
+    inject_lora(component.module, list(pairs), ranks, alpha=None, adapter_name=name)
+    layers = dict(lora_layers(component.module))
+    with torch.no_grad():
+        for path, pair in pairs.items():
+            layer = layers[path]
+            down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
+            for what, ours, theirs in (("down/A", down, pair.down), ("up/B", up, pair.up)):
+                if ours.numel() != theirs.numel() or ours.shape[:2] != theirs.shape[:2]:
+                    raise LoraError(
+                        f"{component.prefix}.{component.to_file(path)}: LoRA {what} has shape {tuple(theirs.shape)}; "
+                        f"the module needs {tuple(ours.shape)}"
+                    )
+            down.copy_(pair.down.reshape(down.shape))
+            up.copy_((pair.up.float() * pair.ratio).reshape(up.shape))
+    component.module.requires_grad_(False)
+
+
+def activate(pipe: Any) -> None:
+    """Make every loaded LoRA active at its recorded scale."""
+    for component in components_of(pipe):
+        set_adapter_scales(component.module, _scales(component.module))
+
+
+def set_lora_scale(pipe: Any, name: str, scale: float) -> None:
+    """Change the scale of a loaded LoRA (unfused pipelines only)."""
+    if name not in loaded_loras(pipe):
+        raise LoraError(f"name: no LoRA {name!r} is loaded; loaded: {', '.join(loaded_loras(pipe)) or 'none'}")
+    if any(_is_fused(c) for c in components_of(pipe)):
+        raise LoraError("set_lora_scale: the LoRAs are fused; call unfuse_lora(pipe) first")
+    for component in components_of(pipe):
+        if name in _scales(component.module):
+            _scales(component.module)[name] = float(scale)
+    activate(pipe)
+
+
+def unload_lora(pipe: Any, name: str | None = None) -> None:
+    """Remove one LoRA (or all); the remaining ones stay active."""
+    if any(_is_fused(c) for c in components_of(pipe)):
+        unfuse_lora(pipe)
+    for component in components_of(pipe):
+        scales = _scales(component.module)
+        for adapter in [name] if name is not None else list(scales):
+            if adapter in scales:
+                remove_adapter(component.module, adapter)
+                del scales[adapter]
+    activate(pipe)
+
+
+def _is_fused(component: Component) -> bool:
+    return any(hasattr(layer, ORIGINAL_ATTR) for _, layer in lora_layers(component.module))
+
+
+def fuse_lora(pipe: Any) -> int:
+    """Add every active LoRA (at its scale) into the base weights and switch the LoRA branches off.
+
+    The original weight tensors are kept aside untouched, so `unfuse_lora` restores them bit for bit.
+    Returns the number of fused modules.
+    """
+    count = 0
+    for component in components_of(pipe):
+        if _is_fused(component):
+            raise LoraError("fuse_lora: already fused; call unfuse_lora(pipe) first")
+        active = list(_scales(component.module))
+        for _, layer in lora_layers(component.module):
+            names = [n for n in active if n in layer.lora_A]
+            if not names:
+                continue
+            base = layer.get_base_layer()
+            setattr(layer, ORIGINAL_ATTR, base.weight.data)
+            base.weight.data = base.weight.data.clone()
+            layer.merge(adapter_names=names)
+            count += 1
+    return count
+
+
+def unfuse_lora(pipe: Any) -> int:
+    """Put the original base weights back (the very tensors fuse_lora kept) and switch the LoRAs on again."""
+    count = 0
+    for component in components_of(pipe):
+        for _, layer in lora_layers(component.module):
+            if hasattr(layer, ORIGINAL_ATTR):
+                layer.get_base_layer().weight.data = getattr(layer, ORIGINAL_ATTR)
+                delattr(layer, ORIGINAL_ATTR)
+                layer.merged_adapters.clear()
+                count += 1
+    activate(pipe)
+    return count
