@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 
 import torch
+from typing_extensions import Self
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIB = 2**20
@@ -106,7 +107,7 @@ class StepPeak:
         self.device = torch.device(device)
         self.peak_mib = 0.0
 
-    def __enter__(self) -> StepPeak:
+    def __enter__(self) -> Self:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -125,7 +126,7 @@ class StepPeak:
             self._peak = max(self._peak, rss_bytes())
 
     def __exit__(
-        self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -161,7 +162,7 @@ def machine_line(device: str) -> str:
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
     """A plain aligned text table (first column left-aligned, the rest right-aligned)."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    fmt = lambda cells: "  ".join(  # noqa: E731
+    fmt = lambda cells: "  ".join(
         c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
     )
     print(fmt(headers))

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DTYPES, machine_line, print_table, step_peak_mib, time_rounds  # noqa: E402
-from train_throughput import SIZES, run_config, sd2_parts  # noqa: E402
+from common import DTYPES, machine_line, print_table, step_peak_mib, time_rounds
+from train_throughput import SIZES, run_config, sd2_parts
 
 PROMPTS = ["a red circle in the top left", "a blue square in the centre"]
 

@@ -51,9 +51,9 @@ def test_pipeline_smoke_matches_diffusers_images_and_prints_a_ratio(capsys):
 
 @pytest.mark.parametrize("spatial", [True, False])
 def test_unet_flop_count_matches_torch_flop_counter(spatial):
+    from common import unet_forward_flops
     from torch.utils.flop_counter import FlopCounterMode
 
-    from common import unet_forward_flops
     from t2i.models.unet import UNetModel
 
     config = {"in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1, 2],

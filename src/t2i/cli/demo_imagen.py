@@ -28,8 +28,8 @@ class ImagenDemoSettings:
 
     num_images: int = 6000
     image_size: int = 32
-    base_steps: int = 1500
-    sr_steps: int = 1000
+    base_steps: int = 1200
+    sr_steps: int = 800
     eval_seeds: int = 4
     sample_steps: list[int] = field(default_factory=lambda: [18, 12])
     sampler: list[str] = field(default_factory=lambda: ["edm_heun", "edm_heun"])
@@ -41,7 +41,7 @@ class ImagenDemoSettings:
 
     @classmethod
     def quick(cls) -> ImagenDemoSettings:
-        tiny = ["data.batch_size=8", "model.unet.embed_dim=8", "model.unet.num_attn_heads=1",
+        tiny = ["data.batch_size=8", "data.shuffle_buffer=8", "model.unet.embed_dim=8", "model.unet.num_attn_heads=1",
                 "model.unet.per_head_channels=8"]
         return cls(num_images=48, base_steps=2, sr_steps=2, eval_seeds=1, sample_steps=[2, 2],
                    base_overrides=[*tiny, "model.unet.cond_dim=16"], sr_overrides=[*tiny, "model.unet.cond_dim=16"])

@@ -23,7 +23,7 @@ from t2i.errors import LoraError
 DEFAULT_ADAPTER = "default"
 # SD UNet (CrossAttention) projections; `ff` adds the GEGLU feed-forward.
 SD_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
-SD_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
+SD_FEED_FORWARD = ("net.0.proj", "net.2")  # inside FeedForward
 # Imagen attention blocks (imagen_blocks.*AttentionBlock) and the GEGLU feed-forward.
 IMAGEN_ATTENTION = ("q", "kv", "qkv", "kv_self", "kv_context", "proj_out")
 IMAGEN_FEED_FORWARD = ("proj_in", "proj_out")

@@ -43,7 +43,8 @@ def _check_keys(m: LatentDiffusionConfig) -> None:
             "expected images + captions (online) or image_encoded + captions_encoded (precached shards)"
         )
     if m.lora is not None:
-        raise ConfigError("model.lora: LoRA training is not supported by the latent_diffusion task; expected null")
+        raise ConfigError("model.lora: set; LatentDiffusionTask trains the full UNet, build the task with "
+                          "build_task(cfg) to get the LoRA task")
 
 
 def load_unet(m: LatentDiffusionConfig) -> nn.Module:
@@ -276,6 +277,10 @@ def _uncompiled(module: nn.Module) -> nn.Module:
 
 
 @register_task("latent_diffusion")
-def build_latent_task(cfg: RunConfig) -> LatentDiffusionTask:
-    """Factory registered for `model.kind: latent_diffusion`."""
+def build_latent_task(cfg: RunConfig) -> DiffusionTask:
+    """Factory registered for `model.kind: latent_diffusion`: the LoRA task when `model.lora` is set."""
+    if cfg.model.lora is not None:
+        from t2i.train.tasks.lora import build_lora_task
+
+        return build_lora_task(cfg)
     return LatentDiffusionTask(cfg)

@@ -1,0 +1,201 @@
+"""ImagenTask: config validation, the EDM / DDPM losses against closed-form recomputation, CFG dropout, the SR
+stage's low-res conditioning (NeMo's noise augmentation), training-optimisation flags, precache + train + export."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from t2i.config import build_config
+from t2i.errors import ConfigError
+from t2i.train.tasks.imagen import ImagenTask
+
+TEXT_DIM = 8
+
+
+def tiny_model(unet_type: str = "base", **changes) -> dict:
+    unet = {"embed_dim": 8, "image_size": 8, "text_embed_dim": TEXT_DIM, "num_res_blocks": 1,
+            "channel_mult": [1, 2], "num_attn_heads": 1, "per_head_channels": 8, "cond_dim": 8,
+            "attention_type": "fused", "feature_pooling_type": "mean", "learned_sinu_pos_emb_dim": 0,
+            "attention_resolutions": [4], "flash_attention": False}
+    if unet_type != "base":
+        unet |= {"noise_cond_aug": True}
+    model = {"kind": "imagen", "unet_type": unet_type, "unet": unet, "preconditioning_type": "EDM",
+             "preconditioning": {"loss_type": "l2", "sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2},
+             "conditioning": {"embed_dim": TEXT_DIM, "token_length": 6, "drop_rate": 0.0,
+                              "precached_key": "embeddings", "online_encoding": False, "low_res_size": 4}}
+    for key, value in changes.items():
+        section, _, name = key.partition(".")
+        if name:
+            model[section] = dict(model[section]) | {name: value}
+        else:
+            model[section] = value
+    return model
+
+
+def make_task(unet_type: str = "base", trainer: dict | None = None, **changes) -> ImagenTask:
+    cfg = build_config({"model": tiny_model(unet_type, **changes), "trainer": trainer or {}})
+    task = ImagenTask(cfg)
+    with torch.no_grad():  # the zero-initialised output conv would make every loss trivial
+        for p in task.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return task
+
+
+def fixed_batch(size: int = 8, batch: int = 3, tokens: int = 4) -> dict:
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    mask[0, 2:] = False
+    return {"image_encoded": {"mean": torch.rand(batch, 3, size, size, generator=g) * 2 - 1},
+            "captions_encoded": {"embeddings": torch.randn(batch, tokens, TEXT_DIM, generator=g), "mask": mask}}
+
+
+def padded_text(batch: dict, length: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    emb, mask = batch["captions_encoded"]["embeddings"], batch["captions_encoded"]["mask"]
+    return F.pad(emb, (0, 0, 0, length - emb.shape[1])), F.pad(mask, (0, length - mask.shape[1]), value=False)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"conditioning.bogus": 1}, "model.conditioning.bogus: unknown key"),
+     ({"conditioning.embed_dim": 16}, "model.conditioning.embed_dim: 16 must equal model.unet.text_embed_dim"),
+     ({"preconditioning.loss_type": "l3"}, "model.preconditioning.loss_type: 'l3' is not one of"),
+     ({"noise_cond_aug": True}, "model.noise_cond_aug: only super-resolution stages"),
+     ({"conditioning.online_encoding": False, "conditioning.precached_key": None}, "precached_key: null")],
+)
+def test_invalid_configs_name_the_key(changes, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        ImagenTask(build_config({"model": tiny_model(**changes)}))
+
+
+def test_edm_loss_matches_closed_form():
+    task = make_task()
+    batch = fixed_batch()
+    loss = task.training_loss(batch, torch.Generator().manual_seed(7))
+    # Recompute: ln(sigma) ~ N(-1.2, 1.2^2), then noise; D = c_skip x + c_out F(c_in x, ln(sigma)/4).
+    g = torch.Generator().manual_seed(7)
+    x0 = batch["image_encoded"]["mean"]
+    sigma = (torch.randn(3, generator=g) * 1.2 - 1.2).exp()
+    x = x0 + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
+    s, sd = sigma.view(-1, 1, 1, 1), 0.5
+    emb, mask = padded_text(batch)
+    out = task.unet(x / (s**2 + sd**2).sqrt(), sigma.log() / 4, emb, mask)
+    denoised = sd**2 / (s**2 + sd**2) * x + s * sd / (s**2 + sd**2).sqrt() * out
+    weight = (s**2 + sd**2) / (s * sd) ** 2
+    expected = (weight * (denoised - x0) ** 2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ddpm_x_start_loss_matches_closed_form():
+    task = make_task(preconditioning_type="DDPM",
+                     preconditioning={"pred_objective": "x_start", "noise_schedule": "linear", "loss_type": "l1"})
+    batch = fixed_batch()
+    loss = task.training_loss(batch, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    x0 = batch["image_encoded"]["mean"]
+    t = torch.rand(3, generator=g)
+    logsnr = -torch.log(torch.expm1(1e-4 + 10 * t**2))  # NeMo's continuous linear schedule
+    alpha, sigma = logsnr.sigmoid().sqrt().view(-1, 1, 1, 1), (-logsnr).sigmoid().sqrt().view(-1, 1, 1, 1)
+    z = alpha * x0 + sigma * torch.randn(x0.shape, generator=g)
+    emb, mask = padded_text(batch)
+    expected = (task.unet(z, logsnr, emb, mask) - x0).abs().mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_text_dropout_zeroes_embedding_and_mask():
+    task = make_task(**{"conditioning.drop_rate": 1.0})
+    emb, mask = padded_text(fixed_batch())
+    cond = task.drop_text({"context": emb, "context_mask": mask}, torch.Generator().manual_seed(0))
+    assert torch.count_nonzero(cond["context"]) == 0 and not cond["context_mask"].any()
+    kept = make_task(**{"conditioning.drop_rate": 0.0}).drop_text({"context": emb, "context_mask": mask},
+                                                                   torch.Generator())
+    assert torch.equal(kept["context"], emb) and torch.equal(kept["context_mask"], mask)
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_sr_low_res_is_area_downsampled_and_noise_augmented(per_sample):
+    task = make_task("sr-unet", noise_cond_aug={"per_sample": per_sample})
+    images = fixed_batch()["image_encoded"]["mean"]
+    cond = task.low_res_training_cond(images, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    draws = torch.randn(3 if per_sample else 1, generator=g)
+    sigma = (draws * 1.2 - 1.2).exp().expand(3)
+    low = images.reshape(3, 3, 4, 2, 4, 2).mean(dim=(3, 5))  # 8 -> 4 px area filter
+    s = sigma.view(-1, 1, 1, 1)
+    expected = (low + s * torch.randn(low.shape, generator=g)) / (s**2 + 0.25).sqrt()
+    torch.testing.assert_close(cond["x_low_res"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cond["aug_cond"], sigma.log() / 4)
+    assert per_sample or bool((cond["aug_cond"] == cond["aug_cond"][0]).all())
+
+
+def _loss_and_grads(task: ImagenTask, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    task.zero_grad()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu",
+                                                                                                 enabled=False)
+    with ctx:
+        loss = task.training_loss(fixed_batch(), torch.Generator().manual_seed(11))
+    loss.backward()
+    return loss.detach().float(), torch.cat([p.grad.flatten() for p in task.trainable_parameters()])
+
+
+@pytest.mark.parametrize("flag", ["gradient_checkpointing", "flash_attention", "channels_last", "bf16"])
+def test_optimisation_flags_keep_loss_and_gradients(flag):
+    reference = make_task("sr-unet")
+    ref_loss, ref_grads = _loss_and_grads(reference)
+    torch.manual_seed(0)
+    if flag in ("gradient_checkpointing", "flash_attention"):
+        task = make_task("sr-unet", **{f"unet.{flag}": True})
+    else:
+        task = make_task("sr-unet", **({"channels_last": True} if flag == "channels_last" else {}))
+    task.load_model_state_dict(reference.model_state_dict())
+    if flag == "channels_last":
+        task.prepare_for_training(task.cfg, torch.device("cpu"))
+    loss, grads = _loss_and_grads(task, "bf16" if flag == "bf16" else None)
+    tol = 5e-2 if flag == "bf16" else 1e-4
+    torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
+    assert float((grads - ref_grads).norm() / ref_grads.norm()) < (0.1 if flag == "bf16" else 1e-4)
+
+
+def test_inductor_compiles_the_backbone_without_changing_the_loss():
+    reference = make_task()
+    ref_loss, _ = _loss_and_grads(reference)
+    task = make_task(inductor=True)
+    task.load_model_state_dict(reference.model_state_dict())
+    task.prepare_for_training(task.cfg, torch.device("cpu"))
+    loss, _ = _loss_and_grads(task)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+    assert set(task.model_state_dict()) == set(reference.model_state_dict())
+
+
+def test_precache_train_export_roundtrip(tmp_path):
+    from t2i.data.shapes import write_shapes_dataset
+    from t2i.pipelines.imagen_stage import load_stage
+    from t2i.train.tasks.imagen_precache import precache_imagen
+    from t2i.train.trainer import train
+
+    write_shapes_dataset(tmp_path / "data", 12, 16, seed=0, shard_size=100)
+    model = tiny_model("sr", conditioning={"embed_dim": 384, "token_length": 8, "precached_key": "embeddings",
+                                           "online_encoding": False, "low_res_size": 8})
+    model["unet"] = {"embed_dim": 8, "image_size": 16, "text_embed_dim": 384, "channel_mult": [1, 2],
+                     "num_attn_heads": 1, "per_head_channels": 8, "atnn_enabled_at": [0, 1], "num_resblocks": [1, 1],
+                     "feature_pooling_type": "mean", "learned_sinu_pos_emb_dim": 0, "noise_cond_aug": True}
+    cfg = build_config({"model": model, "data": {"train": [str(tmp_path / "data")], "resolution": 16,
+                                                 "batch_size": 4, "shuffle_buffer": 4},
+                        "trainer": {"max_steps": 3, "log_every": 1, "sample_every": 3, "sample_prompts": ["a"],
+                                    "checkpoint_every": 3, "out_dir": str(tmp_path / "run")}})
+    stats = precache_imagen(cfg, tmp_path / "pre", batch_size=8)
+    assert stats["num_samples"] == 12 and stats["resolution"] == 16
+    cfg.data.train = [str(tmp_path / "pre")]
+    task = ImagenTask(cfg)
+    result = train(cfg, task)
+    assert result.step == 3 and all(math.isfinite(v) for v in result.losses)
+    assert (tmp_path / "run" / "samples").is_dir()
+    folder = task.export(tmp_path / "stage")
+    stage, defaults = load_stage(folder)
+    assert defaults.sampler == "edm_heun"
+    with task.ema_weights(True):
+        for name, value in task.model_state_dict().items():
+            torch.testing.assert_close(stage.unet.state_dict()[name], value.float())
