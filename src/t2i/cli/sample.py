@@ -46,6 +46,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     )
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     group.add_argument("--dtype", choices=DTYPES, default="float32", help="UNet/VAE weight dtype")
+    group.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="LoRA .safetensors (diffusers/PEFT or kohya-ss naming), scale 1 by default (repeatable)",
+    )
     return group
 
 
@@ -111,6 +118,10 @@ def quiet_library_loaders() -> None:
 
 def prepare_pipeline(pipe: Any, args: argparse.Namespace) -> Any:
     """Apply the options that modify a loaded pipeline (adapters such as --lora hook in here)."""
+    if getattr(args, "lora", None):
+        from t2i.lora.inference import load_loras_from_specs
+
+        load_loras_from_specs(pipe, args.lora)
     return pipe
 
 

@@ -454,3 +454,7 @@ def sample_plms(
 def available_samplers() -> list[str]:
     """Names of every registered sampler, sorted."""
     return sorted(SAMPLERS)
+
+
+# Samplers defined beside their denoisers register themselves on import.
+from t2i.diffusion import continuous as _continuous, edm as _edm  # noqa: E402, F401

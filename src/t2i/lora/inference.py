@@ -163,3 +163,19 @@ def unfuse_lora(pipe: Any) -> int:
                 count += 1
     activate(pipe)
     return count
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """`PATH[:SCALE]` (the CLI's --lora value) -> (path, scale); scale defaults to 1."""
+    path, sep, scale = spec.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+def load_loras_from_specs(pipe: Any, specs: list[str]) -> list[str]:
+    """Load every `PATH[:SCALE]` of `specs` into `pipe`; returns the adapter names."""
+    return [load_lora(pipe, path, scale) for path, scale in map(parse_lora_spec, specs)]
