@@ -67,6 +67,11 @@ def test_precache_cli_stores_encoder_outputs(workspace):
                                encoding.embeddings, rtol=1e-4, atol=1e-5)
     assert torch.equal(torch.stack([c["captions_encoded"]["mask"] for c in cached]), encoding.mask)
     assert [c["captions"] for c in cached] == [i["captions"] for i in images]
+    from safetensors.torch import load_file
+
+    uncond = load_file(str(out / "uncond.safetensors"))["embeddings"]
+    with torch.no_grad():
+        torch.testing.assert_close(uncond, text.encode([""]).embeddings[0], rtol=1e-4, atol=1e-5)
 
 
 def test_precache_requires_out(workspace, capsys):

@@ -4,7 +4,9 @@ Writes precached shards (`t2i.data.precached` format: `image_encoded` = VAE mean
 per-token embeddings + mask, `txt` = caption) that a latent-diffusion run reads with
 `model.first_stage_key=image_encoded model.cond_stage_key=captions_encoded data.train=DIR`, so its loop never
 runs either encoder. Also writes `stats.json` with the latent statistics and the `scale_factor` that gives the
-latents unit variance (what SD's 0.18215 is for its VAE).
+latents unit variance (what SD's 0.18215 is for its VAE), and `uncond.safetensors` (`embeddings` (T, D), the
+encoding of the empty prompt "") that the training task substitutes for dropped captions (classifier-free guidance)
+without loading the text encoder.
 """
 
 from __future__ import annotations
@@ -140,4 +142,17 @@ def precache(cfg: Any, out: str | Path, batch_size: int = 64, shard_size: int = 
     }
     stats["samples_per_s"] = count / max(stats["seconds"], 1e-9)
     (Path(out) / "stats.json").write_text(json.dumps(stats, indent=2))
+    write_uncond(captions, Path(out), text_dtype)
     return stats
+
+
+def write_uncond(captions: CaptionCache, out: Path, dtype: Any) -> Path:
+    """Save the encoding of "" (T, D) as `out/uncond.safetensors` (key `embeddings`), in the shards' text dtype."""
+    from safetensors.torch import save_file
+
+    from t2i.train.tasks.latent import UNCOND_FILE
+
+    embeddings, _ = captions.encode([""])[0]
+    path = out / UNCOND_FILE
+    save_file({"embeddings": embeddings.to(dtype).contiguous()}, str(path))
+    return path

@@ -43,6 +43,7 @@ def register_sampler(name: str) -> Callable[[SamplerFn], SamplerFn]:
 
 def get_sampler(name: str) -> SamplerFn:
     """The sampler function registered as `name`; raises UnknownSamplerError listing the valid names."""
+    _load_builtin_samplers()
     if name not in SAMPLERS:
         raise UnknownSamplerError(
             f"sampler: unknown name {name!r}; valid samplers: {', '.join(sorted(SAMPLERS))}"
@@ -453,8 +454,14 @@ def sample_plms(
 
 def available_samplers() -> list[str]:
     """Names of every registered sampler, sorted."""
+    _load_builtin_samplers()
     return sorted(SAMPLERS)
 
 
-# Samplers defined beside their denoisers register themselves on import.
-from t2i.diffusion import continuous as _continuous, edm as _edm  # noqa: E402, F401
+def _load_builtin_samplers() -> None:
+    """Import the modules whose samplers live beside their denoisers; they register on import.
+
+    Done lazily because edm.py and continuous.py import this module.
+    """
+    import t2i.diffusion.continuous  # noqa: F401
+    import t2i.diffusion.edm  # noqa: F401

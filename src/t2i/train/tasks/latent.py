@@ -9,9 +9,12 @@ Two data paths, chosen by the config:
   loop. The VAE (for decoding) and the text encoder (for prompts) are loaded lazily, only when sampling or
   exporting.
 
-Classifier-free guidance: with probability `text_drop_rate` a sample's text embedding is replaced by zeros, and
-`sample_images` uses zeros as the unconditional branch, so training and sampling agree. Cross-attention sees
-every token (no mask), as the SD pipelines do at inference.
+Classifier-free guidance: with probability `text_drop_rate` a sample's text embedding is replaced by the encoding
+of the empty prompt "", and `sample_images` uses that same encoding as the unconditional branch, as
+`LatentPipeline.generate` and diffusers' StableDiffusionPipeline do with an exported model, so training and every
+sampler agree. Precached runs read the "" encoding from `uncond.safetensors` next to the shards (written by
+`t2i precache`), or encode it once with the text encoder when the file is absent. Cross-attention sees every token
+(no mask), as the SD pipelines do at inference.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class LatentDiffusionTask(DiffusionTask):
             self.first_stage = LatentFirstStage(load_vae(m), m.scale_factor)
             self.text_encoder = build_text_encoder(m)
         self._data: ObservedLoader | None = None
+        self._uncond: torch.Tensor | None = None  # (1, T, D) encoding of "", cached on first use
 
     # ------------------------------------------------------------------------------------ frozen parts
 
@@ -143,6 +147,18 @@ class LatentDiffusionTask(DiffusionTask):
 
             self._lazy["text_encoder"] = build_text_encoder(self.cfg.model).to(self.device)
         return self._lazy["text_encoder"]
+
+    def uncond_embedding(self) -> torch.Tensor:
+        """The text encoding of "" (1, T, D), float32 on the UNet's device: the CFG unconditional input."""
+        if self._uncond is None:
+            stored = find_stored_uncond(self.cfg.data.train) if self.precached else None
+            if stored is not None:
+                from safetensors.torch import load_file
+
+                self._uncond = load_file(str(stored))["embeddings"].float().unsqueeze(0)
+            else:
+                self._uncond = self.frozen_text_encoder().encode([""]).embeddings.detach().float().cpu()[:1]
+        return self._uncond.to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -202,12 +218,16 @@ class LatentDiffusionTask(DiffusionTask):
         return z, context
 
     def drop_text(self, context: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Zero each sample's text embedding with probability `text_drop_rate` (CFG training)."""
+        """Replace each sample's text embedding (B, T, D) by the encoding of "" with probability `text_drop_rate`."""
         rate = self.cfg.model.text_drop_rate
         if rate <= 0:
             return context
         keep = torch.rand(context.shape[0], generator=generator, device=context.device) >= rate
-        return context * keep.to(context.dtype).view(-1, 1, 1)
+        uncond = self.uncond_embedding().to(context.device, context.dtype)
+        if uncond.shape[1:] != context.shape[1:]:
+            raise ConfigError(f"uncond.safetensors: \"\" encoding has shape {tuple(uncond.shape[1:])}, captions "
+                              f"{tuple(context.shape[1:])}; re-run t2i precache with this config's text encoder")
+        return torch.where(keep.view(-1, 1, 1), context, uncond)
 
     def training_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """Scalar diffusion loss of one batch; randomness order: latent sample, text drop, t, noise."""
@@ -227,7 +247,7 @@ class LatentDiffusionTask(DiffusionTask):
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], seed: int, guidance_scale: float | None = None,
                        steps: int | None = None, batch_size: int = 64) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) for `prompts`; CFG against zero text embeddings. Seeded, batched."""
+        """Scaled latents (B, C, h, w) for `prompts`; CFG against the encoding of "". Seeded, batched."""
         from t2i.diffusion.denoisers import DiscreteDenoiser
         from t2i.diffusion.guidance import CFGDenoiser
         from t2i.diffusion.plans import make_plan
@@ -245,7 +265,8 @@ class LatentDiffusionTask(DiffusionTask):
             chunk = prompts[start:start + batch_size]
             context = self.frozen_text_encoder().encode(chunk).embeddings.to(self.device).float()
             x = noise[start:start + batch_size].to(self.device)
-            outputs.append(plan.sample(denoiser, x, {"context": context}, generator=generator))
+            cond = {"context": context, "uncond_context": self.uncond_embedding().expand_as(context)}
+            outputs.append(plan.sample(denoiser, x, cond, generator=generator))
         return torch.cat(outputs)
 
     @torch.no_grad()
@@ -270,6 +291,19 @@ class LatentDiffusionTask(DiffusionTask):
         path = pipe.save_pretrained(out_dir)
         text_encoder.to(self.device)
         return Path(path)
+
+
+UNCOND_FILE = "uncond.safetensors"
+
+
+def find_stored_uncond(train: list[str]) -> Path | None:
+    """`uncond.safetensors` in the folder of the first precached source (a folder or a shard pattern), if any."""
+    if not train:
+        return None
+    source = Path(str(train[0]))
+    folder = source if source.is_dir() else source.parent
+    path = folder / UNCOND_FILE
+    return path if path.is_file() else None
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:
