@@ -14,6 +14,7 @@ import argparse
 import ctypes
 import gc
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from typing_extensions import Self
 
 from t2i.convert.unet_diffusers import diffusers_to_t2i_state_dict, unet_config_to_diffusers
 from t2i.models.unet import UNetModel
@@ -86,7 +86,7 @@ class PeakMemory:
         self.device = torch.device(device)
         self.peak_mb = 0.0
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -249,6 +249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--skip-pipeline", action="store_true", help="time only the UNet, not whole-pipeline sampling")
     p.add_argument(
         "--clock",
         choices=list(CLOCKS),
@@ -263,7 +264,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print_table("UNet: t2i vs diffusers (ratio = t2i / diffusers)", bench_unet(args))
-    # Further sections (e.g. whole-pipeline timing) append here, each printing its own table.
+    if not args.skip_pipeline:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from pipeline_vs_diffusers import bench_pipeline
+
+        dtype_name = "bf16" if args.size == "sd2" else "fp32"
+        bench_pipeline(size="mid" if args.size != "sd2" else "sd2", device=args.device, dtype_name=dtype_name)
 
 
 if __name__ == "__main__":

@@ -38,17 +38,38 @@ def test_sample_with_two_loras_matches_the_python_api(sd1_lora_dir, tmp_path):
     first = write_lora(sd1_lora_dir, tmp_path / "first.safetensors", seed=1)
     second = write_lora(sd1_lora_dir, tmp_path / "second.safetensors", seed=2)
     out = tmp_path / "cli.png"
-    argv = ["sample", "--model", str(sd1_lora_dir), "--prompt", "a red circle", "--out", str(out), "--steps", "2",
-            "--seed", "0", "--device", "cpu", "--guidance", "3", "--lora", f"{first}:0.5", "--lora", str(second)]
+    argv = [
+        "sample",
+        "--model",
+        str(sd1_lora_dir),
+        "--prompt",
+        "a red circle",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--guidance",
+        "3",
+        "--lora",
+        f"{first}:0.5",
+        "--lora",
+        str(second),
+    ]
     assert main(argv) == 0
 
     pipe = t2i.load_pipeline(sd1_lora_dir)
     load_lora(pipe, first, scale=0.5)
     load_lora(pipe, second)
     expected = pipe.generate("a red circle", steps=2, seed=0, guidance_scale=3.0, progress=False).images[0]
-    base = t2i.load_pipeline(sd1_lora_dir).generate(
-        "a red circle", steps=2, seed=0, guidance_scale=3.0, progress=False
-    ).images[0]
+    base = (
+        t2i.load_pipeline(sd1_lora_dir)
+        .generate("a red circle", steps=2, seed=0, guidance_scale=3.0, progress=False)
+        .images[0]
+    )
     ours = np.asarray(Image.open(out), dtype=np.int16)
     assert np.abs(ours - np.asarray(expected, dtype=np.int16)).max() <= 1
     assert np.abs(ours - np.asarray(base, dtype=np.int16)).max() > 10
@@ -58,7 +79,20 @@ def test_sample_with_a_bad_lora_file_fails_with_a_one_line_error(sd1_lora_dir, t
     bad = tmp_path / "bad.safetensors"
     save_file({"unet.not_a_module.lora_A.weight": torch.zeros(2, 4),
                "unet.not_a_module.lora_B.weight": torch.zeros(4, 2)}, str(bad))  # fmt: skip
-    argv = ["sample", "--model", str(sd1_lora_dir), "--prompt", "x", "--out", str(tmp_path / "o.png"),
-            "--steps", "1", "--device", "cpu", "--lora", str(bad)]
+    argv = [
+        "sample",
+        "--model",
+        str(sd1_lora_dir),
+        "--prompt",
+        "x",
+        "--out",
+        str(tmp_path / "o.png"),
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "--lora",
+        str(bad),
+    ]
     assert main(argv) == 2
     assert "unet.not_a_module" in capsys.readouterr().err

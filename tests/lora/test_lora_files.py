@@ -65,7 +65,11 @@ def kohya_file(path, seed: int, rank: int, alpha: float) -> dict[str, tuple[torc
         w = unet.get_submodule(ours).weight
         down = torch.randn(rank, w.shape[1], generator=gen)
         up = torch.randn(w.shape[0], rank, generator=gen)
-        state |= {f"{flat}.lora_down.weight": down, f"{flat}.lora_up.weight": up, f"{flat}.alpha": torch.tensor(alpha)}
+        state |= {
+            f"{flat}.lora_down.weight": down,
+            f"{flat}.lora_up.weight": up,
+            f"{flat}.alpha": torch.tensor(alpha),
+        }
         weights[ours] = (down, up)
     save_file(state, str(path))
     return weights

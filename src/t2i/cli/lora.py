@@ -2,7 +2,7 @@
 
     t2i lora train --config configs/demo/shapes-lora.yaml --set model.unet_config.from_pretrained=runs/demo/pipeline
     t2i lora train --config my.yaml --class-prompt "a circle" --class-images 8 --prior-loss-weight 1.0
-    t2i lora personalize --base runs/demo/pipeline --out runs/lora-cyan --colour cyan
+    t2i lora personalize --base runs/demo/pipeline --out runs/lora-brown --colour brown
 
 `train` writes the run (checkpoints, logs) to trainer.out_dir and the LoRA to OUT_DIR/lora.safetensors;
 use it with `t2i sample --lora OUT_DIR/lora.safetensors:0.8`. Until `lora` is listed in `t2i.cli.main`, run
@@ -14,13 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("lora", help="train LoRA adapters / measure personalisation",
-                                   description="LoRA fine-tuning on top of any pipeline t2i loads.")
+    parser = subparsers.add_parser(
+        "lora",
+        help="train LoRA adapters / measure personalisation",
+        description="LoRA fine-tuning on top of any pipeline t2i loads.",
+    )
     add_lora_commands(parser)
 
 
@@ -38,7 +40,7 @@ def add_lora_commands(parser: argparse.ArgumentParser) -> None:
     personal = sub.add_parser("personalize", help="teach the shapes demo model a new colour and score it")
     personal.add_argument("--base", required=True, help="trained shapes pipeline (folder or t2i run folder)")
     personal.add_argument("--out", required=True)
-    personal.add_argument("--colour", default="cyan", choices=("cyan", "pink"))
+    personal.add_argument("--colour", default="brown", choices=("brown", "cyan", "pink"))
     personal.add_argument("--steps", type=int, default=None, help="LoRA training steps")
     personal.add_argument("--images", type=int, default=None, help="training images (<= 50)")
     personal.add_argument("--threads", type=int, default=2)
@@ -92,6 +94,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ = ["Path", "main", "register"]

@@ -31,7 +31,9 @@ from t2i.lora.peft_lora import DEFAULT_ADAPTER, lora_weights
 
 PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 PEFT_ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
-KOHYA_KEY = re.compile(r"^lora_(?P<prefix>unet|te1?)_(?P<flat>[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+KOHYA_KEY = re.compile(
+    r"^lora_(?P<prefix>unet|te1?)_(?P<flat>[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
+)
 KOHYA_PREFIX = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder"}
 PREFIXES = ("unet", "text_encoder")
 METADATA_KEY = "t2i_lora"
@@ -112,13 +114,13 @@ def _component(prefix: str, module: nn.Module) -> Component:
 
 def _candidate_paths(module: nn.Module) -> list[str]:
     """Paths of the modules a LoRA can sit on (linear/conv), as in the un-adapted model."""
-    from t2i.lora.peft_lora import lora_layer_types
+    from t2i.lora.peft_lora import is_adaptable
 
     paths = []
     for name, child in module.named_modules():
         if not name or ".base_layer" in name or ".lora_" in name:
             continue
-        if isinstance(child, (nn.Linear, nn.Conv1d, nn.Conv2d)) or isinstance(child, lora_layer_types()):
+        if is_adaptable(child):
             paths.append(name)
     return paths
 
@@ -133,7 +135,11 @@ def file_name_index(component: Component) -> dict[str, str]:
         theirs = component.to_file(path)
         index[theirs] = path
         if component.prefix == "text_encoder":
-            other = theirs.removeprefix("text_model.") if theirs.startswith("text_model.") else "text_model." + theirs
+            other = (
+                theirs.removeprefix("text_model.")
+                if theirs.startswith("text_model.")
+                else "text_model." + theirs
+            )
             index.setdefault(other, path)
     return index
 
@@ -162,8 +168,13 @@ def parse_lora_state_dict(state: dict[str, torch.Tensor]) -> dict[tuple[str, str
         else:
             pair.alpha = float(tensor.float().reshape(-1)[0])
     if unknown:
-        raise LoraError(_listing("unknown LoRA keys (expected PEFT `unet.<module>.lora_A.weight` or kohya-ss "
-                                 "`lora_unet_<module>.lora_down.weight` names)", unknown))
+        raise LoraError(
+            _listing(
+                "unknown LoRA keys (expected PEFT `unet.<module>.lora_A.weight` or kohya-ss "
+                "`lora_unet_<module>.lora_down.weight` names)",
+                unknown,
+            )
+        )
     incomplete = [_display(i) for i, p in pairs.items() if p.down is None or p.up is None]
     if incomplete:
         raise LoraError(_listing("LoRA modules missing their down/A or up/B weight", incomplete))
@@ -217,6 +228,7 @@ def match_to_modules(
 
 def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a `.safetensors` LoRA file; LoraError for a missing or unreadable file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -224,7 +236,7 @@ def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise LoraError(f"{path}: no such LoRA file; expected a .safetensors file")
     try:
         return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for a bad header
+    except (SafetensorError, OSError, ValueError) as exc:
         raise LoraError(f"{path}: not a readable safetensors file ({exc.__class__.__name__})") from None
 
 

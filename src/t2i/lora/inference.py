@@ -102,7 +102,9 @@ def activate(pipe: Any) -> None:
 def set_lora_scale(pipe: Any, name: str, scale: float) -> None:
     """Change the scale of a loaded LoRA (unfused pipelines only)."""
     if name not in loaded_loras(pipe):
-        raise LoraError(f"name: no LoRA {name!r} is loaded; loaded: {', '.join(loaded_loras(pipe)) or 'none'}")
+        raise LoraError(
+            f"name: no LoRA {name!r} is loaded; loaded: {', '.join(loaded_loras(pipe)) or 'none'}"
+        )
     if any(_is_fused(c) for c in components_of(pipe)):
         raise LoraError("set_lora_scale: the LoRAs are fused; call unfuse_lora(pipe) first")
     for component in components_of(pipe):

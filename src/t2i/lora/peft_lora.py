@@ -52,8 +52,9 @@ def _is_feed_forward_parent(module: nn.Module) -> bool:
     return isinstance(module, (FeedForward, GEGLUFeedForward))
 
 
-def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)) or isinstance(module, lora_layer_types())
+def is_adaptable(module: nn.Module) -> bool:
+    """A module a LoRA can sit on: a linear or conv layer, or one peft has already wrapped."""
+    return isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d, *lora_layer_types()))
 
 
 def _children_matching(parent_name: str, parent: nn.Module, suffixes: Sequence[str]) -> Iterator[str]:
@@ -62,7 +63,7 @@ def _children_matching(parent_name: str, parent: nn.Module, suffixes: Sequence[s
             child = parent.get_submodule(suffix)
         except AttributeError:
             continue
-        if isinstance(child, nn.Linear) or isinstance(child, lora_layer_types()):
+        if isinstance(child, (nn.Linear, *lora_layer_types())):
             yield f"{parent_name}.{suffix}" if parent_name else suffix
 
 
@@ -78,7 +79,11 @@ def default_targets(model: nn.Module, groups: Sequence[str] = ("attention",)) ->
             found += _children_matching(name, module, SD_ATTENTION + IMAGEN_ATTENTION)
         if "ff" in groups and _is_feed_forward_parent(module):
             found += _children_matching(name, module, SD_FEED_FORWARD + IMAGEN_FEED_FORWARD)
-        if "attention" in groups and type(module).__name__.endswith("Attention") and hasattr(module, "q_proj"):
+        if (
+            "attention" in groups
+            and type(module).__name__.endswith("Attention")
+            and hasattr(module, "q_proj")
+        ):
             found += _children_matching(name, module, TEXT_ATTENTION)
     return sorted(set(found))
 
@@ -91,11 +96,13 @@ def resolve_targets(model: nn.Module, target_modules: Sequence[str] | None) -> l
     names = list(target_modules)
     groups = [n for n in names if n in TARGET_GROUPS]
     paths = set(default_targets(model, groups)) if groups else set()
-    modules = [name for name, m in model.named_modules() if _adaptable(m) and name]
+    modules = [name for name, m in model.named_modules() if is_adaptable(m) and name]
     for suffix in (n for n in names if n not in TARGET_GROUPS):
         hits = [m for m in modules if m == suffix or m.endswith("." + suffix)]
         if not hits:
-            raise LoraError(f"model.lora.target_modules: {suffix!r} matches no linear/conv module of the model")
+            raise LoraError(
+                f"model.lora.target_modules: {suffix!r} matches no linear/conv module of the model"
+            )
         paths.update(hits)
     if not paths:
         raise LoraError(f"model.lora.target_modules: {names} selects no module of the model")

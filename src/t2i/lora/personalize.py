@@ -1,7 +1,7 @@
 """Personalisation on the shapes demo: teach a trained shapes model a colour it never saw, with a LoRA.
 
 1. `write_concept_folder`: <= 50 images of the new colour (every shape, random positions), drawn with the shapes
-   module's own drawing code and recoloured, with captions "a cyan square in the top left";
+   module's own drawing code and recoloured, with captions "a brown square in the top left";
 2. LoRA training (`t2i.train.tasks.lora.LoraTask`) with prior preservation on base-model samples of old
    prompts, so the old colours are not forgotten;
 3. `evaluate`: the analytic judge, its palette extended by the new colour, scores the new prompts; the standard
@@ -16,19 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from t2i.data import judge
 from t2i.data.shapes import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, draw_shape, grid_cell
 
-NEW_COLOURS: dict[str, tuple[int, int, int]] = {"cyan": (30, 200, 220), "pink": (245, 110, 190)}
+# brown: the demo VAE reconstructs it (92% of round trips keep the colour); it maps cyan and pink onto old colours.
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {
+    "brown": (120, 70, 20),
+    "cyan": (30, 200, 220),
+    "pink": (245, 110, 190),
+}
 
 
 @dataclass
 class PersonalizeSettings:
     """Sizes of one personalisation run (defaults: the documented measurement; `small()`: the test)."""
 
-    colour: str = "cyan"
+    colour: str = "brown"
     num_images: int = 48
     steps: int = 300
     batch_size: int = 8
@@ -73,7 +77,9 @@ def write_concept_folder(folder: Path, colour: str, num: int, size: int, seed: i
     for i in range(num):
         shape, position = SHAPES[i % len(SHAPES)], POSITIONS[int(rng.integers(len(POSITIONS)))]
         draw_concept(colour, shape, position, size, rng).save(folder / f"{i:05d}.png")
-        lines.append(json.dumps({"file_name": f"{i:05d}.png", "text": concept_caption(colour, shape, position)}))
+        lines.append(
+            json.dumps({"file_name": f"{i:05d}.png", "text": concept_caption(colour, shape, position)})
+        )
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 
@@ -81,7 +87,9 @@ def write_concept_folder(folder: Path, colour: str, num: int, size: int, seed: i
 # ------------------------------------------------------------------------------------------ judging
 
 
-def classify_colour(pixel: np.ndarray, background: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
+def classify_colour(
+    pixel: np.ndarray, background: np.ndarray, palette: dict[str, tuple[int, int, int]]
+) -> str:
     """The judge's colour rule (nearest background->colour segment) over `palette`."""
     offset = pixel - background
     best, best_dist = "", np.inf
@@ -133,8 +141,15 @@ def score_concept(images: list[Any], prompts: list[str], colour: str) -> dict[st
 def sample(pipe: Any, prompts: list[str], settings: PersonalizeSettings, size: int) -> list[Any]:
     images = []
     for seed in range(settings.eval_seeds):
-        out = pipe.generate(prompts, steps=settings.sample_steps, guidance_scale=settings.guidance_scale,
-                            seed=1000 + seed, height=size, width=size, progress=False)
+        out = pipe.generate(
+            prompts,
+            steps=settings.sample_steps,
+            guidance_scale=settings.guidance_scale,
+            seed=1000 + seed,
+            height=size,
+            width=size,
+            progress=False,
+        )
         images += out.images
     return images
 
@@ -163,7 +178,9 @@ def lora_run_config(settings: PersonalizeSettings, data: Path, out: Path, size: 
     })  # fmt: skip
 
 
-def personalize(base: str | Path, out: str | Path, settings: PersonalizeSettings | None = None) -> dict[str, Any]:
+def personalize(
+    base: str | Path, out: str | Path, settings: PersonalizeSettings | None = None
+) -> dict[str, Any]:
     """Train a LoRA teaching `settings.colour` to the shapes pipeline at `base`; returns the measurements
     (also written to out/results.json) and writes out/lora.safetensors."""
     import json
@@ -178,14 +195,20 @@ def personalize(base: str | Path, out: str | Path, settings: PersonalizeSettings
     pipe = load_pipeline(resolve_base(base))
     size = pipe.default_size
     new_prompts, old = concept_prompts(settings.colour), heldout_prompts()
-    before_new = score_concept(sample(pipe, new_prompts, settings, size), new_prompts * settings.eval_seeds,
-                               settings.colour)
+    before_new = score_concept(
+        sample(pipe, new_prompts, settings, size), new_prompts * settings.eval_seeds, settings.colour
+    )
     before_old = judge.score(sample(pipe, old, settings, size), old * settings.eval_seeds)
 
     data = write_concept_folder(out / "data", settings.colour, settings.num_images, size, settings.seed)
     cfg = lora_run_config(settings, data, out, size)
-    prior = PriorPreservation(old_prompts(settings.prior_prompts, settings.seed), settings.prior_images,
-                              settings.prior_weight, settings.sample_steps, settings.guidance_scale)
+    prior = PriorPreservation(
+        old_prompts(settings.prior_prompts, settings.seed),
+        settings.prior_images,
+        settings.prior_weight,
+        settings.sample_steps,
+        settings.guidance_scale,
+    )
     start = time.perf_counter()
     task = LoraTask(cfg, pipe, prior=prior)
     train(cfg, task)
@@ -194,8 +217,9 @@ def personalize(base: str | Path, out: str | Path, settings: PersonalizeSettings
 
     tuned = load_pipeline(resolve_base(base))
     load_lora(tuned, lora_path)
-    after_new = score_concept(sample(tuned, new_prompts, settings, size), new_prompts * settings.eval_seeds,
-                              settings.colour)
+    after_new = score_concept(
+        sample(tuned, new_prompts, settings, size), new_prompts * settings.eval_seeds, settings.colour
+    )
     after_old = judge.score(sample(tuned, old, settings, size), old * settings.eval_seeds)
     results = {
         "colour": settings.colour, "training_images": settings.num_images, "train_seconds": round(seconds, 1),
@@ -215,4 +239,3 @@ def unet_bytes(base: Path) -> int:
     if folder.is_file():
         return folder.stat().st_size
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-

@@ -62,8 +62,10 @@ def load_base_pipeline(cfg: RunConfig) -> Any:
 
     source = cfg.model.unet_config.from_pretrained
     if source is None:
-        raise ConfigError("model.unet_config.from_pretrained: missing; LoRA training needs the base pipeline "
-                          "(diffusers/t2i folder, single file or t2i run folder)")
+        raise ConfigError(
+            "model.unet_config.from_pretrained: missing; LoRA training needs the base pipeline "
+            "(diffusers/t2i folder, single file or t2i run folder)"
+        )
     base = resolve_base(source)
     return load_pipeline(base, config=None if base.is_dir() else cfg.model)
 
@@ -72,8 +74,13 @@ class LoraTask(DiffusionTask):
     """LoRA adapters on a frozen pipeline's UNet (and optionally its text encoder), trained with the
     pipeline's own noise schedule and prediction type."""
 
-    def __init__(self, cfg: RunConfig, pipe: Any, prior: PriorPreservation | None = None,
-                 train_text_encoder: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        pipe: Any,
+        prior: PriorPreservation | None = None,
+        train_text_encoder: bool = False,
+    ) -> None:
         super().__init__()
         lora = cfg.model.lora
         if lora is None:
@@ -87,8 +94,9 @@ class LoraTask(DiffusionTask):
         if train_text_encoder:
             apply_lora(self.text_encoder.model, lora.rank, lora.alpha, lora.dropout)
         parameterization = PARAMETERIZATION_OF[pipe.prediction_type]
-        self.objective = DiffusionObjective(pipe.alphas_cumprod(), parameterization, cfg.model.min_snr_gamma,
-                                            cfg.model.offset_noise)
+        self.objective = DiffusionObjective(
+            pipe.alphas_cumprod(), parameterization, cfg.model.min_snr_gamma, cfg.model.offset_noise
+        )
         self.class_latents: torch.Tensor | None = None
         self.class_context: torch.Tensor | None = None
         self._data: ObservedLoader | None = None
@@ -118,8 +126,17 @@ class LoraTask(DiffusionTask):
         from t2i.data.readers import build_dataset
 
         d = cfg.data
-        dataset = build_dataset(d.train, d.resolution, d.center_crop, d.random_flip, seed=cfg.seed, rank=rank,
-                                world_size=world_size, shuffle_buffer=d.shuffle_buffer, repeat=True)
+        dataset = build_dataset(
+            d.train,
+            d.resolution,
+            d.center_crop,
+            d.random_flip,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle_buffer=d.shuffle_buffer,
+            repeat=True,
+        )
         self._data = ObservedLoader(dataset, d.batch_size, d.num_workers, cfg.seed)
         if self.prior is not None and self.class_latents is None:
             self.make_class_images()
@@ -144,9 +161,16 @@ class LoraTask(DiffusionTask):
             raise LoraError("prior.class_prompts / num_images: expected at least one prompt and one image")
         size = self.cfg.data.resolution
         with self.lora_disabled():
-            out = self.pipe.generate(prior.class_prompts, num_images=prior.num_images, steps=prior.steps,
-                                     guidance_scale=prior.guidance_scale, seed=prior.seed, height=size,
-                                     width=size, progress=False)
+            out = self.pipe.generate(
+                prior.class_prompts,
+                num_images=prior.num_images,
+                steps=prior.steps,
+                guidance_scale=prior.guidance_scale,
+                seed=prior.seed,
+                height=size,
+                width=size,
+                progress=False,
+            )
         prompts = [p for p in prior.class_prompts for _ in range(prior.num_images)]
         self.class_latents = out.latents.to(self.device)
         self.class_context = self.text_encoder.encode(prompts).embeddings.to(self.device).float()
@@ -176,22 +200,32 @@ class LoraTask(DiffusionTask):
         context = self.encode_text(list(batch["captions"]))
         loss = self.objective.loss(self.unet, z, {"context": context}, generator)
         if self.prior is not None and self.class_latents is not None:
-            index = torch.randint(len(self.class_latents), (z.shape[0],), generator=generator,
-                                  device=generator.device).to(self.device)
-            prior_loss = self.objective.loss(self.unet, self.class_latents[index],
-                                             {"context": self.class_context[index]}, generator)
+            index = torch.randint(
+                len(self.class_latents), (z.shape[0],), generator=generator, device=generator.device
+            ).to(self.device)
+            prior_loss = self.objective.loss(
+                self.unet, self.class_latents[index], {"context": self.class_context[index]}, generator
+            )
             loss = loss + self.prior.weight * prior_loss
         return loss
 
     # ------------------------------------------------------------------------------------ sampling, export
 
     @torch.no_grad()
-    def sample_images(self, prompts: list[str], seed: int, steps: int = 25, guidance_scale: float = 4.0
-                      ) -> list[Any]:
+    def sample_images(
+        self, prompts: list[str], seed: int, steps: int = 25, guidance_scale: float = 4.0
+    ) -> list[Any]:
         """One PIL image per prompt from the pipeline with the (EMA) LoRA active."""
         size = self.cfg.data.resolution
-        out = self.pipe.generate(list(prompts), steps=steps, guidance_scale=guidance_scale, seed=seed,
-                                 height=size, width=size, progress=False)
+        out = self.pipe.generate(
+            list(prompts),
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            height=size,
+            width=size,
+            progress=False,
+        )
         return out.images
 
     def export(self, out_dir: str | Path, use_ema: bool = True) -> Path:
@@ -200,8 +234,12 @@ class LoraTask(DiffusionTask):
         components = {"unet": self.unet}
         if self.train_text_encoder:
             components["text_encoder"] = self.text_encoder
-        meta = {"rank": lora.rank, "alpha": lora.alpha, "targets": lora.target_modules,
-                "base": str(self.cfg.model.unet_config.from_pretrained)}
+        meta = {
+            "rank": lora.rank,
+            "alpha": lora.alpha,
+            "targets": lora.target_modules,
+            "base": str(self.cfg.model.unet_config.from_pretrained),
+        }
         with self.ema_weights(use_ema):
             return save_lora_file(components, Path(out_dir) / LORA_FILE, metadata=meta)
 

@@ -1,0 +1,74 @@
+"""Personalisation on the shapes demo: the new-colour data and judge, and a small end-to-end run.
+
+The full measurement (docs/LORA.md) needs the trained demo pipeline; set T2I_DEMO_PIPELINE (or have
+runs/demo/pipeline) to run the small real version here, which must teach the new colour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from t2i.data.shapes import COLOURS, POSITIONS, SHAPES
+from t2i.lora.personalize import (
+    NEW_COLOURS,
+    PersonalizeSettings,
+    concept_caption,
+    concept_prompts,
+    draw_concept,
+    personalize,
+    score_concept,
+    write_concept_folder,
+)
+
+DEMO = Path(os.environ.get("T2I_DEMO_PIPELINE", Path(__file__).resolve().parents[2] / "runs/demo/pipeline"))
+
+
+@pytest.mark.parametrize("colour", sorted(NEW_COLOURS))
+def test_extended_judge_reads_every_drawn_concept_image_and_the_old_palette_cannot(colour):
+    rng = np.random.default_rng(0)
+    images, prompts = [], []
+    for shape in SHAPES:
+        for position in POSITIONS:
+            images.append(draw_concept(colour, shape, position, 32, rng))
+            prompts.append(concept_caption(colour, shape, position))
+    assert score_concept(images, prompts, colour) == {
+        "colour": 1.0,
+        "shape": 1.0,
+        "position": 1.0,
+        "all": 1.0,
+    }
+    red = [Image.fromarray(np.where(np.asarray(im) == NEW_COLOURS[colour], COLOURS["red"], np.asarray(im))
+                           .astype(np.uint8)) for im in images[:4]]  # fmt: skip
+    assert score_concept(red, prompts[:4], colour)["colour"] == 0.0
+
+
+def test_concept_folder_has_at_most_the_asked_images_with_captions(tmp_path):
+    folder = write_concept_folder(tmp_path / "data", "brown", 10, 32, seed=0)
+    lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert len(lines) == 10 and len(list(folder.glob("*.png"))) == 10
+    assert all(line["text"] in concept_prompts("brown") for line in lines)
+
+
+def test_small_personalisation_run_writes_a_small_lora_and_scores(sd1_lora_dir, tmp_path):
+    settings = PersonalizeSettings(num_images=8, steps=3, batch_size=2, prior_prompts=2, eval_seeds=1,
+                                   sample_steps=2)  # fmt: skip
+    results = personalize(sd1_lora_dir, tmp_path, settings)
+    assert (tmp_path / "lora.safetensors").stat().st_size == results["lora_bytes"]
+    assert 0 < results["lora_share_of_unet"] < 0.1
+    for part in ("new_concept", "old_concepts_heldout"):
+        assert set(results[part]) == {"base", "lora"}
+    assert json.loads((tmp_path / "results.json").read_text())["colour"] == "brown"
+
+
+@pytest.mark.skipif(not (DEMO / "model_index.json").is_file(), reason="no trained demo pipeline")
+def test_lora_teaches_the_demo_model_a_new_colour(tmp_path):
+    settings = PersonalizeSettings(num_images=32, steps=120, prior_prompts=8, eval_seeds=1, sample_steps=10)
+    results = personalize(DEMO, tmp_path, settings)
+    assert results["new_concept"]["lora"]["colour"] >= 0.6
+    assert results["new_concept"]["base"]["colour"] == 0.0
