@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 
 import torch
-from typing_extensions import Self
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIB = 2**20
@@ -107,7 +106,7 @@ class StepPeak:
         self.device = torch.device(device)
         self.peak_mib = 0.0
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> "StepPeak":
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
