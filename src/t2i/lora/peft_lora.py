@@ -96,7 +96,11 @@ def resolve_targets(model: nn.Module, target_modules: Sequence[str] | None) -> l
     names = list(target_modules)
     groups = [n for n in names if n in TARGET_GROUPS]
     paths = set(default_targets(model, groups)) if groups else set()
-    modules = [name for name, m in model.named_modules() if is_adaptable(m) and name]
+    modules = [
+        name
+        for name, m in model.named_modules()
+        if name and is_adaptable(m) and ".base_layer" not in name and ".lora_" not in name
+    ]
     for suffix in (n for n in names if n not in TARGET_GROUPS):
         hits = [m for m in modules if m == suffix or m.endswith("." + suffix)]
         if not hits:
