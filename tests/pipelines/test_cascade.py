@@ -33,18 +33,39 @@ class FakeEncoder(nn.Module):
 
 
 def stage_model(unet_type: str) -> dict:
-    common = {"embed_dim": 8, "text_embed_dim": DIM, "num_attn_heads": 1, "per_head_channels": 8,
-              "feature_pooling_type": "mean", "learned_sinu_pos_emb_dim": 0}
+    common = {
+        "embed_dim": 8,
+        "text_embed_dim": DIM,
+        "num_attn_heads": 1,
+        "per_head_channels": 8,
+        "feature_pooling_type": "mean",
+        "learned_sinu_pos_emb_dim": 0,
+    }
     if unet_type == "base":
-        unet = common | {"image_size": 8, "num_res_blocks": 1, "channel_mult": [1, 2], "cond_dim": 8,
-                         "attention_resolutions": [4]}
+        unet = common | {
+            "image_size": 8,
+            "num_res_blocks": 1,
+            "channel_mult": [1, 2],
+            "cond_dim": 8,
+            "attention_resolutions": [4],
+        }
         cond = {"embed_dim": DIM, "token_length": 6}
     else:
-        unet = common | {"image_size": 16, "channel_mult": [1, 2], "atnn_enabled_at": [0, 1],
-                         "num_resblocks": [1, 1], "noise_cond_aug": True}
+        unet = common | {
+            "image_size": 16,
+            "channel_mult": [1, 2],
+            "atnn_enabled_at": [0, 1],
+            "num_resblocks": [1, 1],
+            "noise_cond_aug": True,
+        }
         cond = {"embed_dim": DIM, "token_length": 6, "low_res_size": 8}
-    return {"kind": "imagen", "unet_type": unet_type, "unet": unet, "preconditioning_type": "EDM",
-            "conditioning": cond}
+    return {
+        "kind": "imagen",
+        "unet_type": unet_type,
+        "unet": unet,
+        "preconditioning_type": "EDM",
+        "conditioning": cond,
+    }
 
 
 def make_stage(unet_type: str, seed: int) -> ImagenStage:
@@ -84,8 +105,9 @@ def test_per_stage_options_are_checked(cascade):
 def test_one_euler_step_is_cfg_against_zero_text(cascade):
     """sampler euler with 1 step returns D_cfg(sigma_max * noise) exactly; recompute it by hand."""
     stage, prompt, scale = cascade.stages[0], "a green cross", 2.5
-    out = cascade.generate(prompt, steps=[1, 1], sampler="euler", guidance_scale=[scale, 1.0], seed=9,
-                           return_intermediates=True)
+    out = cascade.generate(
+        prompt, steps=[1, 1], sampler="euler", guidance_scale=[scale, 1.0], seed=9, return_intermediates=True
+    )
     g = torch.Generator().manual_seed(9)
     torch.randint(2**31, (1,), generator=g)  # the pipeline first draws the seed of the stage's sampler noise
     sigma_max = float(stage.sigmas(1)[0])
@@ -95,10 +117,16 @@ def test_one_euler_step_is_cfg_against_zero_text(cascade):
     denoiser = stage.denoiser()
     sigma = torch.full((1,), sigma_max)
     d_cond = denoiser(x, sigma, cond)
-    d_uncond = denoiser(x, sigma, {"context": torch.zeros_like(cond["context"]),
-                                   "context_mask": torch.zeros_like(cond["context_mask"])})
+    d_uncond = denoiser(
+        x,
+        sigma,
+        {
+            "context": torch.zeros_like(cond["context"]),
+            "context_mask": torch.zeros_like(cond["context_mask"]),
+        },
+    )
     expected = (d_uncond + scale * (d_cond - d_uncond)).clamp(-1, 1)
-    got = torch.from_numpy(np.asarray(out.intermediates[0][0])).float()  # (8, 8, 3) uint8 -> float
+    got = torch.from_numpy(np.array(out.intermediates[0][0])).float()  # (8, 8, 3) uint8 -> float
     reference = ((expected[0].permute(1, 2, 0) + 1) / 2 * 255).round()
     assert (got - reference).abs().max() <= 1
 
@@ -116,8 +144,9 @@ def test_dpmpp_2m_agrees_with_edm_heun_on_the_ode(cascade):
 
 def test_dynamic_thresholding_changes_a_saturated_sample(cascade):
     plain = cascade.generate("a red circle", steps=[3, 2], guidance_scale=[30.0, 1.0], seed=2).pixels
-    thresholded = cascade.generate("a red circle", steps=[3, 2], guidance_scale=[30.0, 1.0], seed=2,
-                                   dynamic_thresholding=[0.9, None]).pixels
+    thresholded = cascade.generate(
+        "a red circle", steps=[3, 2], guidance_scale=[30.0, 1.0], seed=2, dynamic_thresholding=[0.9, None]
+    ).pixels
     assert not torch.equal(plain, thresholded)
     assert thresholded.min() >= 0 and thresholded.max() <= 1
 

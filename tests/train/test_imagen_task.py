@@ -17,16 +17,38 @@ TEXT_DIM = 8
 
 
 def tiny_model(unet_type: str = "base", **changes) -> dict:
-    unet = {"embed_dim": 8, "image_size": 8, "text_embed_dim": TEXT_DIM, "num_res_blocks": 1,
-            "channel_mult": [1, 2], "num_attn_heads": 1, "per_head_channels": 8, "cond_dim": 8,
-            "attention_type": "fused", "feature_pooling_type": "mean", "learned_sinu_pos_emb_dim": 0,
-            "attention_resolutions": [4], "flash_attention": False}
+    unet = {
+        "embed_dim": 8,
+        "image_size": 8,
+        "text_embed_dim": TEXT_DIM,
+        "num_res_blocks": 1,
+        "channel_mult": [1, 2],
+        "num_attn_heads": 1,
+        "per_head_channels": 8,
+        "cond_dim": 8,
+        "attention_type": "fused",
+        "feature_pooling_type": "mean",
+        "learned_sinu_pos_emb_dim": 0,
+        "attention_resolutions": [4],
+        "flash_attention": False,
+    }
     if unet_type != "base":
         unet |= {"noise_cond_aug": True}
-    model = {"kind": "imagen", "unet_type": unet_type, "unet": unet, "preconditioning_type": "EDM",
-             "preconditioning": {"loss_type": "l2", "sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2},
-             "conditioning": {"embed_dim": TEXT_DIM, "token_length": 6, "drop_rate": 0.0,
-                              "precached_key": "embeddings", "online_encoding": False, "low_res_size": 4}}
+    model = {
+        "kind": "imagen",
+        "unet_type": unet_type,
+        "unet": unet,
+        "preconditioning_type": "EDM",
+        "preconditioning": {"loss_type": "l2", "sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2},
+        "conditioning": {
+            "embed_dim": TEXT_DIM,
+            "token_length": 6,
+            "drop_rate": 0.0,
+            "precached_key": "embeddings",
+            "online_encoding": False,
+            "low_res_size": 4,
+        },
+    }
     for key, value in changes.items():
         section, _, name = key.partition(".")
         if name:
@@ -49,8 +71,10 @@ def fixed_batch(size: int = 8, batch: int = 3, tokens: int = 4) -> dict:
     g = torch.Generator().manual_seed(1)
     mask = torch.ones(batch, tokens, dtype=torch.bool)
     mask[0, 2:] = False
-    return {"image_encoded": {"mean": torch.rand(batch, 3, size, size, generator=g) * 2 - 1},
-            "captions_encoded": {"embeddings": torch.randn(batch, tokens, TEXT_DIM, generator=g), "mask": mask}}
+    return {
+        "image_encoded": {"mean": torch.rand(batch, 3, size, size, generator=g) * 2 - 1},
+        "captions_encoded": {"embeddings": torch.randn(batch, tokens, TEXT_DIM, generator=g), "mask": mask},
+    }
 
 
 def padded_text(batch: dict, length: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,11 +84,16 @@ def padded_text(batch: dict, length: int = 6) -> tuple[torch.Tensor, torch.Tenso
 
 @pytest.mark.parametrize(
     ("changes", "message"),
-    [({"conditioning.bogus": 1}, "model.conditioning.bogus: unknown key"),
-     ({"conditioning.embed_dim": 16}, "model.conditioning.embed_dim: 16 must equal model.unet.text_embed_dim"),
-     ({"preconditioning.loss_type": "l3"}, "model.preconditioning.loss_type: 'l3' is not one of"),
-     ({"noise_cond_aug": True}, "model.noise_cond_aug: only super-resolution stages"),
-     ({"conditioning.online_encoding": False, "conditioning.precached_key": None}, "precached_key: null")],
+    [
+        ({"conditioning.bogus": 1}, "model.conditioning.bogus: unknown key"),
+        (
+            {"conditioning.embed_dim": 16},
+            "model.conditioning.embed_dim: 16 must equal model.unet.text_embed_dim",
+        ),
+        ({"preconditioning.loss_type": "l3"}, "model.preconditioning.loss_type: 'l3' is not one of"),
+        ({"noise_cond_aug": True}, "model.noise_cond_aug: only super-resolution stages"),
+        ({"conditioning.online_encoding": False, "conditioning.precached_key": None}, "precached_key: null"),
+    ],
 )
 def test_invalid_configs_name_the_key(changes, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -90,8 +119,10 @@ def test_edm_loss_matches_closed_form():
 
 
 def test_ddpm_x_start_loss_matches_closed_form():
-    task = make_task(preconditioning_type="DDPM",
-                     preconditioning={"pred_objective": "x_start", "noise_schedule": "linear", "loss_type": "l1"})
+    task = make_task(
+        preconditioning_type="DDPM",
+        preconditioning={"pred_objective": "x_start", "noise_schedule": "linear", "loss_type": "l1"},
+    )
     batch = fixed_batch()
     loss = task.training_loss(batch, torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
@@ -110,8 +141,9 @@ def test_text_dropout_zeroes_embedding_and_mask():
     emb, mask = padded_text(fixed_batch())
     cond = task.drop_text({"context": emb, "context_mask": mask}, torch.Generator().manual_seed(0))
     assert torch.count_nonzero(cond["context"]) == 0 and not cond["context_mask"].any()
-    kept = make_task(**{"conditioning.drop_rate": 0.0}).drop_text({"context": emb, "context_mask": mask},
-                                                                   torch.Generator())
+    kept = make_task(**{"conditioning.drop_rate": 0.0}).drop_text(
+        {"context": emb, "context_mask": mask}, torch.Generator()
+    )
     assert torch.equal(kept["context"], emb) and torch.equal(kept["context_mask"], mask)
 
 
@@ -133,8 +165,11 @@ def test_sr_low_res_is_area_downsampled_and_noise_augmented(per_sample):
 
 def _loss_and_grads(task: ImagenTask, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     task.zero_grad()
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu",
-                                                                                                 enabled=False)
+    ctx = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if precision == "bf16"
+        else torch.autocast("cpu", enabled=False)
+    )
     with ctx:
         loss = task.training_loss(fixed_batch(), torch.Generator().manual_seed(11))
     loss.backward()
@@ -181,15 +216,47 @@ def test_precache_train_export_roundtrip(tmp_path):
     from t2i.train.trainer import train
 
     write_shapes_dataset(tmp_path / "data", 12, 16, seed=0, shard_size=100)
-    model = tiny_model("sr", conditioning={"embed_dim": 384, "token_length": 8, "precached_key": "embeddings",
-                                           "online_encoding": False, "low_res_size": 8})
-    model["unet"] = {"embed_dim": 8, "image_size": 16, "text_embed_dim": 384, "channel_mult": [1, 2],
-                     "num_attn_heads": 1, "per_head_channels": 8, "atnn_enabled_at": [0, 1], "num_resblocks": [1, 1],
-                     "feature_pooling_type": "mean", "learned_sinu_pos_emb_dim": 0, "noise_cond_aug": True}
-    cfg = build_config({"model": model, "data": {"train": [str(tmp_path / "data")], "resolution": 16,
-                                                 "batch_size": 4, "shuffle_buffer": 4},
-                        "trainer": {"max_steps": 3, "log_every": 1, "sample_every": 0, "checkpoint_every": 3,
-                                    "out_dir": str(tmp_path / "run")}})
+    model = tiny_model(
+        "sr",
+        conditioning={
+            "embed_dim": 384,
+            "token_length": 8,
+            "precached_key": "embeddings",
+            "online_encoding": False,
+            "low_res_size": 8,
+        },
+    )
+    model["unet"] = {
+        "embed_dim": 8,
+        "image_size": 16,
+        "text_embed_dim": 384,
+        "channel_mult": [1, 2],
+        "num_attn_heads": 1,
+        "per_head_channels": 8,
+        "atnn_enabled_at": [0, 1],
+        "num_resblocks": [1, 1],
+        "feature_pooling_type": "mean",
+        "learned_sinu_pos_emb_dim": 0,
+        "noise_cond_aug": True,
+    }
+    cfg = build_config(
+        {
+            "model": model,
+            "data": {
+                "train": [str(tmp_path / "data")],
+                "resolution": 16,
+                "batch_size": 4,
+                "shuffle_buffer": 4,
+            },
+            "trainer": {
+                "max_steps": 3,
+                "log_every": 1,
+                "sample_every": 0,
+                "checkpoint_every": 3,
+                "out_dir": str(tmp_path / "run"),
+            },
+        }
+    )
     stats = precache_imagen(cfg, tmp_path / "pre", batch_size=8)
     assert stats["num_samples"] == 12 and stats["resolution"] == 16
     cfg.data.train = [str(tmp_path / "pre")]

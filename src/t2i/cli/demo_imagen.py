@@ -28,8 +28,8 @@ class ImagenDemoSettings:
 
     num_images: int = 6000
     image_size: int = 32
-    base_steps: int = 1200
-    sr_steps: int = 800
+    base_steps: int = 800
+    sr_steps: int = 500
     eval_seeds: int = 4
     sample_steps: list[int] = field(default_factory=lambda: [18, 12])
     sampler: list[str] = field(default_factory=lambda: ["edm_heun", "edm_heun"])
@@ -41,14 +41,27 @@ class ImagenDemoSettings:
 
     @classmethod
     def quick(cls) -> ImagenDemoSettings:
-        tiny = ["data.batch_size=8", "data.shuffle_buffer=8", "model.unet.embed_dim=8", "model.unet.num_attn_heads=1",
-                "model.unet.per_head_channels=8"]
-        return cls(num_images=48, base_steps=2, sr_steps=2, eval_seeds=1, sample_steps=[2, 2],
-                   base_overrides=[*tiny, "model.unet.cond_dim=16"], sr_overrides=[*tiny, "model.unet.cond_dim=16"])
+        tiny = [
+            "data.batch_size=8",
+            "data.shuffle_buffer=8",
+            "model.unet.embed_dim=8",
+            "model.unet.num_attn_heads=1",
+            "model.unet.per_head_channels=8",
+        ]
+        return cls(
+            num_images=48,
+            base_steps=2,
+            sr_steps=2,
+            eval_seeds=1,
+            sample_steps=[2, 2],
+            base_overrides=[*tiny, "model.unet.cond_dim=16"],
+            sr_overrides=[*tiny, "model.unet.cond_dim=16"],
+        )
 
 
-def run_imagen_demo(out: str | Path, quick: bool = False, settings: ImagenDemoSettings | None = None
-                    ) -> dict[str, Any]:
+def run_imagen_demo(
+    out: str | Path, quick: bool = False, settings: ImagenDemoSettings | None = None
+) -> dict[str, Any]:
     """Run the five phases into `out`; returns the results also written to `out/results.json`."""
     import torch
 
@@ -64,9 +77,15 @@ def run_imagen_demo(out: str | Path, quick: bool = False, settings: ImagenDemoSe
     timer.run("base", train_stage, out, "base", settings)
     timer.run("sr", train_stage, out, "sr", settings)
     scores = timer.run("eval", evaluate, out, settings)
-    results = {"accuracy": scores, "targets": TARGETS, "seconds": timer.seconds, "total_seconds": timer.total,
-               "settings": {k: v for k, v in asdict(settings).items() if not k.endswith("overrides")},
-               "grid": str(out / "grid.png"), "cascade": str(out / "cascade")}
+    results = {
+        "accuracy": scores,
+        "targets": TARGETS,
+        "seconds": timer.seconds,
+        "total_seconds": timer.total,
+        "settings": {k: v for k, v in asdict(settings).items() if not k.endswith("overrides")},
+        "grid": str(out / "grid.png"),
+        "cascade": str(out / "cascade"),
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -83,8 +102,9 @@ def stage_config(name: str, settings: ImagenDemoSettings, extra: list[str]) -> A
     from t2i.config import load_config
 
     overrides = settings.base_overrides if name == "base" else settings.sr_overrides
-    return load_config(f"demo/shapes-imagen-{name}", [f"data.resolution={settings.image_size}", *overrides,
-                                                      *extra])
+    return load_config(
+        f"demo/shapes-imagen-{name}", [f"data.resolution={settings.image_size}", *overrides, *extra]
+    )
 
 
 def precache(out: Path, shards: str, settings: ImagenDemoSettings) -> dict[str, Any]:
@@ -98,9 +118,12 @@ def _stage_defaults(name: str, settings: ImagenDemoSettings) -> Any:
     from t2i.pipelines.imagen_stage import StageDefaults
 
     i = 0 if name == "base" else 1
-    return StageDefaults(sampler=settings.sampler[i], steps=settings.sample_steps[i],
-                         guidance_scale=settings.guidance_scale[i],
-                         aug_level=None if name == "base" else settings.aug_level)
+    return StageDefaults(
+        sampler=settings.sampler[i],
+        steps=settings.sample_steps[i],
+        guidance_scale=settings.guidance_scale[i],
+        aug_level=None if name == "base" else settings.aug_level,
+    )
 
 
 def train_stage(out: Path, name: str, settings: ImagenDemoSettings) -> Path:
@@ -109,8 +132,11 @@ def train_stage(out: Path, name: str, settings: ImagenDemoSettings) -> Path:
     from t2i.train.trainer import train
 
     steps = settings.base_steps if name == "base" else settings.sr_steps
-    cfg = stage_config(name, settings, [f"data.train={out / 'precached'}", f"trainer.max_steps={steps}",
-                                        f"trainer.out_dir={out / name}"])
+    cfg = stage_config(
+        name,
+        settings,
+        [f"data.train={out / 'precached'}", f"trainer.max_steps={steps}", f"trainer.out_dir={out / name}"],
+    )
     task = ImagenTask(cfg, _stage_defaults(name, settings))
     train(cfg, task)
     task.eval()
@@ -140,11 +166,14 @@ def format_summary(results: dict[str, Any]) -> str:
     """Accuracy per attribute against the targets, and the wall time per phase."""
     acc, seconds = results["accuracy"], results["seconds"]
     marks = {k: "ok" if acc[k] >= v else "BELOW TARGET" for k, v in TARGETS.items()}
-    return "\n".join([
-        f"held-out prompts: {int(acc['n'])} samples",
-        *(f"  {k:<9}{acc[k]:6.1%}  (target >= {TARGETS[k]:.0%}, {marks[k]})" for k in TARGETS),
-        f"  all three{acc['all']:6.1%}",
-        "wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
-        + f"; total {results['total_seconds']:.0f}s",
-        f"grid: {results['grid']}   cascade: {results['cascade']}",
-    ])
+    return "\n".join(
+        [
+            f"held-out prompts: {int(acc['n'])} samples",
+            *(f"  {k:<9}{acc[k]:6.1%}  (target >= {TARGETS[k]:.0%}, {marks[k]})" for k in TARGETS),
+            f"  all three{acc['all']:6.1%}",
+            "wall time: "
+            + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
+            + f"; total {results['total_seconds']:.0f}s",
+            f"grid: {results['grid']}   cascade: {results['cascade']}",
+        ]
+    )

@@ -44,8 +44,9 @@ def _per_stage(value: Any, count: int, name: str) -> list[Any]:
     """A scalar (or None) for every stage, or a list with one value per stage."""
     if isinstance(value, (list, tuple)):
         if len(value) != count:
-            raise InvalidInputError(f"{name}: {len(value)} values for {count} stages; expected one per stage "
-                                    "or a single value")
+            raise InvalidInputError(
+                f"{name}: {len(value)} values for {count} stages; expected one per stage or a single value"
+            )
         return list(value)
     return [value] * count
 
@@ -65,18 +66,28 @@ class CascadePipeline:
         text_encoders: per stage, its frozen text encoder (the same object may serve several stages).
     """
 
-    def __init__(self, stages: Sequence[ImagenStage], defaults: Sequence[StageDefaults],
-                 text_encoders: Sequence[nn.Module]) -> None:
+    def __init__(
+        self,
+        stages: Sequence[ImagenStage],
+        defaults: Sequence[StageDefaults],
+        text_encoders: Sequence[nn.Module],
+    ) -> None:
         if not stages or len(stages) != len(defaults) or len(stages) != len(text_encoders):
-            raise InvalidInputError("CascadePipeline: expected as many stages, defaults and text encoders (>= 1)")
+            raise InvalidInputError(
+                "CascadePipeline: expected as many stages, defaults and text encoders (>= 1)"
+            )
         self.stages, self.defaults, self.text_encoders = list(stages), list(defaults), list(text_encoders)
         for i, stage in enumerate(self.stages[1:], start=1):
             if not stage.settings.is_sr:
-                raise PipelineLoadError(f"stage {i}: unet_type {stage.settings.unet_type!r}; every stage after "
-                                        "the first must be a super-resolution stage (sr-unet | sr)")
+                raise PipelineLoadError(
+                    f"stage {i}: unet_type {stage.settings.unet_type!r}; every stage after "
+                    "the first must be a super-resolution stage (sr-unet | sr)"
+                )
 
     @classmethod
-    def from_stages(cls, folders: Sequence[str | Path], device: str | torch.device = "cpu") -> CascadePipeline:
+    def from_stages(
+        cls, folders: Sequence[str | Path], device: str | torch.device = "cpu"
+    ) -> CascadePipeline:
         """Load stage folders (base first); stages with the same text-encoder reference share one encoder."""
         import json
 
@@ -88,7 +99,9 @@ class CascadePipeline:
             ref = json.loads((Path(folder) / "stage.json").read_text())["text_encoder"]
             key = (ref["kind"], ref.get("path"), ref.get("max_length"))
             if key not in cache:
-                cache[key] = build_text_encoder(ref["kind"], ref.get("path"), max_length=ref.get("max_length"))
+                cache[key] = build_text_encoder(
+                    ref["kind"], ref.get("path"), max_length=ref.get("max_length")
+                )
                 cache[key].to(device)
             stages.append(stage)
             defaults.append(stage_defaults)
@@ -137,8 +150,10 @@ class CascadePipeline:
         for i, stage in enumerate(self.stages):
             encoder = self.text_encoders[i]
             if id(encoder) not in texts:
-                texts[id(encoder)] = (_encode(encoder, prompts), None if negatives is None else _encode(encoder,
-                                                                                                       negatives))
+                texts[id(encoder)] = (
+                    _encode(encoder, prompts),
+                    None if negatives is None else _encode(encoder, negatives),
+                )
             text, negative = texts[id(encoder)]
             images = self._run_stage(stage, options[i], text, negative, images, generator)
             if return_intermediates:
@@ -155,22 +170,34 @@ class CascadePipeline:
             options.append(replace(defaults, **chosen))
         return options
 
-    def _run_stage(self, stage: ImagenStage, options: StageDefaults, text: tuple[torch.Tensor, torch.Tensor],
-                   negative: tuple[torch.Tensor, torch.Tensor] | None, low_res: torch.Tensor | None,
-                   generator: torch.Generator) -> torch.Tensor:
+    def _run_stage(
+        self,
+        stage: ImagenStage,
+        options: StageDefaults,
+        text: tuple[torch.Tensor, torch.Tensor],
+        negative: tuple[torch.Tensor, torch.Tensor] | None,
+        low_res: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
         """One stage's sampling loop -> images (B, 3, size, size) in [-1, 1]."""
         from t2i.diffusion.samplers import get_sampler
 
         s = stage.settings
         cond = stage.text_cond(*text)
-        uncond = stage.text_cond(*negative) if negative is not None else {k: torch.zeros_like(v)
-                                                                          for k, v in cond.items()}
+        uncond = (
+            stage.text_cond(*negative)
+            if negative is not None
+            else {k: torch.zeros_like(v) for k, v in cond.items()}
+        )
         cond |= {"uncond_context": uncond["context"], "uncond_context_mask": uncond["context_mask"]}
-        if s.is_sr:
-            if low_res is None:
-                raise InvalidInputError("low_res: the first stage is a super-resolution stage; pass low_res "
-                                        "images (B, 3, h, w) in [-1, 1]")
-        sample_generator = torch.Generator("cpu").manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        if s.is_sr and low_res is None:
+            raise InvalidInputError(
+                "low_res: the first stage is a super-resolution stage; pass low_res "
+                "images (B, 3, h, w) in [-1, 1]"
+            )
+        sample_generator = torch.Generator("cpu").manual_seed(
+            int(torch.randint(2**31, (1,), generator=generator))
+        )
         if s.is_sr:
             cond |= stage.low_res_cond(low_res, options.aug_level, sample_generator)
         denoiser = self._guided_denoiser(stage, options)
@@ -242,14 +269,19 @@ def cascade_stage_folders(folder: str | Path) -> list[Path]:
             index = parse((folder / name).read_text()) or {}
             stages = index.get("stages") if isinstance(index, dict) else None
             if not isinstance(stages, list) or not stages:
-                raise PipelineLoadError(f"{folder / name}: expected a non-empty `stages:` list of stage folders")
+                raise PipelineLoadError(
+                    f"{folder / name}: expected a non-empty `stages:` list of stage folders"
+                )
             return [folder / str(s) for s in stages]
-    raise PipelineLoadError(f"{folder}: not a cascade folder (no {CASCADE_INDEX}); expected a folder written by "
-                            "CascadePipeline.save_pretrained or a list of stage folders")
+    raise PipelineLoadError(
+        f"{folder}: not a cascade folder (no {CASCADE_INDEX}); expected a folder written by "
+        "CascadePipeline.save_pretrained or a list of stage folders"
+    )
 
 
-def load_cascade(path: str | Path | Sequence[str | Path], device: str | torch.device | None = None
-                 ) -> CascadePipeline:
+def load_cascade(
+    path: str | Path | Sequence[str | Path], device: str | torch.device | None = None
+) -> CascadePipeline:
     """A cascade from a cascade folder, or from a list of stage folders (base first)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     folders = cascade_stage_folders(path) if isinstance(path, (str, Path)) else [Path(p) for p in path]
@@ -259,14 +291,22 @@ def load_cascade(path: str | Path | Sequence[str | Path], device: str | torch.de
 def sample_cascade_cli(args: argparse.Namespace) -> int:
     """`t2i sample --model CASCADE_DIR ...`: generate with a cascade and save PNGs (args as `t2i sample`)."""
     cascade = load_cascade(args.model, getattr(args, "device", None))
-    result = cascade.generate(list(args.prompt), negative_prompt=getattr(args, "negative_prompt", None),
-                              steps=getattr(args, "steps", None), sampler=getattr(args, "sampler", None),
-                              guidance_scale=getattr(args, "guidance", None),
-                              seed=getattr(args, "seed", 0) or 0, num_images=getattr(args, "num_images", 1))
+    result = cascade.generate(
+        list(args.prompt),
+        negative_prompt=getattr(args, "negative_prompt", None),
+        steps=getattr(args, "steps", None),
+        sampler=getattr(args, "sampler", None),
+        guidance_scale=getattr(args, "guidance", None),
+        seed=getattr(args, "seed", 0) or 0,
+        num_images=getattr(args, "num_images", 1),
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}")
-                                                    for i in range(len(result.images))]
+    paths = (
+        [out]
+        if len(result.images) == 1
+        else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(result.images))]
+    )
     for image, path in zip(result.images, paths):
         image.save(path)
         print(path)

@@ -62,8 +62,10 @@ class ConditioningSettings:
         _require(self.token_length >= 1, f"{key}.token_length", self.token_length, "an integer >= 1")
         _require(0 <= self.drop_rate <= 1, f"{key}.drop_rate", self.drop_rate, "a number in [0, 1]")
         if self.online_encoding is False and self.precached_key is None:
-            raise ConfigError(f"{key}.precached_key: null with online_encoding false; expected the name of the "
-                              "precached embeddings (e.g. embeddings) or online_encoding: true")
+            raise ConfigError(
+                f"{key}.precached_key: null with online_encoding false; expected the name of the "
+                "precached embeddings (e.g. embeddings) or online_encoding: true"
+            )
 
     @property
     def online(self) -> bool:
@@ -161,7 +163,9 @@ def parse_stage_settings(model: Any) -> StageSettings:
     cond = _to_dataclass(ConditioningSettings, dict(m.get("conditioning") or {}), "model.conditioning")
     unet = dict(m.get("unet") or {})
     unet_type = m.get("unet_type", "base")
-    settings = StageSettings(unet_type, unet, kind, precond, cond, _parse_noise_aug(m.get("noise_cond_aug"), unet))
+    settings = StageSettings(
+        unet_type, unet, kind, precond, cond, _parse_noise_aug(m.get("noise_cond_aug"), unet)
+    )
     _check_consistency(settings)
     return settings
 
@@ -182,16 +186,22 @@ def _parse_noise_aug(raw: Any, unet: dict[str, Any]) -> NoiseAugSettings:
 def _check_consistency(s: StageSettings) -> None:
     text_dim = s.unet.get("text_embed_dim", 512)
     if text_dim != s.conditioning.embed_dim:
-        raise ConfigError(f"model.conditioning.embed_dim: {s.conditioning.embed_dim} must equal "
-                          f"model.unet.text_embed_dim {text_dim}")
+        raise ConfigError(
+            f"model.conditioning.embed_dim: {s.conditioning.embed_dim} must equal "
+            f"model.unet.text_embed_dim {text_dim}"
+        )
     if "image_size" not in s.unet:
         raise ConfigError("model.unet.image_size: missing; every Imagen stage needs its output size")
     if s.noise_aug.enabled and not s.is_sr:
-        raise ConfigError("model.noise_cond_aug: only super-resolution stages (unet_type sr-unet | sr) augment "
-                          "a low-res input; expected null or false for unet_type base")
+        raise ConfigError(
+            "model.noise_cond_aug: only super-resolution stages (unet_type sr-unet | sr) augment "
+            "a low-res input; expected null or false for unet_type base"
+        )
     if s.is_sr and s.low_res_size >= s.image_size:
-        raise ConfigError(f"model.conditioning.low_res_size: {s.low_res_size}; expected less than "
-                          f"model.unet.image_size {s.image_size}")
+        raise ConfigError(
+            f"model.conditioning.low_res_size: {s.low_res_size}; expected less than "
+            f"model.unet.image_size {s.image_size}"
+        )
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -212,13 +222,21 @@ class ImagenNet(nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x: torch.Tensor, time_cond: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None, x_low_res: torch.Tensor | None = None,
-                aug_cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        time_cond: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        x_low_res: torch.Tensor | None = None,
+        aug_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.unet(x, time_cond, context, context_mask, x_low_res, aug_cond)
 
 
-def fit_tokens(embeddings: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_tokens(
+    embeddings: torch.Tensor, mask: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad (zeros, mask False) or trim (B, T, D) / (B, T) to T = length."""
     tokens = embeddings.shape[1]
     if tokens > length:
@@ -252,7 +270,9 @@ class ImagenStage(nn.Module):
 
         self.settings = parse_stage_settings(model_config)
         self.model_config = model_config if isinstance(model_config, dict) else asdict(model_config)
-        self.unet = unet if unet is not None else build_imagen_unet(self.settings.unet_type, self.settings.unet)
+        self.unet = (
+            unet if unet is not None else build_imagen_unet(self.settings.unet_type, self.settings.unet)
+        )
 
     @property
     def device(self) -> torch.device:
@@ -285,13 +305,18 @@ class ImagenStage(nn.Module):
         """{context (B, token_length, D), context_mask (B, token_length) bool} on the stage's device."""
         dim = self.settings.conditioning.embed_dim
         if embeddings.shape[-1] != dim:
-            raise ConfigError(f"model.conditioning.embed_dim: {dim}, but the text embeddings have width "
-                              f"{embeddings.shape[-1]}; expected the encoder the stage was trained with")
-        embeddings, mask = fit_tokens(embeddings.float(), mask.bool(), self.settings.conditioning.token_length)
+            raise ConfigError(
+                f"model.conditioning.embed_dim: {dim}, but the text embeddings have width "
+                f"{embeddings.shape[-1]}; expected the encoder the stage was trained with"
+            )
+        embeddings, mask = fit_tokens(
+            embeddings.float(), mask.bool(), self.settings.conditioning.token_length
+        )
         return {"context": embeddings.to(self.device), "context_mask": mask.to(self.device)}
 
-    def low_res_cond(self, low_res: torch.Tensor, level: float | None,
-                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def low_res_cond(
+        self, low_res: torch.Tensor, level: float | None, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """Sampling-time low-res conditioning: the previous stage's images (B, C, h, w) in [-1, 1], resized to
         `low_res_size`, augmented at the fixed `level` (sigma_aug under EDM, time under DDPM)."""
         from t2i.diffusion.noise_aug import fixed_augment
@@ -338,7 +363,9 @@ def text_encoder_reference(settings: StageSettings) -> dict[str, Any]:
     return {"kind": c.encoder_kind, "path": c.encoder_path, "max_length": c.token_length}
 
 
-def save_stage(folder: str | Path, unet: nn.Module, run_config: Any, defaults: StageDefaults | None = None) -> Path:
+def save_stage(
+    folder: str | Path, unet: nn.Module, run_config: Any, defaults: StageDefaults | None = None
+) -> Path:
     """Write a stage folder: model.safetensors, config.yaml (resolved run config), stage.json."""
     from safetensors.torch import save_file
 
@@ -351,9 +378,14 @@ def save_stage(folder: str | Path, unet: nn.Module, run_config: Any, defaults: S
     save_file(state, str(folder / WEIGHTS_NAME))
     (folder / CONFIG_NAME).write_text(to_yaml(run_config))
     defaults = defaults or StageDefaults()
-    meta = {"format": STAGE_FORMAT, "unet_type": settings.unet_type, "image_size": settings.image_size,
-            "low_res_size": settings.low_res_size, "text_encoder": text_encoder_reference(settings),
-            "sampling": asdict(defaults)}
+    meta = {
+        "format": STAGE_FORMAT,
+        "unet_type": settings.unet_type,
+        "image_size": settings.image_size,
+        "low_res_size": settings.low_res_size,
+        "text_encoder": text_encoder_reference(settings),
+        "sampling": asdict(defaults),
+    }
     (folder / STAGE_NAME).write_text(json.dumps(meta, indent=2))
     return folder
 
@@ -367,11 +399,15 @@ def load_stage(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     folder = Path(folder)
     for name in (WEIGHTS_NAME, CONFIG_NAME, STAGE_NAME):
         if not (folder / name).is_file():
-            raise PipelineLoadError(f"{folder}: not an Imagen stage folder (no {name}); expected the output of "
-                                    "`t2i train` export for model.kind imagen")
+            raise PipelineLoadError(
+                f"{folder}: not an Imagen stage folder (no {name}); expected the output of "
+                "`t2i train` export for model.kind imagen"
+            )
     meta = json.loads((folder / STAGE_NAME).read_text())
     if meta.get("format") != STAGE_FORMAT:
-        raise PipelineLoadError(f"{folder / STAGE_NAME}: format {meta.get('format')!r}; expected {STAGE_FORMAT}")
+        raise PipelineLoadError(
+            f"{folder / STAGE_NAME}: format {meta.get('format')!r}; expected {STAGE_FORMAT}"
+        )
     cfg = load_config(folder / CONFIG_NAME)
     if cfg.model.kind != "imagen":
         raise PipelineLoadError(f"{folder / CONFIG_NAME}: model.kind {cfg.model.kind!r}; expected imagen")
@@ -387,5 +423,7 @@ def load_unet_strict(unet: nn.Module, state: dict[str, torch.Tensor], source: st
 
     result = unet.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise WeightsMismatchError(f"{source}: Imagen UNet weights do not match model.unet; missing "
-                                   f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+        raise WeightsMismatchError(
+            f"{source}: Imagen UNet weights do not match model.unet; missing "
+            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )

@@ -54,7 +54,9 @@ class ImagenTask(DiffusionTask):
         self.cfg = cfg
         self.stage = ImagenStage(cfg.model)
         self.settings = self.stage.settings
-        self.defaults = defaults or StageDefaults(sampler=DEFAULT_SAMPLERS[self.settings.preconditioning_type])
+        self.defaults = defaults or StageDefaults(
+            sampler=DEFAULT_SAMPLERS[self.settings.preconditioning_type]
+        )
         self.loss_fn = build_loss(self.stage)
         self.online = self.settings.conditioning.online
         self._lazy: dict[str, nn.Module] = {}
@@ -77,8 +79,10 @@ class ImagenTask(DiffusionTask):
         c = self.settings.conditioning
         encoder = build_text_encoder(c.encoder_kind, c.encoder_path, max_length=c.token_length)
         if encoder.dim != c.embed_dim:
-            raise ConfigError(f"model.conditioning.embed_dim: {c.embed_dim}, but the {c.encoder_kind} encoder "
-                              f"gives {encoder.dim}-d embeddings")
+            raise ConfigError(
+                f"model.conditioning.embed_dim: {c.embed_dim}, but the {c.encoder_kind} encoder "
+                f"gives {encoder.dim}-d embeddings"
+            )
         return encoder
 
     def frozen_text_encoder(self) -> nn.Module:
@@ -94,7 +98,13 @@ class ImagenTask(DiffusionTask):
     def build_dataloader(self, cfg: RunConfig, rank: int, world_size: int) -> ObservedLoader:
         """Endless batches of this rank's share of `data.train` (image shards or precached shards)."""
         d = cfg.data
-        common = dict(seed=cfg.seed, rank=rank, world_size=world_size, shuffle_buffer=d.shuffle_buffer, repeat=True)
+        common = {
+            "seed": cfg.seed,
+            "rank": rank,
+            "world_size": world_size,
+            "shuffle_buffer": d.shuffle_buffer,
+            "repeat": True,
+        }
         if self.online:
             from t2i.data.readers import build_dataset
 
@@ -144,10 +154,14 @@ class ImagenTask(DiffusionTask):
             return cond
         keep = torch.rand(cond["context"].shape[0], generator=generator, device=generator.device) >= rate
         keep = keep.to(cond["context"].device)
-        return cond | {"context": cond["context"] * keep.to(cond["context"].dtype).view(-1, 1, 1),
-                       "context_mask": cond["context_mask"] & keep.view(-1, 1)}
+        return cond | {
+            "context": cond["context"] * keep.to(cond["context"].dtype).view(-1, 1, 1),
+            "context_mask": cond["context_mask"] & keep.view(-1, 1),
+        }
 
-    def low_res_training_cond(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def low_res_training_cond(
+        self, images: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         """The SR stage's conditioning from full-size training images: shrink, then noise-augment."""
         s = self.settings
         low_res = resize_images(images, s.low_res_size)
@@ -156,8 +170,9 @@ class ImagenTask(DiffusionTask):
             return {"x_low_res": low_res}
         from t2i.diffusion.noise_aug import augment_low_res
 
-        x_aug, aug_cond = augment_low_res(low_res, generator=generator, per_sample=s.noise_aug.per_sample,
-                                          **self.train_aug_options())
+        x_aug, aug_cond = augment_low_res(
+            low_res, generator=generator, per_sample=s.noise_aug.per_sample, **self.train_aug_options()
+        )
         cond = {"x_low_res": x_aug}
         if s.aug_cond:
             cond["aug_cond"] = aug_cond
@@ -193,8 +208,9 @@ class ImagenTask(DiffusionTask):
     # ------------------------------------------------------------------------------------ sampling, export
 
     @torch.no_grad()
-    def sample_images(self, prompts: list[str], seed: int, steps: int | None = None,
-                      guidance_scale: float | None = None) -> list[Any]:
+    def sample_images(
+        self, prompts: list[str], seed: int, steps: int | None = None, guidance_scale: float | None = None
+    ) -> list[Any]:
         """One PIL image per prompt. An SR stage upsamples low-res images of a recent training batch (cycled),
         since it has no base stage of its own."""
         from t2i.pipelines.cascade import CascadePipeline
@@ -202,13 +218,16 @@ class ImagenTask(DiffusionTask):
         low_res = None
         if self.settings.is_sr:
             if "low_res" not in self._preview:
-                raise ConfigError("trainer.sample_every: an SR stage previews after its first training batch; "
-                                  "expected sample_every > 0 steps")
+                raise ConfigError(
+                    "trainer.sample_every: an SR stage previews after its first training batch; "
+                    "expected sample_every > 0 steps"
+                )
             bank = self._preview["low_res"]
             low_res = bank[torch.arange(len(prompts)) % bank.shape[0]]
         pipe = CascadePipeline([self.stage], [self.defaults], [self.frozen_text_encoder()])
-        return pipe.generate(list(prompts), seed=seed, steps=steps, guidance_scale=guidance_scale,
-                             low_res=low_res).images
+        return pipe.generate(
+            list(prompts), seed=seed, steps=steps, guidance_scale=guidance_scale, low_res=low_res
+        ).images
 
     def export(self, out_dir: str | Path, use_ema: bool = True) -> Path:
         """Write an Imagen stage folder (model.safetensors, config.yaml, stage.json) with the (EMA) weights."""
@@ -223,8 +242,9 @@ class MeanLoss:
     def __init__(self, fn: Any) -> None:
         self.fn = fn
 
-    def __call__(self, model: nn.Module, x0: torch.Tensor, cond: dict[str, Any],
-                 generator: torch.Generator) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, x0: torch.Tensor, cond: dict[str, Any], generator: torch.Generator
+    ) -> torch.Tensor:
         losses, _ = self.fn(model, x0, cond, generator)
         return losses.float().mean()
 
@@ -237,11 +257,16 @@ def build_loss(stage: ImagenStage) -> MeanLoss:
     if s.preconditioning_type == "EDM":
         from t2i.diffusion.edm import EDMLoss
 
-        return MeanLoss(EDMLoss(p_mean=p.p_mean, p_std=p.p_std, sigma_data=p.sigma_data, loss_type=p.loss_type))
+        return MeanLoss(
+            EDMLoss(p_mean=p.p_mean, p_std=p.p_std, sigma_data=p.sigma_data, loss_type=p.loss_type)
+        )
     from t2i.diffusion.continuous import ContinuousDDPMLoss
 
-    return MeanLoss(ContinuousDDPMLoss(noise_schedule=p.noise_schedule, pred_objective=p.pred_objective,
-                                       loss_type=p.loss_type))
+    return MeanLoss(
+        ContinuousDDPMLoss(
+            noise_schedule=p.noise_schedule, pred_objective=p.pred_objective, loss_type=p.loss_type
+        )
+    )
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:

@@ -17,8 +17,9 @@ from typing import Any
 from t2i.errors import ConfigError
 
 
-def precache_imagen(cfg: Any, out: str | Path, batch_size: int = 64, shard_size: int = 2000,
-                    dtype: str = "float16") -> dict[str, Any]:
+def precache_imagen(
+    cfg: Any, out: str | Path, batch_size: int = 64, shard_size: int = 2000, dtype: str = "float16"
+) -> dict[str, Any]:
     """Encode `cfg.data.train` into precached shards under `out`; returns the statistics written to stats.json.
 
     `dtype` is the storage type of pixels and embeddings (float16 halves the shards; pixels keep 8-bit accuracy).
@@ -48,15 +49,27 @@ def precache_imagen(cfg: Any, out: str | Path, batch_size: int = 64, shard_size:
             texts = captions.encode(list(batch["captions"]))
             for i, key in enumerate(batch["__key__"]):
                 embeddings, mask = texts[i]
-                writer.write(key, mean=mean[i].to(store), logvar=logvar[i].to(store),
-                             embeddings=embeddings.to(store), mask=mask, caption=batch["captions"][i])
+                writer.write(
+                    key,
+                    mean=mean[i].to(store),
+                    logvar=logvar[i].to(store),
+                    embeddings=embeddings.to(store),
+                    mask=mask,
+                    caption=batch["captions"][i],
+                )
             count += mean.shape[0]
         paths = list(writer.paths)
     if count == 0:
         raise ConfigError(f"data.train: {list(d.train)} yielded no samples to precache")
     seconds = time.perf_counter() - started
-    stats = {"num_samples": count, "num_shards": len(paths), "shards": [p.name for p in paths],
-             "resolution": d.resolution, "distinct_captions": len(captions.entries), "seconds": seconds,
-             "samples_per_s": count / max(seconds, 1e-9)}
+    stats = {
+        "num_samples": count,
+        "num_shards": len(paths),
+        "shards": [p.name for p in paths],
+        "resolution": d.resolution,
+        "distinct_captions": len(captions.entries),
+        "seconds": seconds,
+        "samples_per_s": count / max(seconds, 1e-9),
+    }
     (Path(out) / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
