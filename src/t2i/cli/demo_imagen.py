@@ -29,13 +29,13 @@ class ImagenDemoSettings:
     num_images: int = 6000
     image_size: int = 32
     base_steps: int = 800
-    sr_steps: int = 500
+    sr_steps: int = 800
     eval_seeds: int = 4
     sample_steps: list[int] = field(default_factory=lambda: [18, 12])
     sampler: list[str] = field(default_factory=lambda: ["edm_heun", "edm_heun"])
     guidance_scale: list[float] = field(default_factory=lambda: [3.0, 1.5])
     aug_level: float = 0.002
-    threads: int = 2
+    threads: int = 1  # one thread: on a busy 2-core machine two threads per process slow training ~40x
     base_overrides: list[str] = field(default_factory=list)
     sr_overrides: list[str] = field(default_factory=list)
 

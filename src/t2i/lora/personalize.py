@@ -202,13 +202,15 @@ def personalize(
 
     data = write_concept_folder(out / "data", settings.colour, settings.num_images, size, settings.seed)
     cfg = lora_run_config(settings, data, out, size)
-    prior = PriorPreservation(
-        old_prompts(settings.prior_prompts, settings.seed),
-        settings.prior_images,
-        settings.prior_weight,
-        settings.sample_steps,
-        settings.guidance_scale,
-    )
+    prior = None
+    if settings.prior_prompts > 0:  # class images made by the base model (DreamBooth prior preservation)
+        prior = PriorPreservation(
+            old_prompts(settings.prior_prompts, settings.seed),
+            settings.prior_images,
+            settings.prior_weight,
+            settings.sample_steps,
+            settings.guidance_scale,
+        )
     start = time.perf_counter()
     task = LoraTask(cfg, pipe, prior=prior)
     train(cfg, task)
