@@ -18,6 +18,7 @@ COMMANDS = {
     "data": "t2i.cli.data",
     "eval": "t2i.cli.eval",
     "demo": "t2i.cli.demo",
+    "lora": "t2i.cli.lora",
 }
 
 

@@ -380,6 +380,27 @@ class LatentPipeline:
             raise InvalidInputError("image: the images differ in size; give height and width")
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Add a LoRA file (diffusers/PEFT or kohya-ss naming) at `scale`; returns its adapter name.
+
+        Several LoRAs can be loaded, each with its own scale; their updates add up.
+        """
+        from t2i.lora.inference import load_lora
+
+        return load_lora(self, path, scale=scale, name=name)
+
+    def fuse_lora(self) -> int:
+        """Fold every loaded LoRA into the base weights (the originals are kept for `unfuse_lora`)."""
+        from t2i.lora.inference import fuse_lora
+
+        return fuse_lora(self)
+
+    def unfuse_lora(self) -> int:
+        """Restore the exact base weights saved by `fuse_lora`."""
+        from t2i.lora.inference import unfuse_lora
+
+        return unfuse_lora(self)
+
     def save_pretrained(self, path: str | Path) -> Path:
         """Write a t2i pipeline folder: the diffusers layout (loads in `StableDiffusionPipeline`) + `t2i.yaml`."""
         from t2i.pipelines.loading import save_pipeline
