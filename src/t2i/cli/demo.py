@@ -58,7 +58,12 @@ def register(subparsers) -> None:
         "score them with the analytic judge.",
     )
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    parser.add_argument("--family", choices=("sd",), default="sd", help="model family (default sd)")
+    parser.add_argument(
+        "--family",
+        choices=("sd", "imagen"),
+        default="sd",
+        help="sd: VAE + latent UNet (default); imagen: a 16 px base + 32 px super-resolution cascade",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test version (seconds)")
     parser.add_argument("--unet-steps", type=int, default=None, help="override the UNet training steps")
     parser.add_argument("--vae-steps", type=int, default=None, help="override the VAE training steps")
@@ -67,12 +72,23 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.family == "imagen":
+        return run_imagen_family(args)
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     for name in ("unet_steps", "vae_steps", "threads"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     results = run_demo(Path(args.out), settings)
     print(format_summary(results))
+    return 0
+
+
+def run_imagen_family(args: argparse.Namespace) -> int:
+    from t2i.cli import demo_imagen
+
+    out = args.out if args.out != "runs/demo" else "runs/demo-imagen"
+    results = demo_imagen.run_imagen_demo(out, quick=args.quick)
+    print(demo_imagen.format_summary(results))
     return 0
 
 

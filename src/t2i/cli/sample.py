@@ -71,12 +71,15 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--steps", type=int, default=30)
+    group.add_argument("--steps", type=int, default=None, help="sampling steps (default 30; a cascade: each stage's own)")
     group.add_argument(
         "--sampler", help="ddim, plms, euler, dpmpp_2m, ... (default: the pipeline's scheduler)"
     )
     group.add_argument(
-        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale, <= 1: off (default 7.5; a cascade: each stage's own)",
     )
     group.add_argument("--seed", type=int, default=None)
     group.add_argument("--height", type=int, default=None)
@@ -130,8 +133,8 @@ def generate_from_args(pipe: Any, args: argparse.Namespace) -> Any:
         "negative_prompt": args.negative_prompt,
         "height": args.height,
         "width": args.width,
-        "steps": args.steps,
-        "guidance_scale": args.guidance,
+        "steps": 30 if args.steps is None else args.steps,
+        "guidance_scale": 7.5 if args.guidance is None else args.guidance,
         "sampler": args.sampler,
         "seed": args.seed,
         "use_karras_sigmas": args.karras,
@@ -170,7 +173,15 @@ def output_paths(out: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
 
 
+def is_cascade_folder(path: str) -> bool:
+    return (Path(path) / "cascade.yaml").is_file()
+
+
 def run(args: argparse.Namespace) -> int:
+    if is_cascade_folder(args.model):
+        from t2i.pipelines.cascade import sample_cascade_cli
+
+        return sample_cascade_cli(args)
     pipe = load_from_args(args)
     result = generate_from_args(pipe, args)
     paths = output_paths(args.out, len(result.images))
