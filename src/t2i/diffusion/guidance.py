@@ -15,8 +15,8 @@ _UNCOND_KEYS = {"context": "uncond_context", "context_mask": "uncond_context_mas
 class CFGDenoiser(nn.Module):
     """D_cfg(x, sigma) = D(x, sigma, uncond) + scale * (D(x, sigma, cond) - D(x, sigma, uncond)).
 
-    `cond` holds `context` (B, T, D) and `uncond_context` (B, T, D) (zeros when absent, matching training with the
-    text embedding zeroed), optionally `context_mask` / `uncond_context_mask` (B, T) bool. Both branches run in one
+    `cond` holds `context` (B, T, D) and `uncond_context` (B, T, D): the caller passes whatever text dropout put
+    in at training (the SD family: the encoding of ""; Imagen: zeros); zeros when absent. Optionally `context_mask` / `uncond_context_mask` (B, T) bool. Both branches run in one
     batch of 2B; every other tensor entry with a leading batch dimension (`x_low_res`, `aug_cond`, ...) is repeated.
     With scale == 1 the unconditional branch is skipped.
     """
