@@ -34,7 +34,7 @@ class DemoSettings:
     eval_seeds: int = 4
     sample_steps: int = 25
     guidance_scale: float = 4.0
-    threads: int = 2
+    threads: int = 1  # measured: on a 2-core box with any other load, 2 OpenMP threads ran 10-40x slower
     vae_overrides: list[str] = field(default_factory=list)
     unet_overrides: list[str] = field(default_factory=list)
 
@@ -67,7 +67,7 @@ def register(subparsers) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test version (seconds)")
     parser.add_argument("--unet-steps", type=int, default=None, help="override the UNet training steps")
     parser.add_argument("--vae-steps", type=int, default=None, help="override the VAE training steps")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1; 2 can be faster on an idle machine)")
     parser.set_defaults(func=run)
 
 
