@@ -36,6 +36,22 @@ def _append_dims(values: torch.Tensor, ndim: int) -> torch.Tensor:
     return values.reshape(values.shape + (1,) * (ndim - values.ndim))
 
 
+class DenoiserWrapper(nn.Module):
+    """Base of wrappers around a denoiser (guidance, thresholding): keeps `inner` and passes its sigma range on."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+
+    @property
+    def sigma_min(self) -> float:
+        return self.inner.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.inner.sigma_max
+
+
 class DiscreteDenoiser(nn.Module):
     """Denoiser for a discrete-time eps / v / x0 network on a beta schedule.
 

@@ -5,34 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
+from t2i.diffusion.denoisers import DenoiserWrapper
 from t2i.errors import InvalidInputError
 
 _UNCOND_KEYS = {"context": "uncond_context", "context_mask": "uncond_context_mask"}
 
 
-class CFGDenoiser(nn.Module):
+class CFGDenoiser(DenoiserWrapper):
     """D_cfg(x, sigma) = D(x, sigma, uncond) + scale * (D(x, sigma, cond) - D(x, sigma, uncond)).
 
     `cond` holds `context` (B, T, D) and `uncond_context` (B, T, D): the caller passes whatever text dropout put
-    in at training (the SD family: the encoding of ""; Imagen: zeros); zeros when absent. Optionally `context_mask` / `uncond_context_mask` (B, T) bool. Both branches run in one
-    batch of 2B; every other tensor entry with a leading batch dimension (`x_low_res`, `aug_cond`, ...) is repeated.
+    in at training (the SD family: the encoding of ""; Imagen: zeros); zeros when absent.
+    Optionally `context_mask` / `uncond_context_mask` (B, T) bool. Both branches run in one batch of 2B; every
+    other tensor entry with a leading batch dimension (`x_low_res`, `aug_cond`, ...) is repeated.
     With scale == 1 the unconditional branch is skipped.
     """
 
     def __init__(self, inner: Any, scale: float) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.scale = float(scale)
-
-    @property
-    def sigma_min(self) -> float:
-        return self.inner.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.inner.sigma_max
 
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any] | None = None

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
+from t2i.diffusion.denoisers import DenoiserWrapper
 from t2i.errors import ConfigError
 
 THRESHOLDING_METHODS = ("dynamic", "static")
@@ -43,7 +43,7 @@ def static_threshold(x0: torch.Tensor) -> torch.Tensor:
     return x0.clamp(-1.0, 1.0)
 
 
-class DynamicThresholding(nn.Module):
+class DynamicThresholding(DenoiserWrapper):
     """Denoiser wrapper thresholding the inner denoiser's x0_hat.
 
     Args:
@@ -56,23 +56,14 @@ class DynamicThresholding(nn.Module):
     def __init__(
         self, inner: Any, percentile: float = 0.995, enabled: bool = True, method: str = "dynamic"
     ) -> None:
-        super().__init__()
+        super().__init__(inner)
         if method not in THRESHOLDING_METHODS:
             raise ConfigError(f"thresholding: {method!r} is not one of {', '.join(THRESHOLDING_METHODS)}")
         if not 0 < percentile <= 1:
             raise ConfigError(f"dynamic_thresholding: percentile {percentile!r}; expected a number in (0, 1]")
-        self.inner = inner
         self.percentile = float(percentile)
         self.enabled = bool(enabled)
         self.method = method
-
-    @property
-    def sigma_min(self) -> float:
-        return self.inner.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.inner.sigma_max
 
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any] | None = None
