@@ -11,11 +11,8 @@ drift hits both), their ratio (t2i / diffusers; below 1 means t2i is faster), an
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +23,9 @@ from omegaconf import OmegaConf
 
 from t2i.convert.unet_diffusers import diffusers_to_t2i_state_dict, unet_config_to_diffusers
 from t2i.models.unet import UNetModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import step_peak_mib
 
 MID_CONFIG = {
     "in_channels": 4,
@@ -77,56 +77,6 @@ def build_pair(unet_config: dict, device: str, dtype: torch.dtype, seed: int = 0
     ours = UNetModel(**unet_config)
     ours.load_state_dict(diffusers_to_t2i_state_dict(theirs.state_dict(), unet_config))
     return ours.to(device, dtype), theirs.to(device, dtype)
-
-
-class PeakMemory:
-    """Peak memory above the starting level while the block runs, in MiB."""
-
-    def __init__(self, device: str):
-        self.device = torch.device(device)
-        self.peak_mb = 0.0
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-        else:
-            gc.collect()
-            _release_free_heap()
-            self._start = _rss_bytes()
-            self._peak = self._start
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self._peak = max(self._peak, _rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._peak, _rss_bytes())
-        self.peak_mb = (peak - self._start) / 2**20
-
-
-def _release_free_heap() -> None:
-    """Hand freed heap pages back to the OS so the next RSS peak is not hidden by warm allocator caches."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 def make_steps(model: torch.nn.Module, call: Callable, inputs: tuple) -> dict[str, Callable[[], None]]:
@@ -190,12 +140,6 @@ def time_interleaved(
     return statistics.median(times_a), statistics.median(times_b)
 
 
-def peak_memory(step: Callable, device: str) -> float:
-    with PeakMemory(device) as mem:
-        step()
-    return mem.peak_mb
-
-
 def bench_unet(args: argparse.Namespace) -> list[Row]:
     config, side, batch, dtype_name, tokens = SIZES[args.size]
     config = config if config is not None else sd2_unet_config()
@@ -215,8 +159,8 @@ def bench_unet(args: argparse.Namespace) -> list[Row]:
         a, b = time_interleaved(
             steps_ours[name], steps_theirs[name], args.device, args.warmup, args.repeats, args.clock
         )
-        mem_a = peak_memory(steps_ours[name], args.device)
-        mem_b = peak_memory(steps_theirs[name], args.device)
+        mem_a = step_peak_mib(steps_ours[name], args.device)
+        mem_b = step_peak_mib(steps_theirs[name], args.device)
         rows.append(Row(name, a * 1e3, b * 1e3, mem_a, mem_b))
     print(
         f"UNet {args.size}: batch {batch}, latent {side}x{side}, {dtype}, device {args.device}, "
@@ -265,7 +209,6 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     print_table("UNet: t2i vs diffusers (ratio = t2i / diffusers)", bench_unet(args))
     if not args.skip_pipeline:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from pipeline_vs_diffusers import bench_pipeline
 
         dtype_name = "bf16" if args.size == "sd2" else "fp32"

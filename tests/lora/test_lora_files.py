@@ -78,12 +78,16 @@ def kohya_file(path, seed: int, rank: int, alpha: float) -> dict[str, tuple[torc
 # ------------------------------------------------------------------------------------------ diffusers parity
 
 
-def test_t2i_lora_file_changes_diffusers_images_as_it_changes_ours(sd1_lora_dir, tmp_path):
+@pytest.mark.parametrize("targets", [None, ["attention", "ff", "conv"]], ids=["attention", "attention-ff-conv"])
+def test_t2i_lora_file_changes_diffusers_images_as_it_changes_ours(sd1_lora_dir, tmp_path, targets):
     from sd_helpers import diffusers_images, initial_latents, load_diffusers, t2i_images
 
     trained = t2i.load_pipeline(sd1_lora_dir)
     torch.manual_seed(3)
-    apply_lora(trained.unet, rank=4, alpha=8.0)  # alpha != rank: the file must fold alpha / r
+    # alpha != rank: the file must fold alpha / r; `conv` adds 3x3 ResBlock convolutions (LoCon-style)
+    adapted = apply_lora(trained.unet, rank=4, alpha=8.0, target_modules=targets)
+    if targets is not None:
+        assert any(p.endswith("in_layers.2") for p in adapted) and any(p.endswith("emb_layers.1") for p in adapted)
     apply_lora(trained.text_encoder.model, rank=2, alpha=2.0)
     randomize_lora_b(trained.unet, seed=4, std=0.3)
     randomize_lora_b(trained.text_encoder.model, seed=5, std=0.3)
@@ -126,7 +130,7 @@ def test_kohya_file_gives_scale_alpha_over_rank_up_down(tmp_path, scale):
 
 def test_peft_and_kohya_files_written_by_t2i_load_back_to_the_same_model(tmp_path):
     source = tiny_unet()
-    apply_lora(source, rank=3, alpha=6.0, target_modules=["attention", "ff"])
+    apply_lora(source, rank=3, alpha=6.0, target_modules=["attention", "ff", "conv"])
     randomize_lora_b(source, seed=2)
     expected = unet_output(source)
     for naming in ("peft", "kohya"):
@@ -155,7 +159,7 @@ def test_several_loras_add_up_with_their_own_scales(tmp_path):
 
 def test_fuse_matches_unfused_and_unfuse_restores_base_weights_bit_exactly(tmp_path):
     source = tiny_unet(seed=5)
-    apply_lora(source, rank=4, alpha=4.0)
+    apply_lora(source, rank=4, alpha=4.0, target_modules=["attention", "conv"])  # 3x3 convs fuse too
     randomize_lora_b(source, seed=6)
     save_lora_file(source, tmp_path / "one.safetensors")
     kohya_file(tmp_path / "two.safetensors", seed=3, rank=2, alpha=2.0)

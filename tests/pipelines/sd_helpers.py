@@ -32,7 +32,8 @@ def gpt2_byte_chars() -> list[str]:
     return chars
 
 
-def tiny_clip_tokenizer():
+def tiny_clip_tokenizer(max_length: int = MAX_LENGTH):
+    """A CLIP tokenizer over the byte alphabet plus the merges spelling "red" and "circle"."""
     from transformers import CLIPTokenizer
 
     chars = gpt2_byte_chars()
@@ -51,7 +52,7 @@ def tiny_clip_tokenizer():
         vocab[a + b] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def tiny_diffusers_pipeline(style: str):

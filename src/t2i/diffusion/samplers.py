@@ -11,7 +11,8 @@ The algorithms match diffusers' schedulers step for step when driven by `t2i.dif
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -54,11 +55,18 @@ def get_sampler(name: str) -> SamplerFn:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Standard normal noise shaped like x, drawn on the generator's device so seeds reproduce across devices."""
     device = generator.device if generator is not None else x.device
     noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
     return noise.to(x.device)
+
+
+def add_noise(
+    x: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None, s_noise: float = 1.0
+) -> torch.Tensor:
+    """x plus fresh Gaussian noise of standard deviation s_noise * std."""
+    return x + noise_like(x, generator) * s_noise * std
 
 
 def _batch_sigma(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -66,13 +74,126 @@ def _batch_sigma(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.to(device=x.device, dtype=x.dtype) * x.new_ones(x.shape[0])
 
 
-def _denoise(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None) -> torch.Tensor:
-    return denoiser(x, _batch_sigma(sigma, x), cond)
+class StepDenoiser:
+    """The denoiser as a sampler calls it: at one scalar sigma, with each step's main evaluation shown to the
+    callback.
+
+    `batch_sigma(sigma, x) -> (B,)` turns the scalar into the denoiser's sigma argument; samplers written for a
+    particular denoiser family pass their own, so the dtype the denoiser sees stays theirs.
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        cond: dict | None,
+        callback: Callback | None,
+        batch_sigma: Callable[[Any, torch.Tensor], torch.Tensor] = _batch_sigma,
+    ) -> None:
+        self.denoiser, self.cond, self.callback, self.batch_sigma = denoiser, cond, callback, batch_sigma
+
+    def __call__(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
+        return self.denoiser(x, self.batch_sigma(sigma, x), self.cond)
+
+    def step(self, i: int, x: torch.Tensor, sigma: Any, at: Any = None) -> torch.Tensor:
+        """x0_hat of step i, reported as callback(i, sigma, x, x0_hat). `at` evaluates the model at another level
+        than the step's nominal sigma (the raised sigma_hat of a churned step)."""
+        denoised = self(x, sigma if at is None else at)
+        if self.callback is not None:
+            self.callback(i, sigma, x, denoised)
+        return denoised
+
+
+def sigma_steps(sigmas: Sequence[Any], progress: bool) -> Iterator[tuple[int, Any, Any]]:
+    """(i, sigma_i, sigma_{i+1}) for every step, with a tqdm progress bar when `progress`."""
+    for i in trange(len(sigmas) - 1, disable=not progress):
+        yield i, sigmas[i], sigmas[i + 1]
+
+
+def _prepare(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(sigmas, device=x.device).to(
+        torch.float64 if x.dtype == torch.float64 else torch.float32
+    )
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
     """dx/dsigma of the probability-flow ODE, (x - D(x)) / sigma (Karras et al. 2022, eq. 4)."""
     return (x - denoised) / sigma
+
+
+def euler_step(
+    x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, denoised: torch.Tensor
+) -> torch.Tensor:
+    """One Euler step of the probability-flow ODE from sigma to sigma_next, given D(x, sigma)."""
+    return x + to_d(x, sigma, denoised) * (sigma_next - sigma)
+
+
+def heun_step(
+    denoise: StepDenoiser,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    denoised: torch.Tensor,
+) -> torch.Tensor:
+    """Heun's second-order step of the probability-flow ODE (Karras et al. 2022, Alg. 2 lines 5-8): the Euler
+    step, corrected with the derivative at its end. A step to sigma_next = 0 stays Euler, as the derivative
+    (x - D) / sigma is undefined there."""
+    d = to_d(x, sigma, denoised)
+    dt = sigma_next - sigma
+    x_euler = x + d * dt
+    if sigma_next == 0:
+        return x_euler
+    d_next = to_d(x_euler, sigma_next, denoise(x_euler, sigma_next))
+    return x + (d + d_next) / 2 * dt
+
+
+@dataclass(frozen=True)
+class Churn:
+    """Stochastic "churn" of Karras et al. 2022, Alg. 2 (lines 3-4): before a step, raise sigma_i to
+    sigma_hat = (1 + gamma) sigma_i with fresh noise of std s_noise * sqrt(sigma_hat^2 - sigma_i^2), where
+    gamma = min(s_churn / steps, sqrt(2) - 1) for sigma_i in [s_tmin, s_tmax] and 0 elsewhere."""
+
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
+
+    def gamma(self, sigma: torch.Tensor, steps: int) -> float:
+        if self.s_churn <= 0 or not self.s_tmin <= float(sigma) <= self.s_tmax:
+            return 0.0
+        return min(self.s_churn / steps, 2**0.5 - 1)
+
+    def apply(
+        self, x: torch.Tensor, sigma: torch.Tensor, steps: int, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, sigma_hat); without churn x is returned unchanged and no random numbers are drawn."""
+        gamma = self.gamma(sigma, steps)
+        sigma_hat = sigma * (gamma + 1)
+        if gamma > 0:
+            x = add_noise(x, (sigma_hat**2 - sigma**2).sqrt(), generator, self.s_noise)
+        return x, sigma_hat
+
+
+def churned_ode_loop(
+    denoise: StepDenoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    churn: Churn,
+    generator: torch.Generator | None,
+    progress: bool,
+    *,
+    second_order: bool,
+) -> torch.Tensor:
+    """Karras et al. 2022, Alg. 2: per step, churn, evaluate at sigma_hat, then an Euler (or, with
+    `second_order`, a Heun) step to sigma_{i+1}. The callback sees the step's nominal sigma_i."""
+    steps = len(sigmas) - 1
+    for i, sigma, sigma_next in sigma_steps(sigmas, progress):
+        x, sigma_hat = churn.apply(x, sigma, steps, generator)
+        denoised = denoise.step(i, x, sigma, at=sigma_hat)
+        if second_order:
+            x = heun_step(denoise, x, sigma_hat, sigma_next, denoised)
+        else:
+            x = euler_step(x, sigma_hat, sigma_next, denoised)
+    return x
 
 
 def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0) -> tuple[Any, Any]:
@@ -97,14 +218,11 @@ def _vp_rescale(x: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tenso
     return x * ((1 + sigma_to**2) / (1 + sigma_from**2)).sqrt()
 
 
-def _steps(sigmas: torch.Tensor, progress: bool) -> range:
-    return trange(len(sigmas) - 1, disable=not progress)
-
-
-def _prepare(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(sigmas, device=x.device).to(
-        torch.float64 if x.dtype == torch.float64 else torch.float32
-    )
+def _landing_sigmas(
+    x: torch.Tensor, sigmas: torch.Tensor, sigmas_to: Sequence[float] | torch.Tensor | None
+) -> torch.Tensor:
+    """Where each DDIM/PLMS step lands: `sigmas_to` when given (see `sample_ddim`), else the next grid level."""
+    return sigmas[1:] if sigmas_to is None else _prepare(x, sigmas_to)
 
 
 # ---------------------------------------------------------------------------------- Euler family (ODE/SDE)
@@ -126,17 +244,8 @@ def sample_euler(
     s_noise: float = 1.0,
 ) -> torch.Tensor:
     """Euler steps of the probability-flow ODE, with optional churn (Karras et al. 2022, Alg. 2)."""
-    sigmas = _prepare(x, sigmas)
-    for i in _steps(sigmas, progress):
-        gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
-        sigma_hat = sigmas[i] * (gamma + 1)
-        if gamma > 0:
-            x = x + _noise_like(x, generator) * s_noise * (sigma_hat**2 - sigmas[i] ** 2).sqrt()
-        denoised = _denoise(denoiser, x, sigma_hat, cond)
-        if callback is not None:
-            callback(i, sigmas[i], x, denoised)
-        x = x + to_d(x, sigma_hat, denoised) * (sigmas[i + 1] - sigma_hat)
-    return x
+    denoise, churn = StepDenoiser(denoiser, cond, callback), Churn(s_churn, s_tmin, s_tmax, s_noise)
+    return churned_ode_loop(denoise, x, _prepare(x, sigmas), churn, generator, progress, second_order=False)
 
 
 @register_sampler("euler_ancestral")
@@ -153,15 +262,13 @@ def sample_euler_ancestral(
     s_noise: float = 1.0,
 ) -> torch.Tensor:
     """Euler step to sigma_down, then fresh noise of std sigma_up (k-diffusion `sample_euler_ancestral`)."""
-    sigmas = _prepare(x, sigmas)
-    for i in _steps(sigmas, progress):
-        denoised = _denoise(denoiser, x, sigmas[i], cond)
-        if callback is not None:
-            callback(i, sigmas[i], x, denoised)
-        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
-        if sigmas[i + 1] > 0:
-            x = x + _noise_like(x, generator) * s_noise * sigma_up
+    sigmas, denoise = _prepare(x, sigmas), StepDenoiser(denoiser, cond, callback)
+    for i, sigma, sigma_next in sigma_steps(sigmas, progress):
+        denoised = denoise.step(i, x, sigma)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = euler_step(x, sigma, sigma_down, denoised)
+        if sigma_next > 0:
+            x = add_noise(x, sigma_up, generator, s_noise)
     return x
 
 
@@ -181,24 +288,8 @@ def sample_heun(
     s_noise: float = 1.0,
 ) -> torch.Tensor:
     """Heun's second-order method (Karras et al. 2022, Alg. 2); the last step to sigma = 0 is plain Euler."""
-    sigmas = _prepare(x, sigmas)
-    for i in _steps(sigmas, progress):
-        gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
-        sigma_hat = sigmas[i] * (gamma + 1)
-        if gamma > 0:
-            x = x + _noise_like(x, generator) * s_noise * (sigma_hat**2 - sigmas[i] ** 2).sqrt()
-        denoised = _denoise(denoiser, x, sigma_hat, cond)
-        if callback is not None:
-            callback(i, sigmas[i], x, denoised)
-        d = to_d(x, sigma_hat, denoised)
-        dt = sigmas[i + 1] - sigma_hat
-        if sigmas[i + 1] == 0:
-            x = x + d * dt
-            continue
-        x_euler = x + d * dt
-        d_next = to_d(x_euler, sigmas[i + 1], _denoise(denoiser, x_euler, sigmas[i + 1], cond))
-        x = x + (d + d_next) / 2 * dt
-    return x
+    denoise, churn = StepDenoiser(denoiser, cond, callback), Churn(s_churn, s_tmin, s_tmax, s_noise)
+    return churned_ode_loop(denoise, x, _prepare(x, sigmas), churn, generator, progress, second_order=True)
 
 
 def lms_coefficient(sigmas: Sequence[float], i: int, order: int, j: int) -> float:
@@ -226,14 +317,12 @@ def sample_lms(
     order: int = 4,
 ) -> torch.Tensor:
     """Linear multistep (Adams-Bashforth in sigma) on the ODE derivatives, order up to `order`."""
-    sigmas = _prepare(x, sigmas)
+    sigmas, denoise = _prepare(x, sigmas), StepDenoiser(denoiser, cond, callback)
     sigma_list = sigmas.double().cpu().tolist()
     derivatives: list[torch.Tensor] = []
-    for i in _steps(sigmas, progress):
-        denoised = _denoise(denoiser, x, sigmas[i], cond)
-        if callback is not None:
-            callback(i, sigmas[i], x, denoised)
-        derivatives = [to_d(x, sigmas[i], denoised), *derivatives][:order]
+    for i, sigma, _ in sigma_steps(sigmas, progress):
+        denoised = denoise.step(i, x, sigma)
+        derivatives = [to_d(x, sigma, denoised), *derivatives][:order]
         current_order = min(i + 1, order)
         coeffs = [lms_coefficient(sigma_list, i, current_order, j) for j in range(current_order)]
         x = x + sum(c * d for c, d in zip(coeffs, derivatives))
@@ -246,6 +335,12 @@ def sample_lms(
 def _lambda(sigma: torch.Tensor) -> torch.Tensor:
     """Half log-SNR on the VE scale: lambda = -log(sigma)."""
     return -sigma.log()
+
+
+def _second_order_ready(old_denoised: torch.Tensor | None, i: int, n: int, euler_at_final: bool) -> bool:
+    """Whether DPM-Solver++(2M) step i of n may use the previous x0: not on the first step, nor on the last one
+    when `euler_at_final` asks for first order there."""
+    return old_denoised is not None and not (euler_at_final and i == n - 1)
 
 
 @register_sampler("dpmpp_2m")
@@ -262,23 +357,20 @@ def sample_dpmpp_2m(
 ) -> torch.Tensor:
     """DPM-Solver++(2M), multistep second order in x0 (Lu et al. 2022, Alg. 2). First and final steps are first
     order (`euler_at_final` forces that for a final sigma > 0, as diffusers' `lower_order_final` does)."""
-    sigmas = _prepare(x, sigmas)
+    sigmas, denoise = _prepare(x, sigmas), StepDenoiser(denoiser, cond, callback)
     n = len(sigmas) - 1
     old_denoised, h_last = None, None
-    for i in _steps(sigmas, progress):
-        denoised = _denoise(denoiser, x, sigmas[i], cond)
-        if callback is not None:
-            callback(i, sigmas[i], x, denoised)
-        if sigmas[i + 1] == 0:
+    for i, sigma, sigma_next in sigma_steps(sigmas, progress):
+        denoised = denoise.step(i, x, sigma)
+        if sigma_next == 0:
             x = denoised
             continue
-        h = _lambda(sigmas[i + 1]) - _lambda(sigmas[i])
-        if old_denoised is None or (euler_at_final and i == n - 1):
-            x0_estimate = denoised
-        else:
+        h = _lambda(sigma_next) - _lambda(sigma)
+        x0_estimate = denoised
+        if _second_order_ready(old_denoised, i, n, euler_at_final):
             r = h_last / h
             x0_estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-        x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * x0_estimate
+        x = (sigma_next / sigma) * x - torch.expm1(-h) * x0_estimate
         old_denoised, h_last = denoised, h
     return x
 
@@ -298,25 +390,24 @@ def sample_dpmpp_2m_sde(
     euler_at_final: bool = False,
 ) -> torch.Tensor:
     """SDE variant of DPM-Solver++(2M) (Lu et al. 2022, sec. 5; midpoint form of k-diffusion and diffusers)."""
-    sigmas = _prepare(x, sigmas)
+    sigmas, denoise = _prepare(x, sigmas), StepDenoiser(denoiser, cond, callback)
     n = len(sigmas) - 1
     old_denoised, h_last = None, None
-    for i in _steps(sigmas, progress):
-        denoised = _denoise(denoiser, x, sigmas[i], cond)
-        if callback is not None:
-            callback(i, sigmas[i], x, denoised)
-        noise = _noise_like(x, generator)
-        if sigmas[i + 1] == 0:
+    for i, sigma, sigma_next in sigma_steps(sigmas, progress):
+        denoised = denoise.step(i, x, sigma)
+        # drawn on every step, the last included, so the generator advances as in k-diffusion and diffusers
+        noise = noise_like(x, generator)
+        if sigma_next == 0:
             x = denoised
             continue
-        h = _lambda(sigmas[i + 1]) - _lambda(sigmas[i])
+        h = _lambda(sigma_next) - _lambda(sigma)
         eta_h = eta * h
-        x = (sigmas[i + 1] / sigmas[i]) * (-eta_h).exp() * x - torch.expm1(-h - eta_h) * denoised
-        if old_denoised is not None and not (euler_at_final and i == n - 1):
+        x = (sigma_next / sigma) * (-eta_h).exp() * x - torch.expm1(-h - eta_h) * denoised
+        if _second_order_ready(old_denoised, i, n, euler_at_final):
             r = h_last / h
             x = x - 0.5 * torch.expm1(-h - eta_h) * (1 / r) * (denoised - old_denoised)
         if eta > 0:
-            x = x + noise * sigmas[i + 1] * (-torch.expm1(-2 * eta_h)).sqrt() * s_noise
+            x = x + noise * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt() * s_noise
         old_denoised, h_last = denoised, h
     return x
 
@@ -361,19 +452,18 @@ def sample_ddim(
     `sigmas_to` (n,), optional: where each step lands when that differs from `sigmas[i + 1]` (diffusers'
     `t - T // steps` off the `leading` grid); the sample is then read at `sigmas[i + 1]` unchanged in VP scale.
     """
-    sigmas = _prepare(x, sigmas)
-    targets = sigmas[1:] if sigmas_to is None else _prepare(x, sigmas_to)
-    for i in _steps(sigmas, progress):
-        sigma, target = sigmas[i], targets[i]
-        denoised = _denoise(denoiser, x, sigma, cond)
-        if callback is not None:
-            callback(i, sigma, x, denoised)
+    sigmas, denoise = _prepare(x, sigmas), StepDenoiser(denoiser, cond, callback)
+    targets = _landing_sigmas(x, sigmas, sigmas_to)
+    for i, sigma, sigma_next in sigma_steps(sigmas, progress):
+        target = targets[i]
+        denoised = denoise.step(i, x, sigma)
         eps = to_d(x, sigma, denoised)
         _, std = ancestral_step(sigma, target, eta)
         x = denoised + (target**2 - std**2).clamp(min=0).sqrt() * eps
         if eta > 0:
-            x = x + std * _noise_like(x, generator)
-        x = _vp_rescale(x, target, sigmas[i + 1])
+            # diffusers' operand order (std * noise): half-precision CPU kernels round the two orders differently
+            x = x + std * noise_like(x, generator)
+        x = _vp_rescale(x, target, sigma_next)
     return x
 
 
@@ -419,36 +509,29 @@ def sample_plms(
     `sample_ddim`); `sigma_correct_from` the sigma the corrector restarts from; `multistep_space="v"` combines the
     raw v outputs instead of eps, as that scheduler does for v-prediction models.
     """
-    sigmas = _prepare(x, sigmas)
+    sigmas, denoise = _prepare(x, sigmas), StepDenoiser(denoiser, cond, callback)
     n = len(sigmas) - 1
-    targets = sigmas[1:] if sigmas_to is None else _prepare(x, sigmas_to)
-    use_v = multistep_space == "v"
-
-    def output(x_: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        denoised = _denoise(denoiser, x_, sigma, cond)
-        return (_to_v if use_v else to_d)(x_, sigma, denoised), denoised
+    targets = _landing_sigmas(x, sigmas, sigmas_to)
+    as_output = _to_v if multistep_space == "v" else to_d
 
     def ddim_jump(
         x_: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor, out: torch.Tensor
     ) -> torch.Tensor:
-        eps = _v_to_eps(out, x_, sigma) if use_v else out
+        eps = _v_to_eps(out, x_, sigma) if as_output is _to_v else out
         return x_ + (target - sigma) * eps
 
     history: list[torch.Tensor] = []
-    for i in _steps(sigmas, progress):
-        sigma = sigmas[i]
-        out, denoised = output(x, sigma)
-        if callback is not None:
-            callback(i, sigma, x, denoised)
+    for i, sigma, sigma_next in sigma_steps(sigmas, progress):
+        out = as_output(x, sigma, denoise.step(i, x, sigma))
         history = [out, *history][:4]
         if i == 0 and n > 1:
-            x_pred = _vp_rescale(ddim_jump(x, sigma, targets[0], out), targets[0], sigmas[1])
-            out_pred, _ = output(x_pred, sigmas[1])
+            x_pred = _vp_rescale(ddim_jump(x, sigma, targets[0], out), targets[0], sigma_next)
+            out_pred = as_output(x_pred, sigma_next, denoise(x_pred, sigma_next))
             start = sigma if sigma_correct_from is None else torch.as_tensor(sigma_correct_from).to(sigma)
             x_start = _vp_rescale(x, sigma, start)
-            x = ddim_jump(x_start, start, sigmas[1], (out + out_pred) / 2)
+            x = ddim_jump(x_start, start, sigma_next, (out + out_pred) / 2)
             continue
-        x = _vp_rescale(ddim_jump(x, sigma, targets[i], _plms_combine(history)), targets[i], sigmas[i + 1])
+        x = _vp_rescale(ddim_jump(x, sigma, targets[i], _plms_combine(history)), targets[i], sigma_next)
     return x
 
 
@@ -463,5 +546,5 @@ def _load_builtin_samplers() -> None:
 
     Done lazily because edm.py and continuous.py import this module.
     """
-    import t2i.diffusion.continuous  # noqa: F401
+    import t2i.diffusion.continuous
     import t2i.diffusion.edm  # noqa: F401

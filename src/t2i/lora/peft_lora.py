@@ -1,6 +1,6 @@
 """LoRA adapters on a backbone through `peft`: which modules get one, injecting them, and reading them back.
 
-A LoRA replaces a linear (or 1x1 conv) `W x` by `W x + scale * (alpha / r) * B A x`, with A (r, in) and
+A LoRA replaces a linear (or conv) `W x` by `W x + scale * (alpha / r) * B A x`, with A (r, in) and
 B (out, r) the only trained weights (Hu et al. 2021, eq. 3). `peft` wraps each targeted module in a `LoraLayer`
 that holds several named adapters; this file only decides the targets and reads the layers.
 
@@ -27,9 +27,12 @@ SD_FEED_FORWARD = ("net.0.proj", "net.2")  # inside FeedForward
 # Imagen attention blocks (imagen_blocks.*AttentionBlock) and the GEGLU feed-forward.
 IMAGEN_ATTENTION = ("q", "kv", "qkv", "kv_self", "kv_context", "proj_out")
 IMAGEN_FEED_FORWARD = ("proj_in", "proj_out")
+# ResBlock convolutions and their time-embedding projection (LoCon-style `conv`), SD then Imagen names.
+SD_RESBLOCK = ("in_layers.2", "out_layers.3", "emb_layers.1", "skip_connection")
+IMAGEN_RESBLOCK = ("in_conv", "out_conv", "emb_proj", "skip", "shortcut")
 # Hugging Face text encoders (CLIP attention names).
 TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
-TARGET_GROUPS = ("attention", "ff")
+TARGET_GROUPS = ("attention", "ff", "conv")
 
 
 def lora_layer_types() -> tuple[type, ...]:
@@ -57,19 +60,30 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d, *lora_layer_types()))
 
 
-def _children_matching(parent_name: str, parent: nn.Module, suffixes: Sequence[str]) -> Iterator[str]:
+def _is_resblock_parent(module: nn.Module) -> bool:
+    from t2i.models.imagen_blocks import EfficientResBlock
+    from t2i.models.imagen_blocks import ResBlock as ImagenResBlock
+    from t2i.models.unet import ResBlock
+
+    return isinstance(module, (ResBlock, ImagenResBlock, EfficientResBlock))
+
+
+def _children_matching(
+    parent_name: str, parent: nn.Module, suffixes: Sequence[str], kinds: tuple[type, ...] = (nn.Linear,)
+) -> Iterator[str]:
     for suffix in suffixes:
         try:
             child = parent.get_submodule(suffix)
         except AttributeError:
             continue
-        if isinstance(child, (nn.Linear, *lora_layer_types())):
+        if isinstance(child, (*kinds, *lora_layer_types())):
             yield f"{parent_name}.{suffix}" if parent_name else suffix
 
 
 def default_targets(model: nn.Module, groups: Sequence[str] = ("attention",)) -> list[str]:
-    """Full module paths of `model` that get a LoRA: attention q/k/v/out projections (`attention`) and/or the
-    feed-forward linears (`ff`), for the SD UNet, the Imagen UNets and Hugging Face text encoders."""
+    """Full module paths of `model` that get a LoRA: attention q/k/v/out projections (`attention`), the
+    feed-forward linears (`ff`) and/or the ResBlock convolutions with their time-embedding projections
+    (`conv`), for the SD UNet, the Imagen UNets and Hugging Face text encoders."""
     unknown = [g for g in groups if g not in TARGET_GROUPS]
     if unknown:
         raise LoraError(f"lora target group {unknown[0]!r}: unknown; expected {', '.join(TARGET_GROUPS)}")
@@ -79,6 +93,8 @@ def default_targets(model: nn.Module, groups: Sequence[str] = ("attention",)) ->
             found += _children_matching(name, module, SD_ATTENTION + IMAGEN_ATTENTION)
         if "ff" in groups and _is_feed_forward_parent(module):
             found += _children_matching(name, module, SD_FEED_FORWARD + IMAGEN_FEED_FORWARD)
+        if "conv" in groups and _is_resblock_parent(module):
+            found += _children_matching(name, module, SD_RESBLOCK + IMAGEN_RESBLOCK, (nn.Linear, nn.Conv2d))
         if (
             "attention" in groups
             and type(module).__name__.endswith("Attention")
@@ -218,7 +234,7 @@ def lora_weights(
 
 
 def delta_weight(down: torch.Tensor, up: torch.Tensor, factor: float) -> torch.Tensor:
-    """factor * up @ down for linear (out, r) x (r, in) or 1x1 conv weights (out, r, 1, 1) x (r, in, 1, 1)."""
+    """factor * up @ down for linear (out, r) x (r, in) or conv weights (out, r, 1, 1) x (r, in, k, k)."""
     if down.ndim == 2:
         return factor * (up @ down)
     flat = up.flatten(1) @ down.flatten(1)

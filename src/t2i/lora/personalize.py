@@ -37,6 +37,8 @@ class PersonalizeSettings:
     steps: int = 300
     batch_size: int = 8
     rank: int = 8
+    alpha: float | None = None  # None = rank (scale 1)
+    target_modules: list[str] | None = None  # None = attention q/k/v/out; groups attention / ff / conv
     lr: float = 3e-3
     prior_prompts: int = 24
     prior_images: int = 1
@@ -168,7 +170,9 @@ def lora_run_config(settings: PersonalizeSettings, data: Path, out: Path, size: 
     return build_config({
         "name": "shapes-lora", "seed": settings.seed,
         "model": {"kind": "latent_diffusion", "text_drop_rate": 0.0,
-                  "lora": {"rank": settings.rank, "alpha": float(settings.rank)},
+                  "lora": {"rank": settings.rank,
+                           "alpha": float(settings.alpha if settings.alpha is not None else settings.rank),
+                           "target_modules": settings.target_modules},
                   "optim": {"lr": settings.lr, "weight_decay": 0.0}},
         "data": {"train": [str(data)], "resolution": size, "batch_size": settings.batch_size,
                  "shuffle_buffer": 64},

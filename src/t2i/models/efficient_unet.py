@@ -21,15 +21,9 @@ from torch import nn
 
 from t2i.errors import ConfigError
 from t2i.models.imagen_blocks import (
-    POOLING_TYPES,
     CondSequential,
     EfficientResBlock,
-    ScalarEmbedding,
-    TextConditioner,
-    check_choice,
-    check_divisible,
-    check_optional_input,
-    concat_low_res,
+    ImagenUNetBase,
     make_attention_block,
     per_level,
     reject_unknown_keys,
@@ -38,13 +32,16 @@ from t2i.models.imagen_blocks import (
 __all__ = ["EfficientUNet"]
 
 
-class EfficientUNet(nn.Module):
+class EfficientUNet(ImagenUNetBase):
     """Efficient U-Net for Imagen's 64->256 and 256->1024 super-resolution stages.
 
     forward(x (B, channels, H, W), time_cond (B,), text_embed (B, T, text_embed_dim) | None,
     text_mask (B, T) bool | None, x_low_res (B, channels, h, w), aug_cond (B,) | None) -> (B, channels, H, W).
     H and W must be multiples of stride ** (levels - 1).
     """
+
+    low_res_cond = True  # always super-resolution
+    _low_res_flag = "unet_type sr"
 
     def __init__(
         self,
@@ -78,17 +75,14 @@ class EfficientUNet(nn.Module):
             raise ConfigError(f"model.unet.stride: {stride}; expected an even resampling factor >= 2")
         levels = len(channel_mult)
         self.image_size, self.stride, self.levels = image_size, stride, levels
-        self.noise_cond_aug = noise_cond_aug
+        self._total_downsampling = stride ** (levels - 1)
         blocks = per_level("num_resblocks", num_resblocks, levels)
         attn_at = per_level("atnn_enabled_at", atnn_enabled_at, levels)
         cond_dim = cond_dim or text_embed_dim
-        time_dim = 4 * embed_dim
-        self.time_embed = ScalarEmbedding(embed_dim, learned_sinu_pos_emb_dim, time_dim)
-        self.lowres_time_embed = (
-            ScalarEmbedding(embed_dim, learned_sinu_pos_emb_dim, time_dim) if noise_cond_aug else None
-        )
-        pooling = check_choice("feature_pooling_type", feature_pooling_type, POOLING_TYPES)
-        self.text = TextConditioner(text_embed_dim, cond_dim, time_dim, pooling, use_null_token)
+        time_dim = self._build_conditioning(
+            embed_dim, learned_sinu_pos_emb_dim, text_embed_dim, cond_dim, feature_pooling_type,
+            use_null_token, noise_cond_aug,
+        )  # fmt: skip
 
         def res(ch: int, out: int) -> EfficientResBlock:
             return EfficientResBlock(
@@ -123,25 +117,10 @@ class EfficientUNet(nn.Module):
             ch = out
         self.out = nn.Conv2d(init_dim, channels, 1)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        time_cond: torch.Tensor,
-        text_embed: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-        x_low_res: torch.Tensor | None = None,
-        aug_cond: torch.Tensor | None = None,
+    def _forward_layers(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        check_optional_input("x_low_res", x_low_res, True, "unet_type sr")
-        check_optional_input("aug_cond", aug_cond, self.noise_cond_aug, "model.unet.noise_cond_aug")
-        check_divisible(x, self.stride ** (self.levels - 1))
-        emb = self.time_embed(time_cond)
-        if self.lowres_time_embed is not None:
-            emb = emb + self.lowres_time_embed(aug_cond)
-        context, mask, text_hidden = self.text(text_embed, text_mask, x.shape[0], x)
-        emb = emb + text_hidden
-
-        h = self.init_conv(concat_low_res(x, x_low_res))
+        h = self.init_conv(x)
         skips = []
         for dblock in self.DBlocks:
             h = dblock(h, emb, context, mask)

@@ -517,6 +517,73 @@ class CondSequential(nn.ModuleList):
         return x
 
 
+# ------------------------------------------------------------------------------------------------ UNet base
+class ImagenUNetBase(nn.Module):
+    """What the Regular and Efficient UNets share: the conditioning modules and the forward contract.
+
+    forward(x (B, channels, H, W), time_cond (B,), text_embed (B, T, text_embed_dim) | None,
+    text_mask (B, T) bool | None, x_low_res (B, channels, h, w) | None, aug_cond (B,) | None) -> (B, channels, H, W)
+    checks the optional inputs, concatenates x_low_res, builds the conditioning vector
+    MLP(time_cond) [+ MLP(aug_cond)] + MLP(pooled text) and hands over to the subclass's `_forward_layers`.
+
+    A subclass calls `_build_conditioning` in its __init__ and sets `low_res_cond` (x_low_res required),
+    `_low_res_flag` (the setting named when x_low_res is missing or unexpected) and `_total_downsampling`.
+    """
+
+    low_res_cond: bool
+    noise_cond_aug: bool
+    _low_res_flag: str
+    _total_downsampling: int
+
+    def _build_conditioning(
+        self,
+        embed_dim: int,
+        learned_sinu_pos_emb_dim: int,
+        text_embed_dim: int,
+        cond_dim: int,
+        feature_pooling_type: str,
+        use_null_token: bool,
+        noise_cond_aug: bool,
+    ) -> int:
+        """Register `time_embed`, `lowres_time_embed` (None without noise_cond_aug) and `text`; return the
+        width of the conditioning vector."""
+        self.noise_cond_aug = noise_cond_aug
+        time_dim = 4 * embed_dim
+        self.time_embed = ScalarEmbedding(embed_dim, learned_sinu_pos_emb_dim, time_dim)
+        self.lowres_time_embed = (
+            ScalarEmbedding(embed_dim, learned_sinu_pos_emb_dim, time_dim) if noise_cond_aug else None
+        )
+        pooling = check_choice("feature_pooling_type", feature_pooling_type, POOLING_TYPES)
+        self.text = TextConditioner(text_embed_dim, cond_dim, time_dim, pooling, use_null_token)
+        return time_dim
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        time_cond: torch.Tensor,
+        text_embed: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        x_low_res: torch.Tensor | None = None,
+        aug_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        check_optional_input("x_low_res", x_low_res, self.low_res_cond, self._low_res_flag)
+        check_optional_input("aug_cond", aug_cond, self.noise_cond_aug, "model.unet.noise_cond_aug")
+        check_divisible(x, self._total_downsampling)
+        if x_low_res is not None:
+            x = concat_low_res(x, x_low_res)
+        emb = self.time_embed(time_cond)
+        if self.lowres_time_embed is not None:
+            emb = emb + self.lowres_time_embed(aug_cond)
+        context, mask, text_hidden = self.text(text_embed, text_mask, x.shape[0], x)
+        return self._forward_layers(x, emb + text_hidden, context, mask)
+
+    def _forward_layers(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet proper on x (B, in_channels, H, W), with x_low_res already concatenated."""
+        raise NotImplementedError
+
+
 # ---------------------------------------------------------------------------------------- inputs and checks
 def concat_low_res(x: torch.Tensor, x_low_res: torch.Tensor) -> torch.Tensor:
     """Channel-concatenate the low-resolution conditioning image, bicubic-upsampling it to x's size if needed.

@@ -24,15 +24,9 @@ from torch import nn
 from t2i.errors import ConfigError
 from t2i.models.efficient_unet import EfficientUNet
 from t2i.models.imagen_blocks import (
-    POOLING_TYPES,
     CondSequential,
+    ImagenUNetBase,
     ResBlock,
-    ScalarEmbedding,
-    TextConditioner,
-    check_choice,
-    check_divisible,
-    check_optional_input,
-    concat_low_res,
     dropout_rate,
     group_norm,
     make_attention_block,
@@ -47,7 +41,7 @@ __all__ = ["UNET_TYPES", "EfficientUNet", "ImagenUNet", "build_imagen_unet", "va
 UNET_TYPES = ("base", "sr-unet", "sr")
 
 
-class ImagenUNet(nn.Module):
+class ImagenUNet(ImagenUNetBase):
     """NeMo's Regular UNet for the Imagen base64 model and, with `low_res_cond`, for super-resolution.
 
     forward(x (B, channels, H, W), time_cond (B,), text_embed (B, T, text_embed_dim) | None,
@@ -55,6 +49,8 @@ class ImagenUNet(nn.Module):
     -> (B, channels, H, W). Attention heads: `channels // per_head_channels` when per_head_channels > 0
     (NeMo's rule; `num_attn_heads` is then unused), else `num_attn_heads`.
     """
+
+    _low_res_flag = "model.unet.low_res_cond"
 
     def __init__(
         self,
@@ -91,7 +87,8 @@ class ImagenUNet(nn.Module):
                 "model.unet.noise_cond_aug: needs low_res_cond: true (it augments the low-res input)"
             )
         levels = len(channel_mult)
-        self.image_size, self.low_res_cond, self.noise_cond_aug = image_size, low_res_cond, noise_cond_aug
+        self.image_size, self.low_res_cond = image_size, low_res_cond
+        self._total_downsampling = 2 ** (levels - 1)
         self._blocks_per_level = per_level("num_res_blocks", num_res_blocks, levels)
         self._attention_ds = _attention_factors(attention_resolutions, image_size)
         self._settings = {
@@ -106,14 +103,10 @@ class ImagenUNet(nn.Module):
             "scale_shift_norm": scale_shift_norm,
         }
         self._resample = (resblock_updown, resample_with_conv)
-        time_dim = 4 * embed_dim
-        self._time_dim = time_dim
-        self.time_embed = ScalarEmbedding(embed_dim, learned_sinu_pos_emb_dim, time_dim)
-        self.lowres_time_embed = (
-            ScalarEmbedding(embed_dim, learned_sinu_pos_emb_dim, time_dim) if noise_cond_aug else None
-        )
-        pooling = check_choice("feature_pooling_type", feature_pooling_type, POOLING_TYPES)
-        self.text = TextConditioner(text_embed_dim, cond_dim, time_dim, pooling, use_null_token)
+        self._time_dim = self._build_conditioning(
+            embed_dim, learned_sinu_pos_emb_dim, text_embed_dim, cond_dim, feature_pooling_type,
+            use_null_token, noise_cond_aug,
+        )  # fmt: skip
 
         init_dim = embed_dim * channel_mult[0]
         in_channels = 2 * channels if low_res_cond else channels
@@ -197,26 +190,9 @@ class ImagenUNet(nn.Module):
         return ch
 
     # --------------------------------------------------------------------------------------------- forward
-    def forward(
-        self,
-        x: torch.Tensor,
-        time_cond: torch.Tensor,
-        text_embed: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-        x_low_res: torch.Tensor | None = None,
-        aug_cond: torch.Tensor | None = None,
+    def _forward_layers(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        check_optional_input("x_low_res", x_low_res, self.low_res_cond, "model.unet.low_res_cond")
-        check_optional_input("aug_cond", aug_cond, self.noise_cond_aug, "model.unet.noise_cond_aug")
-        check_divisible(x, 2 ** (len(self._blocks_per_level) - 1))
-        if x_low_res is not None:
-            x = concat_low_res(x, x_low_res)
-        emb = self.time_embed(time_cond)
-        if self.lowres_time_embed is not None:
-            emb = emb + self.lowres_time_embed(aug_cond)
-        context, mask, text_hidden = self.text(text_embed, text_mask, x.shape[0], x)
-        emb = emb + text_hidden
-
         h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb, context, mask)
