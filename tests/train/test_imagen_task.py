@@ -163,6 +163,30 @@ def test_sr_low_res_is_area_downsampled_and_noise_augmented(per_sample):
     assert per_sample or bool((cond["aug_cond"] == cond["aug_cond"][0]).all())
 
 
+def test_sr_stage_without_augmentation_samples_on_the_low_res_it_trained_on():
+    # Regression: sampling once applied c_in(0.002) ~ 2 to the low-res input of a stage trained on plain
+    # low-res images, which left the demo's SR output covered in speckle.
+    unet = dict(tiny_model("sr-unet")["unet"]) | {"noise_cond_aug": False}
+    task = make_task("sr-unet", unet=unet, noise_cond_aug=False)
+    images = fixed_batch()["image_encoded"]["mean"].clamp(-1, 1)
+    trained_on = task.low_res_training_cond(images, torch.Generator().manual_seed(0))
+    low = images.reshape(3, 3, 4, 2, 4, 2).mean(dim=(3, 5))
+    for level in (None, 0.002, 0.5):
+        sampled_on = task.stage.low_res_cond(low, level, torch.Generator().manual_seed(1))
+        assert sampled_on.keys() == trained_on.keys() == {"x_low_res"}
+        torch.testing.assert_close(sampled_on["x_low_res"], trained_on["x_low_res"])
+
+
+def test_sr_stage_with_augmentation_samples_with_c_in_scaled_low_res():
+    task = make_task("sr-unet")
+    low = fixed_batch()["image_encoded"]["mean"].reshape(3, 3, 4, 2, 4, 2).mean(dim=(3, 5)).clamp(-1, 1)
+    cond = task.stage.low_res_cond(low, 0.002, torch.Generator().manual_seed(1))
+    noise = torch.randn(low.shape, generator=torch.Generator().manual_seed(1))
+    expected = (low + 0.002 * noise) / (0.002**2 + 0.25) ** 0.5
+    torch.testing.assert_close(cond["x_low_res"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cond["aug_cond"], torch.full((3,), float(torch.tensor(0.002).log()) / 4))
+
+
 def _loss_and_grads(task: ImagenTask, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     task.zero_grad()
     ctx = (

@@ -318,11 +318,17 @@ class ImagenStage(nn.Module):
         self, low_res: torch.Tensor, level: float | None, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Sampling-time low-res conditioning: the previous stage's images (B, C, h, w) in [-1, 1], resized to
-        `low_res_size`, augmented at the fixed `level` (sigma_aug under EDM, time under DDPM)."""
+        `low_res_size`, augmented at the fixed `level` (sigma_aug under EDM, time under DDPM).
+
+        A stage trained without noise-conditioning augmentation saw the plain low-res images (no noise, no
+        c_in scaling), so it gets them here too and `level` does not apply: c_in(0.002) alone would double them.
+        """
         from t2i.diffusion.noise_aug import fixed_augment
 
         s = self.settings
         low_res = resize_images(low_res.to(self.device), s.low_res_size).clamp(-1, 1)
+        if not s.noise_aug.enabled:
+            return {"x_low_res": low_res}
         level = default_aug_level(s) if level is None else level
         x_aug, aug_cond = fixed_augment(low_res, level, generator=generator, **self.aug_options())
         cond = {"x_low_res": x_aug}
