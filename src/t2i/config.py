@@ -243,6 +243,7 @@ class EMAConfig:
     enabled: bool = True
     decay: float = 0.9999
     start_step: int = 0
+    warmup: bool = True  # decay min(decay, (1 + n) / (10 + n)) at the n-th averaged step, as diffusers' EMAModel
 
     def check(self, key: str) -> None:
         _require(0 <= self.decay < 1, f"{key}.decay", self.decay, "a number in [0, 1)")

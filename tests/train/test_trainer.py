@@ -115,7 +115,7 @@ def test_grad_clip_bounds_the_update(tmp_path):
 
 def test_ema_matches_closed_form():
     live = {"w": torch.zeros(3), "count": torch.tensor(0)}
-    ema = EMA({"w": torch.ones(3), "count": torch.tensor(0)}, decay=0.9, start_step=2)
+    ema = EMA({"w": torch.ones(3), "count": torch.tensor(0)}, decay=0.9, start_step=2, warmup=False)
     for step in range(1, 3):  # until start_step the shadow tracks the live weights
         live["w"] = torch.full((3,), float(step))
         ema.update(live, step)
@@ -126,6 +126,19 @@ def test_ema_matches_closed_form():
     expected = 5.0 + (2.0 - 5.0) * 0.9**10
     torch.testing.assert_close(ema.shadow["w"], torch.full((3,), expected), atol=1e-6, rtol=0)
     assert ema.shadow["count"].item() == 7
+
+
+def test_ema_warmup_follows_diffusers_schedule_and_forgets_the_initialisation():
+    ema = EMA({"w": torch.zeros(1)}, decay=0.995, start_step=3)
+    assert [ema.decay_at(s) for s in (4, 5, 13)] == [2 / 11, 3 / 12, 11 / 20]
+    assert ema.decay_at(10_000) == 0.995
+    shadow, live = 0.0, 1.0
+    for step in range(4, 504):  # closed form of the warmed-up average, step by step
+        d = min(0.995, (1 + step - 3) / (10 + step - 3))
+        shadow = d * shadow + (1 - d) * live
+        ema.update({"w": torch.ones(1)}, step)
+    torch.testing.assert_close(ema.shadow["w"], torch.tensor([shadow]))
+    assert 1 - shadow < 0.995**500 / 10  # far less of the initial weights than without warmup (~8%)
 
 
 def test_ema_weights_are_used_for_sampling_then_restored(tmp_path):

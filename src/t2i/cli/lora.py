@@ -43,7 +43,9 @@ def add_lora_commands(parser: argparse.ArgumentParser) -> None:
     personal.add_argument("--colour", default="brown", choices=("brown", "cyan", "pink"))
     personal.add_argument("--steps", type=int, default=None, help="LoRA training steps")
     personal.add_argument("--images", type=int, default=None, help="training images (<= 50)")
-    personal.add_argument("--threads", type=int, default=2)
+    personal.add_argument("--scale", type=float, default=None, help="LoRA scale at evaluation (default 0.8)")
+    personal.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default 1e-3)")
+    personal.add_argument("--threads", type=int, default=1)
     personal.set_defaults(func=run_personalize)
 
 
@@ -74,6 +76,10 @@ def run_personalize(args: argparse.Namespace) -> int:
         settings.steps = args.steps
     if args.images is not None:
         settings.num_images = args.images
+    if args.scale is not None:
+        settings.scale = args.scale
+    if args.lr is not None:
+        settings.lr = args.lr
     results = personalize(args.base, args.out, settings)
     print(json.dumps({k: v for k, v in results.items() if k != "settings"}, indent=2))
     return 0

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +34,20 @@ class PersonalizeSettings:
 
     colour: str = "brown"
     num_images: int = 48
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 8
     rank: int = 8
-    alpha: float | None = None  # None = rank (scale 1)
-    target_modules: list[str] | None = None  # None = attention q/k/v/out; groups attention / ff / conv
-    lr: float = 3e-3
+    alpha: float | None = None  # None = rank
+    # ResBlock convolutions too: attention alone cannot make the UNet emit a latent colour it never produced
+    target_modules: list[str] | None = field(default_factory=lambda: ["attention", "ff", "conv"])
+    lr: float = 1e-3
     prior_prompts: int = 24
     prior_images: int = 1
     prior_weight: float = 1.0
+    scale: float = 0.8  # LoRA scale at inference: trades the new colour against the old ones (docs/LORA.md)
     sample_steps: int = 20
     guidance_scale: float = 4.0
-    eval_seeds: int = 2
+    eval_seeds: int = 4
     seed: int = 0
 
 
@@ -222,7 +224,7 @@ def personalize(
     lora_path = task.export(out)
 
     tuned = load_pipeline(resolve_base(base))
-    load_lora(tuned, lora_path)
+    load_lora(tuned, lora_path, scale=settings.scale)
     after_new = score_concept(
         sample(tuned, new_prompts, settings, size), new_prompts * settings.eval_seeds, settings.colour
     )
