@@ -106,7 +106,7 @@ class StepPeak:
         self.device = torch.device(device)
         self.peak_mib = 0.0
 
-    def __enter__(self) -> "StepPeak":
+    def __enter__(self) -> StepPeak:  # noqa: PYI034 (no Self on Python 3.10)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

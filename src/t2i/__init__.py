@@ -17,7 +17,7 @@ _LAZY = {
     "T2IError": "t2i.errors",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", *sorted(_LAZY)]  # noqa: PLE0604 (the keys are strings)
 
 
 def __getattr__(name: str) -> Any:

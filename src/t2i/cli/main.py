@@ -26,9 +26,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i", description="Train and run text-to-image diffusion models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = [a for a in argv if a in COMMANDS][:1] or list(COMMANDS)
-    for name in COMMANDS:
+    for name, module in COMMANDS.items():
         if name in wanted:
-            importlib.import_module(COMMANDS[name]).register(sub)
+            importlib.import_module(module).register(sub)
         else:
             sub.add_parser(name, help=f"see `t2i {name} --help`")
     return parser

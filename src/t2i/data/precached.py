@@ -24,7 +24,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-
 from t2i.data.readers import ShardDataset, default_rank
 from t2i.data.sources import resolve_sources
 from t2i.data.stats import BadSample, DataStats
@@ -103,7 +102,7 @@ class PrecachedShardWriter:
             self._writer.close()
             self._writer = None
 
-    def __enter__(self) -> "PrecachedShardWriter":
+    def __enter__(self) -> PrecachedShardWriter:  # noqa: PYI034 (no Self on Python 3.10)
         return self
 
     def __exit__(self, *exc) -> None:
