@@ -295,3 +295,16 @@ def test_precache_train_export_roundtrip(tmp_path):
     with task.ema_weights(True):
         for name, value in task.model_state_dict().items():
             torch.testing.assert_close(stage.unet.state_dict()[name], value.float())
+
+
+def test_build_task_initialises_the_same_weights_from_the_same_seed():
+    from t2i.train.task import build_task
+
+    cfg = build_config({"model": tiny_model(), "seed": 3})
+    torch.manual_seed(123)  # whatever the global generator held before
+    first = build_task(cfg).unet.state_dict()
+    torch.rand(5)
+    second = build_task(cfg).unet.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = build_task(build_config({"model": tiny_model(), "seed": 4})).unet.state_dict()
+    assert not all(torch.equal(first[k], other[k]) for k in first)

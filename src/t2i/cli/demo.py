@@ -171,6 +171,7 @@ def precache_latents(out: Path, shards: str, vae_dir: Path, settings: DemoSettin
 
 
 def train_unet(out: Path, vae_dir: Path, scale_factor: float, settings: DemoSettings) -> Any:
+    from t2i.train.task import seed_everything
     from t2i.train.tasks.latent import LatentDiffusionTask
     from t2i.train.trainer import train
 
@@ -178,6 +179,7 @@ def train_unet(out: Path, vae_dir: Path, scale_factor: float, settings: DemoSett
     cfg = _config("demo/shapes-ldm", _ldm_overrides(vae_dir, settings, [
         f"data.train={latents}", f"model.scale_factor={scale_factor:.6f}",
         f"trainer.max_steps={settings.unet_steps}", f"trainer.out_dir={out / 'unet'}"]))
+    seed_everything(cfg.seed)  # the UNet's initialisation, reproducible from run to run
     task = LatentDiffusionTask(cfg, sample_steps=settings.sample_steps, guidance_scale=settings.guidance_scale)
     train(cfg, task)
     return task

@@ -130,6 +130,7 @@ def _stage_defaults(name: str, settings: ImagenDemoSettings) -> Any:
 
 def train_stage(out: Path, name: str, settings: ImagenDemoSettings) -> Path:
     """Train stage `name` from the precached shards; export it to out/cascade/<name>."""
+    from t2i.train.task import seed_everything
     from t2i.train.tasks.imagen import ImagenTask
     from t2i.train.trainer import train
 
@@ -139,6 +140,7 @@ def train_stage(out: Path, name: str, settings: ImagenDemoSettings) -> Path:
         settings,
         [f"data.train={out / 'precached'}", f"trainer.max_steps={steps}", f"trainer.out_dir={out / name}"],
     )
+    seed_everything(cfg.seed)  # the stage's initialisation, reproducible from run to run
     task = ImagenTask(cfg, _stage_defaults(name, settings))
     train(cfg, task)
     task.eval()

@@ -2,7 +2,7 @@
 
     t2i lora train --config configs/demo/shapes-lora.yaml --set model.unet_config.from_pretrained=runs/demo/pipeline
     t2i lora train --config my.yaml --class-prompt "a circle" --class-images 8 --prior-loss-weight 1.0
-    t2i lora personalize --base runs/demo/pipeline --out runs/lora-brown --colour brown
+    t2i lora personalize --base runs/demo/pipeline --out runs/lora-teal --colour teal
 
 `train` writes the run (checkpoints, logs) to trainer.out_dir and the LoRA to OUT_DIR/lora.safetensors;
 use it with `t2i sample --lora OUT_DIR/lora.safetensors:0.8`. Until `lora` is listed in `t2i.cli.main`, run
@@ -40,7 +40,7 @@ def add_lora_commands(parser: argparse.ArgumentParser) -> None:
     personal = sub.add_parser("personalize", help="teach the shapes demo model a new colour and score it")
     personal.add_argument("--base", required=True, help="trained shapes pipeline (folder or t2i run folder)")
     personal.add_argument("--out", required=True)
-    personal.add_argument("--colour", default="brown", choices=("brown", "cyan", "pink"))
+    personal.add_argument("--colour", default="teal", choices=("teal", "brown", "cyan", "pink"))
     personal.add_argument("--steps", type=int, default=None, help="LoRA training steps")
     personal.add_argument("--images", type=int, default=None, help="training images (<= 50)")
     personal.add_argument("--scale", type=float, default=None, help="LoRA scale at evaluation (default 0.8)")
@@ -51,6 +51,7 @@ def add_lora_commands(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from t2i.config import load_config
+    from t2i.train.task import seed_everything
     from t2i.train.tasks.lora import LoraTask, PriorPreservation, load_base_pipeline
     from t2i.train.trainer import train
 
@@ -58,7 +59,9 @@ def run_train(args: argparse.Namespace) -> int:
     prior = None
     if args.class_prompt:
         prior = PriorPreservation(args.class_prompt, args.class_images, args.prior_loss_weight)
-    task = LoraTask(cfg, load_base_pipeline(cfg), prior=prior, train_text_encoder=args.train_text_encoder)
+    pipe = load_base_pipeline(cfg)
+    seed_everything(cfg.seed)  # lora_A's random initialisation
+    task = LoraTask(cfg, pipe, prior=prior, train_text_encoder=args.train_text_encoder)
     train(cfg, task)
     task.eval()
     print(task.export(args.out or cfg.trainer.out_dir))

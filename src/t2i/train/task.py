@@ -148,8 +148,21 @@ def register_task(kind: str) -> Callable[[TaskFactory], TaskFactory]:
     return decorate
 
 
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch's global generators (model initialisation draws from torch's)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def build_task(cfg: RunConfig) -> DiffusionTask:
-    """The task for `cfg.model.kind`, importing its module on first use."""
+    """The task for `cfg.model.kind`, importing its module on first use. Its weights are initialised from
+    `cfg.seed`, so the same config builds the same model in every process."""
+    seed_everything(cfg.seed)
     kind = cfg.model.kind
     if kind not in _TASKS and kind in TASK_MODULES:
         try:

@@ -20,14 +20,12 @@ same losses as an uninterrupted one (bit-exact on CPU). The LR schedule is a pur
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -51,7 +49,7 @@ from t2i.train.distributed import (
 from t2i.train.ema import EMA
 from t2i.train.logging import RunLogger
 from t2i.train.optim import build_optimizer, lr_at, set_lr
-from t2i.train.task import DiffusionTask, build_task
+from t2i.train.task import DiffusionTask, build_task, seed_everything
 
 
 @dataclass
@@ -144,15 +142,9 @@ def train(cfg: RunConfig, task: DiffusionTask | None = None) -> TrainResult:
         cleanup_distributed(ctx)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _train(cfg: RunConfig, task: DiffusionTask | None, ctx: DistContext) -> TrainResult:
     tcfg, out_dir = cfg.trainer, Path(cfg.trainer.out_dir)
-    seed_everything(cfg.seed)  # same init on every rank; per-rank streams are re-seeded below
+    seed_everything(cfg.seed)  # same state on every rank; per-rank streams are re-seeded below
     task = task if task is not None else build_task(cfg)
     task.prepare_for_training(cfg, ctx.device)
     task.train()
