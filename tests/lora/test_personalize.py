@@ -21,6 +21,7 @@ from t2i.lora.personalize import (
     draw_concept,
     personalize,
     score_concept,
+    vae_round_trip,
     write_concept_folder,
 )
 
@@ -44,6 +45,31 @@ def test_extended_judge_reads_every_drawn_concept_image_and_the_old_palette_cann
     assert score_concept(red, prompts[:4], colour)["colour"] == 0.0
 
 
+class _FakeVAEPipeline:
+    """A pipeline whose first stage is the identity, optionally painting every shape pixel red on decode."""
+
+    device = "cpu"
+
+    def __init__(self, recolour_to_red: bool) -> None:
+        import torch
+
+        red = torch.tensor(COLOURS["red"], dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
+
+        def decode(z):
+            if recolour_to_red:
+                shape = (z < 0.99).any(dim=1, keepdim=True)
+                z = torch.where(shape, red.expand_as(z), z)
+            return (z + 1) / 2
+
+        self.first_stage = type("Identity", (), {"encode": staticmethod(lambda x: x)})()
+        self.decode = decode
+
+
+@pytest.mark.parametrize(("recolour", "expected"), [(False, 1.0), (True, 0.0)])
+def test_vae_round_trip_is_the_share_of_images_that_keep_the_new_colour(recolour, expected):
+    assert vae_round_trip(_FakeVAEPipeline(recolour), "teal", size=32, count=8) == expected
+
+
 def test_concept_folder_has_at_most_the_asked_images_with_captions(tmp_path):
     folder = write_concept_folder(tmp_path / "data", "brown", 10, 32, seed=0)
     lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
@@ -64,4 +90,5 @@ def test_small_personalisation_run_writes_a_small_lora_and_scores(sd1_lora_dir, 
     assert any(".resnets." in k and ".conv1." in k for k in keys) and any(".attn2.to_k." in k for k in keys)
     for part in ("new_concept", "old_concepts_heldout"):
         assert set(results[part]) == {"base", "lora"}
-    assert json.loads((tmp_path / "results.json").read_text())["colour"] == "brown"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["colour"] == "teal" and 0.0 <= saved["vae_round_trip"] <= 1.0
