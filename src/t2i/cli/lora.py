@@ -2,7 +2,7 @@
 
     t2i lora train --config configs/demo/shapes-lora.yaml --set model.unet_config.from_pretrained=runs/demo/pipeline
     t2i lora train --config my.yaml --class-prompt "a circle" --class-images 8 --prior-loss-weight 1.0
-    t2i lora personalize --base runs/demo/pipeline --out runs/lora-teal --colour teal
+    t2i lora personalize --base runs/demo/pipeline --out runs/lora-new-colour
 
 `train` writes the run (checkpoints, logs) to trainer.out_dir and the LoRA to OUT_DIR/lora.safetensors;
 use it with `t2i sample --lora OUT_DIR/lora.safetensors:0.8`. Until `lora` is listed in `t2i.cli.main`, run
@@ -40,11 +40,14 @@ def add_lora_commands(parser: argparse.ArgumentParser) -> None:
     personal = sub.add_parser("personalize", help="teach the shapes demo model a new colour and score it")
     personal.add_argument("--base", required=True, help="trained shapes pipeline (folder or t2i run folder)")
     personal.add_argument("--out", required=True)
-    personal.add_argument("--colour", default="teal", choices=("teal", "brown", "cyan", "pink"))
+    personal.add_argument(
+        "--colour", default="auto", choices=("auto", "teal", "brown", "cyan", "pink"),
+        help="the new colour (default auto: the one the base's VAE decodes best)",
+    )
     personal.add_argument("--steps", type=int, default=None, help="LoRA training steps")
     personal.add_argument("--images", type=int, default=None, help="training images (<= 50)")
     personal.add_argument("--scale", type=float, default=None, help="LoRA scale at evaluation (default 0.8)")
-    personal.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default 1e-3)")
+    personal.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default 1.5e-3)")
     personal.add_argument("--threads", type=int, default=1)
     personal.set_defaults(func=run_personalize)
 
