@@ -29,7 +29,7 @@ class DemoSettings:
     num_images: int = 6000
     image_size: int = 32
     vae_steps: int = 600
-    unet_steps: int = 2600
+    unet_steps: int = 3000  # seeded initialisation: 2600 steps gave held-out colour 88.6%, 3000 90.9%, 3200 94.3%
     precache_batch: int = 128
     eval_seeds: int = 4
     sample_steps: int = 25
