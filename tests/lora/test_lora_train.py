@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import t2i
 from t2i.config import build_config
+from t2i.errors import ConfigError
 from t2i.lora import apply_lora, load_lora, lora_parameters, save_lora_file
 from t2i.lora.peft_lora import is_lora_parameter
 from t2i.models.imagen_unet import ImagenUNet
-from t2i.train.tasks.lora import LoraTask, PriorPreservation
+from t2i.train.tasks.lora import PRIOR_LOSSES, LoraTask, PriorPreservation
 
 IMAGEN = dict(  # noqa: C408 (keyword form reads like the YAML)
     embed_dim=16, image_size=8, channels=3, text_embed_dim=12, num_res_blocks=[1, 1], channel_mult=[1, 2],
@@ -62,6 +64,49 @@ def test_sd_lora_task_trains_only_lora_parameters_with_prior_preservation(sd1_lo
         task(batch, gen).backward()
         optimizer.step()
     assert_only_lora_changed(task, before, lora_before)
+
+
+def test_distill_prior_loss_is_the_distance_to_an_independent_copy_of_the_base(sd1_lora_dir):
+    pipe = t2i.load_pipeline(sd1_lora_dir)
+    prior = PriorPreservation(["a circle", "a red square"], num_images=2, steps=2, guidance_scale=1.0,
+                              loss="distill")  # fmt: skip
+    task = LoraTask(lora_config(target_modules=["attention", "ff", "conv"]), pipe, prior=prior)
+    task.make_class_images()
+    with torch.no_grad():  # lora_B starts at zero: the LoRA model is the base, so there is nothing to preserve
+        assert task.prior_loss(3, torch.Generator().manual_seed(0)).item() == 0.0
+        for p in task.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+
+        reference_unet = t2i.load_pipeline(sd1_lora_dir).unet
+        gen = torch.Generator().manual_seed(1)
+        index = torch.randint(len(task.class_latents), (3,), generator=gen)
+        noised = task.objective.prepare(task.class_latents[index], gen)
+        context = task.class_context[index]
+        expected = torch.nn.functional.mse_loss(
+            task.unet(noised.x_t, noised.t, context=context), reference_unet(noised.x_t, noised.t, context=context)
+        )
+        loss = task.prior_loss(3, torch.Generator().manual_seed(1))
+    assert expected.item() > 1e-6
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0.0)
+
+    optimizer = torch.optim.Adam(task.trainable_parameters(), lr=0.02)
+    start = task.prior_loss(4, torch.Generator().manual_seed(2)).item()
+    for _ in range(10):  # the loss pulls the LoRA back towards the base on the class images
+        optimizer.zero_grad()
+        task.prior_loss(4, torch.Generator().manual_seed(2)).backward()
+        optimizer.step()
+    assert task.prior_loss(4, torch.Generator().manual_seed(2)).item() < 0.5 * start
+
+
+def test_prior_loss_names_the_choices():
+    with pytest.raises(ConfigError, match="'l2' is not one of diffusion, distill"):
+        PriorPreservation(["a circle"], loss="l2")
+
+
+def test_cli_prior_loss_choices_match_the_task():
+    from t2i.cli.lora import PRIOR_LOSSES as CLI_CHOICES
+
+    assert CLI_CHOICES == PRIOR_LOSSES
 
 
 def tiny_imagen(seed: int = 0) -> ImagenUNet:

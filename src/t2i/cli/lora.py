@@ -1,12 +1,12 @@
 """`t2i lora`: train a LoRA on any pipeline, or run the shapes personalisation measurement.
 
     t2i lora train --config configs/demo/shapes-lora.yaml --set model.unet_config.from_pretrained=runs/demo/pipeline
-    t2i lora train --config my.yaml --class-prompt "a circle" --class-images 8 --prior-loss-weight 1.0
+    t2i lora train --config my.yaml --class-prompt "a circle" --class-images 8 --prior-loss-weight 1.0 \
+        --prior-loss distill
     t2i lora personalize --base runs/demo/pipeline --out runs/lora-new-colour
 
 `train` writes the run (checkpoints, logs) to trainer.out_dir and the LoRA to OUT_DIR/lora.safetensors;
-use it with `t2i sample --lora OUT_DIR/lora.safetensors:0.8`. Until `lora` is listed in `t2i.cli.main`, run
-this module directly: `python -m t2i.cli.lora train ...`.
+use it with `t2i sample --lora OUT_DIR/lora.safetensors:0.8`. `python -m t2i.cli.lora ...` is the same command.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 from typing import Any
+
+PRIOR_LOSSES = ("diffusion", "distill")  # t2i.train.tasks.lora.PRIOR_LOSSES, without importing torch for --help
 
 
 def register(subparsers: Any) -> None:
@@ -34,6 +36,10 @@ def add_lora_commands(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--class-prompt", action="append", default=[], help="prior-preservation class prompt")
     train.add_argument("--class-images", type=int, default=8, help="class images per class prompt")
     train.add_argument("--prior-loss-weight", type=float, default=1.0)
+    train.add_argument(
+        "--prior-loss", default="diffusion", choices=PRIOR_LOSSES,
+        help="diffusion: DreamBooth's loss on the class images; distill: match the frozen base's predictions",
+    )
     train.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder too")
     train.add_argument("--out", help="where lora.safetensors goes (default: trainer.out_dir)")
     train.set_defaults(func=run_train)
@@ -46,7 +52,8 @@ def add_lora_commands(parser: argparse.ArgumentParser) -> None:
     )
     personal.add_argument("--steps", type=int, default=None, help="LoRA training steps")
     personal.add_argument("--images", type=int, default=None, help="training images (<= 50)")
-    personal.add_argument("--scale", type=float, default=None, help="LoRA scale at evaluation (default 0.8)")
+    personal.add_argument("--scale", type=float, default=None, help="LoRA scale at evaluation (default 1.0)")
+    personal.add_argument("--prior-loss", default=None, choices=PRIOR_LOSSES, help="default distill")
     personal.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default 1.5e-3)")
     personal.add_argument("--threads", type=int, default=1)
     personal.set_defaults(func=run_personalize)
@@ -61,7 +68,9 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     prior = None
     if args.class_prompt:
-        prior = PriorPreservation(args.class_prompt, args.class_images, args.prior_loss_weight)
+        prior = PriorPreservation(
+            args.class_prompt, args.class_images, args.prior_loss_weight, loss=args.prior_loss
+        )
     pipe = load_base_pipeline(cfg)
     seed_everything(cfg.seed)  # lora_A's random initialisation
     task = LoraTask(cfg, pipe, prior=prior, train_text_encoder=args.train_text_encoder)
@@ -86,6 +95,8 @@ def run_personalize(args: argparse.Namespace) -> int:
         settings.scale = args.scale
     if args.lr is not None:
         settings.lr = args.lr
+    if args.prior_loss is not None:
+        settings.prior_loss = args.prior_loss
     results = personalize(args.base, args.out, settings)
     print(json.dumps({k: v for k, v in results.items() if k != "settings"}, indent=2))
     return 0

@@ -3,7 +3,8 @@
 1. `write_concept_folder`: <= 50 images of the new colour (every shape, random positions), drawn with the shapes
    module's own drawing code and recoloured, with captions "a teal square in the top left";
 2. LoRA training (`t2i.train.tasks.lora.LoraTask`) with prior preservation on base-model samples of old
-   prompts, so the old colours are not forgotten;
+   prompts, so the old colours are not forgotten (distillation: the LoRA model must predict what the frozen base
+   predicts on them);
 3. `evaluate`: the analytic judge, its palette extended by the new colour, scores the new prompts; the standard
    judge scores old (held-out) prompts for the base and the LoRA model.
 """
@@ -47,7 +48,9 @@ class PersonalizeSettings:
     prior_prompts: int = 24
     prior_images: int = 1
     prior_weight: float = 1.0
-    scale: float = 0.8  # LoRA scale at inference: trades the new colour against the old ones (docs/LORA.md)
+    # distill: the base's prediction is the prior target; DreamBooth's diffusion loss let old colours drift
+    prior_loss: str = "distill"
+    scale: float = 1.0  # LoRA scale at inference (< 1 trades the new colour for the old ones)
     sample_steps: int = 20
     guidance_scale: float = 4.0
     eval_seeds: int = 4
@@ -156,8 +159,9 @@ def vae_round_trip(pipe: Any, colour: str, size: int, count: int = 24, seed: int
     rng = np.random.default_rng(seed)
     drawn = [draw_concept(colour, SHAPES[i % len(SHAPES)], POSITIONS[i % len(POSITIONS)], size, rng)
              for i in range(count)]  # fmt: skip
-    with torch.no_grad():
-        pixels = pipe.decode(pipe.first_stage.encode(torch.stack([to_tensor(im) for im in drawn]).to(pipe.device)))
+    images = torch.stack([to_tensor(im) for im in drawn]).to(pipe.device)
+    with torch.no_grad():  # posterior samples, as LoRA training sees them, from a fixed generator: repeatable
+        pixels = pipe.decode(pipe.first_stage.encode(images, torch.Generator(pipe.device).manual_seed(seed)))
     palette = {**COLOURS, colour: NEW_COLOURS[colour]}
     return float(np.mean([judge_extended(im, palette).colour == colour for im in to_pil(pixels)]))
 
@@ -240,6 +244,7 @@ def personalize(
             settings.prior_weight,
             settings.sample_steps,
             settings.guidance_scale,
+            loss=settings.prior_loss,
         )
     start = time.perf_counter()
     seed_everything(cfg.seed)  # lora_A's random initialisation

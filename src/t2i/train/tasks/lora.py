@@ -6,16 +6,23 @@ The base is anything `t2i.load_pipeline` reads (a diffusers folder, a t2i pipeli
 target_modules}`; `target_modules` null means the attention q/k/v/out projections (`attention`), `[attention,
 ff]` adds the feed-forward layers, and suffixes such as `attn2.to_k` pick modules by name.
 
-DreamBooth-style prior preservation (Ruiz et al. 2023, eq. 2): class images for `class_prompts` are generated
-once by the frozen base model, and every step adds `prior_loss_weight` x the diffusion loss on a random batch
-of them, which keeps the LoRA from overwriting what the base already draws for that class.
+Prior preservation: class images for `class_prompts` are generated once by the frozen base model, and every
+step adds `prior_loss_weight` x a loss on a random batch of them, which keeps the LoRA from overwriting what
+the base already draws for those prompts. Two losses (`PriorPreservation.loss`):
+
+- `diffusion`: DreamBooth (Ruiz et al. 2023, eq. 2), the ordinary diffusion loss on the class images;
+- `distill`: the frozen base's own prediction on the same noised class latent is the target (the LoRA
+  switched off for that forward). The diffusion target carries the full noise variance, which swamps the small
+  drift a LoRA causes on old prompts; the base's prediction has none, so the loss is exactly zero until the
+  LoRA changes what the model does for them (docs/LORA.md: old colours -10 points with `diffusion`, none with
+  `distill`, on the same run).
 
 Batches are online: `{"images" (B, 3, H, W) in [-1, 1], "captions": list[str]}`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +41,13 @@ PARAMETERIZATION_OF = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 LORA_FILE = "lora.safetensors"
 
 
+PRIOR_LOSSES = ("diffusion", "distill")
+
+
 @dataclass
 class PriorPreservation:
-    """Class images made by the base model: `num_images` per prompt, weighted by `weight` in the loss."""
+    """Class images made by the base model: `num_images` per prompt, weighted by `weight` in the loss, which is
+    `diffusion` (DreamBooth) or `distill` (match the frozen base's prediction)."""
 
     class_prompts: list[str] = field(default_factory=list)
     num_images: int = 8
@@ -44,6 +55,11 @@ class PriorPreservation:
     steps: int = 25
     guidance_scale: float = 4.0
     seed: int = 0
+    loss: str = "diffusion"
+
+    def __post_init__(self) -> None:
+        if self.loss not in PRIOR_LOSSES:
+            raise ConfigError(f"prior loss: {self.loss!r} is not one of {', '.join(PRIOR_LOSSES)}")
 
 
 def resolve_base(path: str | Path) -> Path:
@@ -195,19 +211,27 @@ class LoraTask(DiffusionTask):
         return bypass()
 
     def training_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        """Diffusion loss on the batch (+ prior_loss_weight x the loss on a random batch of class images)."""
+        """Diffusion loss on the batch (+ prior_loss_weight x the prior loss on a random batch of class images)."""
         z = self.first_stage.encode(batch["images"].to(self.device), generator)
         context = self.encode_text(list(batch["captions"]))
         loss = self.objective.loss(self.unet, z, {"context": context}, generator)
         if self.prior is not None and self.class_latents is not None:
-            index = torch.randint(
-                len(self.class_latents), (z.shape[0],), generator=generator, device=generator.device
-            ).to(self.device)
-            prior_loss = self.objective.loss(
-                self.unet, self.class_latents[index], {"context": self.class_context[index]}, generator
-            )
-            loss = loss + self.prior.weight * prior_loss
+            loss = loss + self.prior.weight * self.prior_loss(z.shape[0], generator)
         return loss
+
+    def prior_loss(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """The prior-preservation loss on `batch_size` class latents drawn at random."""
+        index = torch.randint(
+            len(self.class_latents), (batch_size,), generator=generator, device=generator.device
+        ).to(self.device)
+        latents, cond = self.class_latents[index], {"context": self.class_context[index]}
+        if self.prior.loss == "diffusion":
+            return self.objective.loss(self.unet, latents, cond, generator)
+        noised = self.objective.prepare(latents, generator)
+        with torch.no_grad(), self.lora_disabled():
+            base_prediction = self.unet(noised.x_t, noised.t, **cond)
+        prediction = self.unet(noised.x_t, noised.t, **cond)
+        return self.objective.weighted_mse(prediction, replace(noised, target=base_prediction))
 
     # ------------------------------------------------------------------------------------ sampling, export
 
