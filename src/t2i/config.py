@@ -52,14 +52,41 @@ class OptimConfig:
         _require(self.eps > 0, f"{key}.eps", self.eps, "a number > 0")
 
 
+PriorLoss = Literal["diffusion", "distill"]
+PRIOR_LOSSES: tuple[str, ...] = typing.get_args(PriorLoss)
+
+
+@dataclass
+class LoraPriorConfig:
+    """Prior preservation: `num_images` class images per prompt of `class_prompts`, drawn once by the frozen base
+    (`steps`, `guidance_scale`); each step adds `loss_weight` x the `loss` on a batch of them (`diffusion`:
+    DreamBooth's; `distill`: match the frozen base's prediction)."""
+
+    class_prompts: list[str] = field(default_factory=list)
+    num_images: int = 8
+    loss_weight: float = 1.0
+    loss: PriorLoss = "diffusion"
+    steps: int = 25
+    guidance_scale: float = 4.0
+
+    def check(self, key: str) -> None:
+        _require(bool(self.class_prompts), f"{key}.class_prompts", self.class_prompts, "at least one prompt")
+        _require(self.num_images >= 1, f"{key}.num_images", self.num_images, "an integer >= 1")
+        _require(self.loss_weight >= 0, f"{key}.loss_weight", self.loss_weight, "a number >= 0")
+        _require(self.steps >= 1, f"{key}.steps", self.steps, "an integer >= 1")
+
+
 @dataclass
 class LoraConfig:
-    """Low-rank adapters on the backbone's attention projections (`target_modules` None = the task's default)."""
+    """Low-rank adapters on the backbone's attention projections (`target_modules` None = the task's default),
+    optionally on the text encoder's attention too (SD family), with optional prior preservation."""
 
     rank: int = 4
     alpha: float = 4.0
     dropout: float = 0.0
     target_modules: list[str] | None = None
+    train_text_encoder: bool = False
+    prior: LoraPriorConfig | None = None
 
     def check(self, key: str) -> None:
         _require(self.rank >= 1, f"{key}.rank", self.rank, "an integer >= 1")
@@ -204,6 +231,9 @@ class ImagenConfig:
     channels_last: bool = False
     inductor: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # a stage folder (or a t2i run folder with one under export/) whose weights initialise the UNet
+    from_pretrained: str | None = None
+    lora: LoraConfig | None = None  # LoRA on the from_pretrained stage; only the adapters train
 
 
 ModelConfig = LatentDiffusionConfig | AutoencoderConfig | ImagenConfig
@@ -485,6 +515,8 @@ def _coerce_union(args: tuple, value: Any, key: str, aliases: dict[Any, Any] | N
         if kind not in schemas:
             raise ConfigError(f"{key}.kind: {kind!r} is not one of {', '.join(schemas)}")
         return _to_dataclass(schemas[kind], value, key)
+    if len(options) == 1:  # X | None: X's own error names the inner key that is wrong
+        return _coerce(options[0], value, key, aliases)
     for option in options:
         try:
             return _coerce(option, value, key, aliases)

@@ -96,3 +96,56 @@ def test_sample_with_a_bad_lora_file_fails_with_a_one_line_error(sd1_lora_dir, t
     ]
     assert main(argv) == 2
     assert "unet.not_a_module" in capsys.readouterr().err
+
+
+def lora_train_yaml(tmp_path: Path, base: Path, prior_loss: str) -> Path:
+    from t2i.lora.personalize import write_concept_folder
+
+    data = write_concept_folder(tmp_path / "data", "teal", 4, 32, seed=0)
+    path = tmp_path / "lora.yaml"
+    path.write_text(f"""
+seed: 0
+model:
+  kind: latent_diffusion
+  unet_config: {{from_pretrained: {base}}}
+  lora:
+    rank: 2
+    alpha: 2.0
+    target_modules: [attention, conv]
+    prior: {{class_prompts: ["a red circle"], num_images: 2, loss: {prior_loss}, steps: 2, guidance_scale: 1.0}}
+  optim: {{lr: 1.0e-3}}
+data: {{train: [{data}], resolution: 32, batch_size: 2, shuffle_buffer: 4}}
+trainer: {{max_steps: 2, log_every: 1, sample_every: 0, checkpoint_every: 2, out_dir: {tmp_path / "run"},
+          ema: {{enabled: false}}}}
+""")
+    return path
+
+
+def test_lora_train_takes_prior_preservation_from_the_config_and_the_flags(sd1_lora_dir, tmp_path, monkeypatch):
+    from t2i.train.tasks.lora import LoraTask
+
+    used = []
+    prior_loss = LoraTask.prior_loss
+
+    def spy(self, batch_size, generator):
+        used.append((self.prior.loss, self.prior.weight, len(self.class_latents)))
+        return prior_loss(self, batch_size, generator)
+
+    monkeypatch.setattr(LoraTask, "prior_loss", spy)
+    config = lora_train_yaml(tmp_path, sd1_lora_dir, "distill")
+    assert main(["lora", "train", "--config", str(config), "--out", str(tmp_path / "a")]) == 0
+    assert used == [("distill", 1.0, 2)] * 2
+    assert (tmp_path / "a" / "lora.safetensors").is_file()
+
+    used.clear()
+    argv = ["lora", "train", "--config", str(config), "--out", str(tmp_path / "b"), "--class-prompt", "a blue cross",
+            "--class-images", "3", "--prior-loss-weight", "0.5", "--prior-loss", "diffusion"]  # fmt: skip
+    assert main(argv) == 0
+    assert used == [("diffusion", 0.5, 3)] * 2
+
+
+def test_lora_train_with_an_unknown_prior_loss_names_the_key(sd1_lora_dir, tmp_path, capsys):
+    config = lora_train_yaml(tmp_path, sd1_lora_dir, "l2")
+    assert main(["lora", "train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.lora.prior.loss: 'l2' is not one of diffusion, distill" in err and "\n" not in err

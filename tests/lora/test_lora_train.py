@@ -12,7 +12,7 @@ from t2i.errors import ConfigError
 from t2i.lora import apply_lora, load_lora, lora_parameters, save_lora_file
 from t2i.lora.peft_lora import is_lora_parameter
 from t2i.models.imagen_unet import ImagenUNet
-from t2i.train.tasks.lora import PRIOR_LOSSES, LoraTask, PriorPreservation
+from t2i.train.tasks.lora import LoraTask, PriorPreservation
 
 IMAGEN = dict(  # noqa: C408 (keyword form reads like the YAML)
     embed_dim=16, image_size=8, channels=3, text_embed_dim=12, num_res_blocks=[1, 1], channel_mult=[1, 2],
@@ -101,12 +101,6 @@ def test_distill_prior_loss_is_the_distance_to_an_independent_copy_of_the_base(s
 def test_prior_loss_names_the_choices():
     with pytest.raises(ConfigError, match="'l2' is not one of diffusion, distill"):
         PriorPreservation(["a circle"], loss="l2")
-
-
-def test_cli_prior_loss_choices_match_the_task():
-    from t2i.cli.lora import PRIOR_LOSSES as CLI_CHOICES
-
-    assert CLI_CHOICES == PRIOR_LOSSES
 
 
 def tiny_imagen(seed: int = 0) -> ImagenUNet:

@@ -187,3 +187,40 @@ def test_load_errors(tmp_path):
         load_cascade(tmp_path)
     with pytest.raises(PipelineLoadError, match="not an Imagen stage folder"):
         load_cascade([tmp_path])
+
+
+def test_t2i_sample_puts_a_lora_on_the_cascade_stage_it_fits(tmp_path, cascade, capsys):
+    import copy
+
+    from PIL import Image
+
+    from t2i.cli.main import main
+    from t2i.lora import apply_lora, load_lora, save_lora_file
+    from t2i.lora.peft_lora import lora_layers
+
+    folder = cascade.save_pretrained(tmp_path / "cascade", names=["base", "sr"])
+    unet = copy.deepcopy(cascade.stages[0].unet)
+    apply_lora(unet, rank=2, alpha=2.0, target_modules=["attention", "conv"])
+    with torch.no_grad():
+        for _, layer in lora_layers(unet):
+            layer.lora_B["default"].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    lora = save_lora_file({"unet": unet}, tmp_path / "base-lora.safetensors")
+
+    png = tmp_path / "cli.png"
+    argv = ["sample", "--model", str(folder), "--prompt", "a red circle", "--out", str(png), "--seed", "3",
+            "--steps", "2", "--lora", f"{lora}:0.7"]  # fmt: skip
+    assert main(argv) == 0
+    expected_pipe = load_cascade(folder, device="cpu")
+    plain = np.asarray(expected_pipe.generate("a red circle", steps=2, seed=3).images[0], dtype=np.int16)
+    load_lora(expected_pipe, lora, scale=0.7)
+    assert expected_pipe.stages[1].unet is not None and not list(lora_layers(expected_pipe.stages[1].unet))
+    expected = np.asarray(expected_pipe.generate("a red circle", steps=2, seed=3).images[0], dtype=np.int16)
+    with Image.open(png) as image:
+        ours = np.asarray(image, dtype=np.int16)
+    assert np.abs(ours - expected).max() <= 1
+    assert np.abs(ours - plain).max() > 10
+
+    capsys.readouterr()
+    assert main([*argv[:-2], "--height", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--height: not available for a cascade" in err and "\n" not in err

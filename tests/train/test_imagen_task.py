@@ -308,3 +308,95 @@ def test_build_task_initialises_the_same_weights_from_the_same_seed():
     assert all(torch.equal(first[k], second[k]) for k in first)
     other = build_task(build_config({"model": tiny_model(), "seed": 4})).unet.state_dict()
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def lora_stage_config(base: str, **lora) -> dict:
+    return build_config({
+        "model": tiny_model() | {"from_pretrained": base,
+                                 "lora": {"rank": 2, "alpha": 2.0, "target_modules": ["attention", "ff", "conv"]}
+                                 | lora},
+        "trainer": {"ema": {"enabled": False}},
+    })  # fmt: skip
+
+
+def unet_inputs(seed: int = 5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(2, 3, 8, 8, generator=g), "time_cond": torch.rand(2, generator=g),
+            "text_embed": torch.randn(2, 6, TEXT_DIM, generator=g), "text_mask": torch.ones(2, 6, dtype=torch.bool)}  # fmt: skip
+
+
+def test_lora_on_a_pretrained_stage_trains_only_adapters_and_lands_on_its_cascade_stage(tmp_path):
+    from safetensors.torch import load_file
+
+    from t2i.lora import load_lora, loaded_loras
+    from t2i.pipelines.cascade import CascadePipeline
+    from t2i.pipelines.imagen_stage import load_stage
+
+    base_dir = make_task().export(tmp_path / "base")
+    sr_dir = make_task("sr-unet").export(tmp_path / "sr")
+    base_weights = load_file(str(base_dir / "model.safetensors"))
+    task = ImagenTask(lora_stage_config(str(base_dir)))
+    state = task.model_state_dict()
+    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
+    assert {id(p) for p in task.trainable_parameters()} == {id(p) for p in task.unet.parameters() if p.requires_grad}
+    assert len(task.trainable_parameters()) == len(state)
+
+    optimizer = torch.optim.AdamW(task.trainable_parameters(), lr=1e-2)
+    for step in range(3):
+        optimizer.zero_grad()
+        task(fixed_batch(), torch.Generator().manual_seed(step)).backward()
+        optimizer.step()
+    frozen = {k.replace(".base_layer", ""): v for k, v in task.unet.state_dict().items() if ".lora_" not in k}
+    assert frozen.keys() == base_weights.keys()
+    assert all(torch.equal(frozen[k], base_weights[k]) for k in base_weights), "a base weight moved"
+    task.load_model_state_dict(task.model_state_dict())  # a checkpoint holds the adapters alone
+
+    lora_file = task.export(tmp_path / "lora")
+    assert lora_file.name == "lora.safetensors"
+    stages = [load_stage(base_dir), load_stage(sr_dir)]
+    cascade = CascadePipeline([s for s, _ in stages], [d for _, d in stages], [torch.nn.Identity()] * 2)
+    task.eval()
+    with torch.no_grad():
+        before = cascade.stages[0].unet(**unet_inputs())
+        load_lora(cascade, lora_file)  # fits the base stage only
+        after = cascade.stages[0].unet(**unet_inputs())
+        torch.testing.assert_close(after, task.unet(**unet_inputs()), rtol=1e-5, atol=1e-6)
+    assert (after - before).abs().max() > 1e-4
+    from t2i.errors import LoraError
+
+    with pytest.raises(LoraError, match="is not a stage of this cascade; expected 0 to 1"):
+        load_lora(cascade, lora_file, name="again", stage=2)
+    # the tiny SR stage shares the base's module shapes: only the stage recorded in the file tells them apart
+    from t2i.lora import save_lora_file
+
+    anonymous = save_lora_file({"unet": task.unet}, tmp_path / "anonymous.safetensors")
+    with pytest.raises(LoraError, match=r"fits stages \[0, 1\] of the cascade alike; pass stage=N"):
+        load_lora(cascade, anonymous)
+    load_lora(cascade, anonymous, stage=1)
+    assert set(loaded_loras(cascade)) == {"lora", "anonymous"}
+
+
+@pytest.mark.parametrize(
+    ("source", "lora", "message"),
+    [
+        (None, {}, "model.from_pretrained: missing; LoRA training needs the base stage"),
+        ("empty", {}, "has no model.safetensors"),
+        ("base", {"train_text_encoder": True}, "the SD family only"),
+    ],
+)
+def test_imagen_lora_config_errors_name_the_key(tmp_path, source, lora, message):
+    (tmp_path / "empty").mkdir()
+    if source == "base":
+        make_task().export(tmp_path / "base")
+    cfg = lora_stage_config(str(tmp_path / source) if source else None, **lora)
+    with pytest.raises(ConfigError, match=message):
+        ImagenTask(cfg)
+
+
+def test_from_pretrained_with_another_architecture_names_the_keys(tmp_path):
+    from t2i.errors import WeightsMismatchError
+
+    base = make_task().export(tmp_path / "base")
+    cfg = build_config({"model": tiny_model(**{"unet.embed_dim": 16}) | {"from_pretrained": str(base)}})
+    with pytest.raises(WeightsMismatchError, match="model.from_pretrained"):
+        ImagenTask(cfg)

@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-PRIOR_LOSSES = ("diffusion", "distill")  # t2i.train.tasks.lora.PRIOR_LOSSES, without importing torch for --help
+from t2i.config import PRIOR_LOSSES
 
 
 def register(subparsers: Any) -> None:
@@ -37,8 +37,9 @@ def add_lora_commands(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--class-images", type=int, default=8, help="class images per class prompt")
     train.add_argument("--prior-loss-weight", type=float, default=1.0)
     train.add_argument(
-        "--prior-loss", default="diffusion", choices=PRIOR_LOSSES,
-        help="diffusion: DreamBooth's loss on the class images; distill: match the frozen base's predictions",
+        "--prior-loss", default=None, choices=PRIOR_LOSSES,
+        help="diffusion (default): DreamBooth's loss on the class images; distill: match the frozen base's "
+        "predictions; overrides model.lora.prior.loss",
     )
     train.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder too")
     train.add_argument("--out", help="where lora.safetensors goes (default: trainer.out_dir)")
@@ -61,23 +62,37 @@ def add_lora_commands(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from t2i.config import load_config
-    from t2i.train.task import seed_everything
-    from t2i.train.tasks.lora import LoraTask, PriorPreservation, load_base_pipeline
+    from t2i.train.task import build_task, seed_everything
     from t2i.train.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
-    prior = None
-    if args.class_prompt:
-        prior = PriorPreservation(
-            args.class_prompt, args.class_images, args.prior_loss_weight, loss=args.prior_loss
-        )
-    pipe = load_base_pipeline(cfg)
+    cfg = with_cli_lora_options(load_config(args.config, args.overrides), args)
     seed_everything(cfg.seed)  # lora_A's random initialisation
-    task = LoraTask(cfg, pipe, prior=prior, train_text_encoder=args.train_text_encoder)
+    task = build_task(cfg)  # SD: t2i.train.tasks.lora.LoraTask; Imagen: ImagenTask with adapters
     train(cfg, task)
     task.eval()
     print(task.export(args.out or cfg.trainer.out_dir))
     return 0
+
+
+def with_cli_lora_options(cfg: Any, args: argparse.Namespace) -> Any:
+    """The config with the command line's prior-preservation and text-encoder flags applied to `model.lora`."""
+    from dataclasses import replace
+
+    from t2i.config import LoraPriorConfig
+    from t2i.errors import ConfigError
+
+    lora = getattr(cfg.model, "lora", None)
+    if lora is None:
+        raise ConfigError(f"model.lora: missing in {args.config}; expected {{rank, alpha, dropout, target_modules}}")
+    prior = lora.prior
+    if args.class_prompt:
+        prior = LoraPriorConfig(list(args.class_prompt), args.class_images, args.prior_loss_weight,
+                                args.prior_loss or "diffusion")  # fmt: skip
+        prior.check("--class-prompt")
+    elif prior is not None and args.prior_loss is not None:
+        prior = replace(prior, loss=args.prior_loss)
+    lora = replace(lora, prior=prior, train_text_encoder=lora.train_text_encoder or args.train_text_encoder)
+    return replace(cfg, model=replace(cfg.model, lora=lora))
 
 
 def run_personalize(args: argparse.Namespace) -> int:

@@ -174,7 +174,7 @@ def output_paths(out: str, count: int) -> list[Path]:
 
 
 def is_cascade_folder(path: str) -> bool:
-    return (Path(path) / "cascade.yaml").is_file()
+    return any((Path(path) / name).is_file() for name in ("cascade.yaml", "cascade.json"))
 
 
 def run(args: argparse.Namespace) -> int:

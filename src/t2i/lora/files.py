@@ -17,6 +17,7 @@ Every key of a file must land on a module: unknown or unmatched keys raise `Lora
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,12 +92,14 @@ def unet_component(unet: nn.Module) -> Component:
 
 
 def components_of(target: Any) -> list[Component]:
-    """LoRA-carrying components of a LatentPipeline (unet + text encoder), a dict {prefix: module} or a bare
-    backbone (taken as `unet`)."""
+    """LoRA-carrying components of a LatentPipeline (unet + text encoder), a CascadePipeline (every stage's
+    UNet), a dict {prefix: module} or a bare backbone (taken as `unet`)."""
     if isinstance(target, dict):
         return [_component(prefix, module) for prefix, module in target.items()]
     if isinstance(target, nn.Module):
         return [unet_component(target)]
+    if hasattr(target, "stages"):
+        return [unet_component(stage.unet) for stage in target.stages]
     found = [unet_component(target.unet)]
     text = getattr(target, "text_encoder", None)
     if text is not None:
@@ -290,5 +293,7 @@ def save_lora_file(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": "pt", METADATA_KEY: json.dumps({"naming": naming, **(metadata or {})})}
-    save_file(state, str(path), metadata=header)
+    partial = path.with_name(path.name + ".partial")  # a crash mid-write never leaves a truncated LoRA
+    save_file(state, str(partial), metadata=header)
+    os.replace(partial, path)
     return path

@@ -5,8 +5,8 @@
     fuse_lora(pipe)      # W <- W + sum_i scale_i * alpha_i / r_i * B_i A_i ; LoRA branches off
     unfuse_lora(pipe)    # W is the original tensor again (kept aside, not recomputed)
 
-`pipe` is a LatentPipeline (its UNet and text encoder carry the LoRAs), a {prefix: module} dict or a bare
-backbone (an Imagen UNet, taken as `unet`).
+`pipe` is a LatentPipeline (its UNet and text encoder carry the LoRAs), a CascadePipeline (a LoRA goes on the
+stage it fits, or on `stage=N`), a {prefix: module} dict or a bare backbone (an Imagen UNet, taken as `unet`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ from typing import Any
 from torch import nn
 
 from t2i.errors import LoraError
-from t2i.lora.files import Component, components_of, match_to_modules, parse_lora_state_dict, read_lora_file
+from t2i.lora.files import (
+    Component,
+    components_of,
+    match_to_modules,
+    parse_lora_state_dict,
+    read_lora_file,
+    read_lora_metadata,
+    unet_component,
+)
 from t2i.lora.peft_lora import adapter_names, inject_lora, lora_layers, remove_adapter, set_adapter_scales
 
 SCALES_ATTR = "t2i_lora_scales"  # {adapter name: scale}, kept on each component module
@@ -53,14 +61,22 @@ def _unique_name(pipe: Any, name: str | None, path: Path) -> str:
     return candidate
 
 
-def load_lora(pipe: Any, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+def load_lora(
+    pipe: Any, path: str | Path, scale: float = 1.0, name: str | None = None, stage: int | None = None
+) -> str:
     """Add the LoRA file at `path` (PEFT/diffusers or kohya-ss naming) as adapter `name` (default: the file
-    stem) at `scale`; earlier LoRAs stay active with their own scales. Returns the adapter name."""
+    stem) at `scale`; earlier LoRAs stay active with their own scales. Returns the adapter name.
+
+    In a cascade the LoRA goes on stage `stage`; by default on the one stage whose UNet it fits."""
     path = Path(path)
     if any(_is_fused(c) for c in components_of(pipe)):
         raise LoraError(f"{path}: the pipeline's LoRAs are fused; call unfuse_lora(pipe) before loading more")
-    components = components_of(pipe)
-    matched = match_to_modules(parse_lora_state_dict(read_lora_file(path)), components, str(path))
+    pairs = parse_lora_state_dict(read_lora_file(path))
+    if hasattr(pipe, "stages"):
+        components = [cascade_stage_component(pipe, pairs, path, stage)]
+    else:
+        components = components_of(pipe)
+    matched = match_to_modules(pairs, components, str(path))
     name = _unique_name(pipe, name, path)
     for component in components:
         if component.prefix in matched:
@@ -68,6 +84,47 @@ def load_lora(pipe: Any, path: str | Path, scale: float = 1.0, name: str | None 
             _scales(component.module)[name] = float(scale)
     activate(pipe)
     return name
+
+
+def cascade_stage_component(cascade: Any, pairs: dict[Any, Any], path: Path, stage: int | None) -> Component:
+    """The UNet component of the cascade stage that takes the LoRA: `stage`, or the only one it fits."""
+    stages = [unet_component(s.unet) for s in cascade.stages]
+    if stage is not None:
+        if not 0 <= stage < len(stages):
+            raise LoraError(f"stage: {stage} is not a stage of this cascade; expected 0 to {len(stages) - 1}")
+        return stages[stage]
+    fitting = [i for i, component in enumerate(stages) if lora_fits(pairs, component)]
+    if len(fitting) > 1:  # stages of one architecture: the stage t2i recorded at export decides
+        meta = read_lora_metadata(path)
+        recorded = [i for i in fitting if stage_matches(cascade.stages[i], meta)]
+        fitting = recorded if len(recorded) == 1 else fitting
+    if len(fitting) == 1:
+        return stages[fitting[0]]
+    if not fitting:
+        match_to_modules(pairs, stages[:1], f"{path} (on no stage of the cascade; stage 0's)")  # names keys
+        raise LoraError(f"{path}: its weight shapes fit no stage of the cascade")
+    raise LoraError(f"{path}: fits stages {fitting} of the cascade alike; pass stage=N to choose one")
+
+
+def stage_matches(stage: Any, meta: dict[str, Any]) -> bool:
+    """Whether `stage` is the kind of stage (unet_type, image_size) a t2i Imagen LoRA was trained on."""
+    settings = stage.settings
+    return (
+        meta.get("unet_type") == settings.unet_type and meta.get("image_size") == settings.image_size
+    )
+
+
+def lora_fits(pairs: dict[Any, Any], component: Component) -> bool:
+    """Whether every pair lands on a module of `component` whose weight has the pair's in/out sizes."""
+    try:
+        matched = match_to_modules(pairs, [component]).get(component.prefix, {})
+    except LoraError:
+        return False
+    for module_path, pair in matched.items():
+        weight = component.module.get_submodule(module_path).weight
+        if weight.shape[0] != pair.up.shape[0] or weight.shape[1] != pair.down.shape[1]:
+            return False
+    return len(matched) == len(pairs)
 
 
 def attach_pairs(component: Component, pairs: dict[str, Any], name: str) -> None:

@@ -288,9 +288,33 @@ def load_cascade(
     return CascadePipeline.from_stages(folders, device)
 
 
+def reject_latent_only_options(args: argparse.Namespace) -> None:
+    """Options of `t2i sample` that only the SD pipeline honours: an error rather than silently ignored."""
+    given = {
+        "--init-image": getattr(args, "init_image", None),
+        "--height": getattr(args, "height", None),
+        "--width": getattr(args, "width", None),
+        "--karras": getattr(args, "karras", False) or None,
+        "--eta": getattr(args, "eta", 0.0) or None,
+        "--config": getattr(args, "config", None),
+    }
+    used = [flag for flag, value in given.items() if value is not None]
+    if used:
+        raise InvalidInputError(
+            f"{', '.join(used)}: not available for a cascade (each stage samples at its own size with its own "
+            "sampler); drop the option or sample an SD pipeline"
+        )
+
+
 def sample_cascade_cli(args: argparse.Namespace) -> int:
-    """`t2i sample --model CASCADE_DIR ...`: generate with a cascade and save PNGs (args as `t2i sample`)."""
+    """`t2i sample --model CASCADE_DIR ...`: generate with a cascade and save PNGs (args as `t2i sample`);
+    `--lora` files go on the stages they fit, and options a cascade has no use for are an error."""
+    reject_latent_only_options(args)
     cascade = load_cascade(args.model, getattr(args, "device", None))
+    if getattr(args, "lora", None):
+        from t2i.lora.inference import load_loras_from_specs
+
+        load_loras_from_specs(cascade, args.lora)
     result = cascade.generate(
         list(args.prompt),
         negative_prompt=getattr(args, "negative_prompt", None),

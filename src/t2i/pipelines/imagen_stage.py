@@ -427,6 +427,13 @@ def load_unet_strict(unet: nn.Module, state: dict[str, torch.Tensor], source: st
     """Load backbone weights, raising WeightsMismatchError naming the first missing/unexpected keys."""
     from t2i.errors import WeightsMismatchError
 
+    own = unet.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})"
+             for k, v in state.items() if k in own and own[k].shape != v.shape]  # fmt: skip
+    if wrong:
+        raise WeightsMismatchError(
+            f"{source}: Imagen UNet weights do not match model.unet; shapes differ for {wrong[:2]}"
+        )
     result = unet.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise WeightsMismatchError(

@@ -13,6 +13,12 @@ under EDM a level sigma_aug from the training log-normal per sample (or per batc
 Classifier-free guidance: with probability `drop_rate` a sample's text embedding AND mask are zeroed, which is
 exactly the unconditional branch the cascade pipeline uses at sampling.
 
+Fine-tuning: `model.from_pretrained` (an exported stage folder, or a run folder holding one under `export/`)
+initialises the UNet, whose architecture keys must match it (a mismatch names the keys). With `model.lora` as
+well, the UNet stays frozen and only LoRA adapters train (`target_modules`: `attention` by default, `ff`,
+`conv`); checkpoints and the EMA hold the adapters alone, and `export` writes `lora.safetensors` for
+`t2i.lora.load_lora(cascade, path)` or `t2i sample --model CASCADE --lora PATH`.
+
 Training optimisations are config flags: `trainer.precision: bf16`, `model.unet.gradient_checkpointing`,
 `model.unet.flash_attention`, `model.channels_last`, `model.inductor` (torch.compile of the backbone).
 """
@@ -58,6 +64,9 @@ class ImagenTask(DiffusionTask):
             sampler=DEFAULT_SAMPLERS[self.settings.preconditioning_type]
         )
         self.loss_fn = build_loss(self.stage)
+        if cfg.model.from_pretrained is not None:
+            load_pretrained_stage_weights(self.unet, cfg.model.from_pretrained)
+        self.lora_targets = attach_lora(self.unet, cfg.model) if cfg.model.lora is not None else None
         self.online = self.settings.conditioning.online
         self._lazy: dict[str, nn.Module] = {}
         if self.online:
@@ -120,9 +129,17 @@ class ImagenTask(DiffusionTask):
         return [p for p in self.unet.parameters() if p.requires_grad]
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The UNet's weights, or only its LoRA weights when adapters are trained."""
+        if self.lora_targets is not None:
+            from t2i.lora.peft_lora import is_lora_parameter
+
+            return {n: p.detach() for n, p in _uncompiled(self.unet).named_parameters() if is_lora_parameter(n)}
         return {name: t.detach() for name, t in _uncompiled(self.unet).state_dict().items()}
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.lora_targets is not None:
+            super().load_model_state_dict(state)
+            return
         from t2i.pipelines.imagen_stage import load_unet_strict
 
         load_unet_strict(_uncompiled(self.unet), dict(state), "UNet state")
@@ -230,10 +247,67 @@ class ImagenTask(DiffusionTask):
         ).images
 
     def export(self, out_dir: str | Path, use_ema: bool = True) -> Path:
-        """Write an Imagen stage folder (model.safetensors, config.yaml, stage.json) with the (EMA) weights."""
+        """Write an Imagen stage folder (model.safetensors, config.yaml, stage.json) with the (EMA) weights, or
+        `out_dir/lora.safetensors` when LoRA adapters were trained."""
+        if self.lora_targets is not None:
+            return self.export_lora(Path(out_dir), use_ema)
         with self.ema_weights(use_ema):
             unet = copy.deepcopy(_uncompiled(self.unet)).float().cpu()
         return save_stage(out_dir, unet, self.cfg, self.defaults)
+
+    def export_lora(self, out_dir: Path, use_ema: bool) -> Path:
+        from t2i.lora.files import save_lora_file
+
+        lora = self.cfg.model.lora
+        meta = {"rank": lora.rank, "alpha": lora.alpha, "targets": lora.target_modules,
+                "base": str(self.cfg.model.from_pretrained), "unet_type": self.settings.unet_type,
+                "image_size": self.settings.image_size}  # fmt: skip
+        with self.ema_weights(use_ema):
+            return save_lora_file({"unet": _uncompiled(self.unet)}, out_dir / "lora.safetensors", metadata=meta)
+
+
+def stage_folder(path: str | Path) -> Path:
+    """A stage folder, or a run folder's exported stage (`export/`)."""
+    from t2i.pipelines.imagen_stage import WEIGHTS_NAME
+
+    path = Path(path)
+    if path.is_dir() and not (path / WEIGHTS_NAME).is_file() and (path / "export" / WEIGHTS_NAME).is_file():
+        return path / "export"
+    return path
+
+
+def load_pretrained_stage_weights(unet: nn.Module, source: str | Path) -> None:
+    """Initialise `unet` from the stage folder `source` (strict: the architecture must be the same)."""
+    from safetensors.torch import load_file
+
+    from t2i.pipelines.imagen_stage import WEIGHTS_NAME, load_unet_strict
+
+    weights = stage_folder(source) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ConfigError(
+            f"model.from_pretrained: {source} has no {WEIGHTS_NAME}; expected an exported Imagen stage folder "
+            "(or a run folder with one under export/)"
+        )
+    load_unet_strict(unet, load_file(str(weights)), f"model.from_pretrained ({weights})")
+
+
+def attach_lora(unet: nn.Module, model: Any) -> list[str]:
+    """Freeze `unet` and give it trainable adapters per `model.lora`; needs `model.from_pretrained`."""
+    from t2i.lora.peft_lora import apply_lora
+
+    if model.from_pretrained is None:
+        raise ConfigError(
+            "model.from_pretrained: missing; LoRA training needs the base stage (an exported Imagen stage "
+            "folder or a t2i run folder)"
+        )
+    lora = model.lora
+    if lora.prior is not None or lora.train_text_encoder:
+        raise ConfigError(
+            "model.lora.prior / model.lora.train_text_encoder: the SD family only; an Imagen stage's LoRA "
+            "trains on its UNet with the frozen text encoder, so set prior: null and train_text_encoder: false"
+        )
+    unet.requires_grad_(False)
+    return apply_lora(unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
 
 
 class MeanLoss:

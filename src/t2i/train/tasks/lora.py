@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2i.config import RunConfig
+from t2i.config import PRIOR_LOSSES, LoraPriorConfig, RunConfig
 from t2i.diffusion.objectives import DiffusionObjective
 from t2i.errors import ConfigError, LoraError
 from t2i.lora.files import save_lora_file
@@ -39,9 +39,6 @@ from t2i.train.tasks import ObservedLoader
 
 PARAMETERIZATION_OF = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 LORA_FILE = "lora.safetensors"
-
-
-PRIOR_LOSSES = ("diffusion", "distill")
 
 
 @dataclass
@@ -60,6 +57,12 @@ class PriorPreservation:
     def __post_init__(self) -> None:
         if self.loss not in PRIOR_LOSSES:
             raise ConfigError(f"prior loss: {self.loss!r} is not one of {', '.join(PRIOR_LOSSES)}")
+
+    @classmethod
+    def from_config(cls, prior: LoraPriorConfig, seed: int = 0) -> PriorPreservation:
+        """`model.lora.prior` -> the task's settings."""
+        return cls(list(prior.class_prompts), prior.num_images, prior.loss_weight, prior.steps,
+                   prior.guidance_scale, seed, prior.loss)  # fmt: skip
 
 
 def resolve_base(path: str | Path) -> Path:
@@ -269,5 +272,8 @@ class LoraTask(DiffusionTask):
 
 
 def build_lora_task(cfg: RunConfig) -> LoraTask:
-    """The task for a `latent_diffusion` config with `model.lora` set (base: unet_config.from_pretrained)."""
-    return LoraTask(cfg, load_base_pipeline(cfg))
+    """The task for a `latent_diffusion` config with `model.lora` set (base: unet_config.from_pretrained;
+    `model.lora.prior` and `model.lora.train_text_encoder` as configured)."""
+    lora = cfg.model.lora
+    prior = PriorPreservation.from_config(lora.prior, cfg.seed) if lora.prior is not None else None
+    return LoraTask(cfg, load_base_pipeline(cfg), prior=prior, train_text_encoder=lora.train_text_encoder)
