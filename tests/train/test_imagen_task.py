@@ -381,7 +381,7 @@ def test_lora_on_a_pretrained_stage_trains_only_adapters_and_lands_on_its_cascad
     [
         (None, {}, "model.from_pretrained: missing; LoRA training needs the base stage"),
         ("empty", {}, "has no model.safetensors"),
-        ("base", {"train_text_encoder": True}, "the SD family only"),
+        ("base", {"train_text_encoder": True}, "model.lora.train_text_encoder: the SD family only"),
     ],
 )
 def test_imagen_lora_config_errors_name_the_key(tmp_path, source, lora, message):
@@ -400,3 +400,61 @@ def test_from_pretrained_with_another_architecture_names_the_keys(tmp_path):
     cfg = build_config({"model": tiny_model(**{"unet.embed_dim": 16}) | {"from_pretrained": str(base)}})
     with pytest.raises(WeightsMismatchError, match="model.from_pretrained"):
         ImagenTask(cfg)
+
+
+class WordEncoder(torch.nn.Module):
+    """Deterministic per-prompt embeddings (B, 4, TEXT_DIM) for tiny stages (no real text encoder needed)."""
+
+    dim = TEXT_DIM
+
+    def encode(self, prompts):
+        from t2i.text.encoders import TextEncoding
+
+        emb = torch.stack([torch.randn(4, TEXT_DIM, generator=torch.Generator().manual_seed(len(p))) for p in prompts])
+        return TextEncoding(emb, torch.ones(len(prompts), 4, dtype=torch.bool), emb.mean(1))
+
+
+def test_imagen_distill_prior_is_the_distance_to_an_independent_copy_of_the_stage(tmp_path):
+    from t2i.diffusion.edm import append_dims, noise_like, sample_lognormal_sigmas
+    from t2i.pipelines.imagen_stage import load_stage
+
+    base_dir = make_task().export(tmp_path / "base")
+    prior = {"class_prompts": ["a red circle", "a blue square"], "num_images": 2, "loss": "distill", "steps": 2}
+    task = ImagenTask(lora_stage_config(str(base_dir), prior=prior))
+    task._lazy["text_encoder"] = WordEncoder()
+    task.make_class_images()
+    assert task.class_images.shape == (4, 3, 8, 8) and task.class_images.abs().max() <= 1
+    with torch.no_grad():  # lora_B starts at zero: nothing to preserve yet
+        assert task.prior_loss(3, torch.Generator().manual_seed(0)).item() == 0.0
+        for p in task.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        reference, _ = load_stage(base_dir)
+        gen = torch.Generator().manual_seed(1)
+        index = torch.randint(4, (3,), generator=gen)
+        x0, cond = task.class_images[index], {k: v[index] for k, v in task.class_cond.items()}
+        sigma = sample_lognormal_sigmas(3, -1.2, 1.2, gen, x0.device)
+        x_noisy = x0 + append_dims(sigma, 4) * noise_like(x0, gen)
+        weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+        gap = task.stage.denoiser()(x_noisy, sigma, cond) - reference.denoiser()(x_noisy, sigma, cond)
+        expected = (append_dims(weight, 4) * gap**2).mean()
+        loss = task.prior_loss(3, torch.Generator().manual_seed(1))
+    assert expected.item() > 1e-6
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0.0)
+    total = task(fixed_batch(), torch.Generator().manual_seed(2))  # the training loss carries the prior term
+    assert total.requires_grad and total.item() > 0
+
+
+@pytest.mark.parametrize(
+    ("unet_type", "changes", "message"),
+    [
+        ("sr-unet", {}, "model.lora.prior: base stages only"),
+        ("base", {"preconditioning_type": "DDPM", "preconditioning": {}}, "distill needs preconditioning_type EDM"),
+    ],
+)
+def test_imagen_prior_config_errors_name_the_key(tmp_path, unet_type, changes, message):
+    model = tiny_model(unet_type, **changes)
+    stage = ImagenTask(build_config({"model": model})).export(tmp_path / "stage")
+    prior = {"class_prompts": ["a red circle"], "num_images": 1, "loss": "distill"}
+    model |= {"from_pretrained": str(stage), "lora": {"rank": 2, "alpha": 2.0, "prior": prior}}
+    with pytest.raises(ConfigError, match=message):
+        ImagenTask(build_config({"model": model}))

@@ -10,6 +10,7 @@ Targets are resolved to full module paths here (not peft suffixes), because the 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from collections import Counter
@@ -211,6 +212,19 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if isinstance(module, lora_layer_types()):
             yield name, module
+
+
+@contextlib.contextmanager
+def adapters_disabled(*models: nn.Module) -> Iterator[None]:
+    """Run `models` as their base alone: every LoRA layer bypassed inside the block, restored after."""
+    layers = [layer for model in models for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def adapter_names(model: nn.Module) -> list[str]:

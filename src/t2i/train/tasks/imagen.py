@@ -17,7 +17,9 @@ Fine-tuning: `model.from_pretrained` (an exported stage folder, or a run folder 
 initialises the UNet, whose architecture keys must match it (a mismatch names the keys). With `model.lora` as
 well, the UNet stays frozen and only LoRA adapters train (`target_modules`: `attention` by default, `ff`,
 `conv`); checkpoints and the EMA hold the adapters alone, and `export` writes `lora.safetensors` for
-`t2i.lora.load_lora(cascade, path)` or `t2i sample --model CASCADE --lora PATH`.
+`t2i.lora.load_lora(cascade, path)` or `t2i sample --model CASCADE --lora PATH`. `model.lora.prior` adds prior
+preservation on a base stage: class images drawn once by the frozen stage, with DreamBooth's loss (`diffusion`)
+or, under EDM, `distill` (lambda(sigma) x the distance to the frozen stage's denoised output).
 
 Training optimisations are config flags: `trainer.precision: bf16`, `model.unet.gradient_checkpointing`,
 `model.unet.flash_attention`, `model.channels_last`, `model.inductor` (torch.compile of the backbone).
@@ -67,6 +69,9 @@ class ImagenTask(DiffusionTask):
         if cfg.model.from_pretrained is not None:
             load_pretrained_stage_weights(self.unet, cfg.model.from_pretrained)
         self.lora_targets = attach_lora(self.unet, cfg.model) if cfg.model.lora is not None else None
+        self.prior = prior_settings(cfg, self.settings)
+        self.class_images: torch.Tensor | None = None
+        self.class_cond: dict[str, torch.Tensor] = {}
         self.online = self.settings.conditioning.online
         self._lazy: dict[str, nn.Module] = {}
         if self.online:
@@ -123,6 +128,8 @@ class ImagenTask(DiffusionTask):
 
             dataset = build_precached_dataset(d.train, **common)
         self._data = ObservedLoader(dataset, d.batch_size, d.num_workers, cfg.seed)
+        if self.prior is not None and self.class_images is None:
+            self.make_class_images()
         return self._data
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -212,7 +219,56 @@ class ImagenTask(DiffusionTask):
             cond |= self.low_res_training_cond(images, generator)
         if self.cfg.model.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        return self.loss_fn(self.loss_model(), x0, cond, generator)
+        loss = self.loss_fn(self.loss_model(), x0, cond, generator)
+        if self.prior is not None and self.class_images is not None:
+            loss = loss + self.prior.weight * self.prior_loss(x0.shape[0], generator)
+        return loss
+
+    # ------------------------------------------------------------------------------------ prior preservation
+
+    @torch.no_grad()
+    def make_class_images(self) -> None:
+        """Draw the class images (B, 3, H, W) in [-1, 1] and their text conditioning with the frozen stage."""
+        from t2i.lora.peft_lora import adapters_disabled
+        from t2i.pipelines.cascade import CascadePipeline
+
+        prior, encoder = self.prior, self.frozen_text_encoder()
+        defaults = StageDefaults(self.defaults.sampler, prior.steps, prior.guidance_scale)
+        pipe = CascadePipeline([self.stage], [defaults], [encoder])
+        was_training = self.unet.training
+        self.unet.eval()
+        with adapters_disabled(self.unet):
+            out = pipe.generate(list(prior.class_prompts), num_images=prior.num_images, seed=prior.seed)
+        self.unet.train(was_training)
+        self.class_images = (out.pixels.to(self.device) * 2 - 1).float()
+        text = encoder.encode([p for p in prior.class_prompts for _ in range(prior.num_images)])
+        self.class_cond = self.stage.text_cond(text.embeddings.to(self.device), text.mask.to(self.device))
+
+    def prior_loss(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """The prior-preservation loss on `batch_size` class images drawn at random."""
+        index = torch.randint(
+            len(self.class_images), (batch_size,), generator=generator, device=generator.device
+        ).to(self.device)
+        x0, cond = self.class_images[index], {k: v[index] for k, v in self.class_cond.items()}
+        if self.prior.loss == "diffusion":
+            return self.loss_fn(self.loss_model(), x0, cond, generator)
+        return self.distill_loss(x0, cond, generator)
+
+    def distill_loss(
+        self, x0: torch.Tensor, cond: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        """EDM's lambda(sigma) x ||D_lora(x0 + sigma n) - D_base(x0 + sigma n)||^2, sigma as in training."""
+        from t2i.diffusion.edm import append_dims, noise_like, sample_lognormal_sigmas
+        from t2i.lora.peft_lora import adapters_disabled
+
+        p, edm = self.settings.preconditioning, self.loss_fn.fn
+        sigma = sample_lognormal_sigmas(x0.shape[0], p.p_mean, p.p_std, generator, x0.device)
+        x_noisy = x0 + append_dims(sigma, x0.ndim) * noise_like(x0, generator)
+        denoiser = self.stage.denoiser()
+        with torch.no_grad(), adapters_disabled(self.unet):
+            target = denoiser(x_noisy, sigma, cond)
+        error = (denoiser(x_noisy, sigma, cond).float() - target.float()) ** 2
+        return (append_dims(edm.weight(sigma), x0.ndim) * error).mean()
 
     def loss_model(self) -> nn.Module:
         """What the loss calls: the EDM-preconditioned denoiser, or the raw backbone under continuous DDPM."""
@@ -266,6 +322,25 @@ class ImagenTask(DiffusionTask):
             return save_lora_file({"unet": _uncompiled(self.unet)}, out_dir / "lora.safetensors", metadata=meta)
 
 
+def prior_settings(cfg: RunConfig, settings: Any) -> Any:
+    """`model.lora.prior` as the task's PriorPreservation, or None; base stages only, `distill` under EDM only."""
+    lora = cfg.model.lora
+    if lora is None or lora.prior is None:
+        return None
+    from t2i.train.tasks.lora import PriorPreservation
+
+    if settings.is_sr:
+        raise ConfigError(
+            "model.lora.prior: base stages only (an SR stage's class images would need low-res inputs); "
+            "set prior: null for this stage"
+        )
+    if lora.prior.loss == "distill" and settings.preconditioning_type != "EDM":
+        raise ConfigError(
+            "model.lora.prior.loss: distill needs preconditioning_type EDM; use diffusion under DDPM"
+        )
+    return PriorPreservation.from_config(lora.prior, cfg.seed)
+
+
 def stage_folder(path: str | Path) -> Path:
     """A stage folder, or a run folder's exported stage (`export/`)."""
     from t2i.pipelines.imagen_stage import WEIGHTS_NAME
@@ -301,10 +376,10 @@ def attach_lora(unet: nn.Module, model: Any) -> list[str]:
             "folder or a t2i run folder)"
         )
     lora = model.lora
-    if lora.prior is not None or lora.train_text_encoder:
+    if lora.train_text_encoder:
         raise ConfigError(
-            "model.lora.prior / model.lora.train_text_encoder: the SD family only; an Imagen stage's LoRA "
-            "trains on its UNet with the frozen text encoder, so set prior: null and train_text_encoder: false"
+            "model.lora.train_text_encoder: the SD family only; an Imagen stage's LoRA trains on its UNet with "
+            "the frozen text encoder, so set train_text_encoder: false"
         )
     unet.requires_grad_(False)
     return apply_lora(unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)

@@ -33,7 +33,7 @@ from t2i.config import PRIOR_LOSSES, LoraPriorConfig, RunConfig
 from t2i.diffusion.objectives import DiffusionObjective
 from t2i.errors import ConfigError, LoraError
 from t2i.lora.files import save_lora_file
-from t2i.lora.peft_lora import DEFAULT_ADAPTER, apply_lora, is_lora_parameter
+from t2i.lora.peft_lora import DEFAULT_ADAPTER, adapters_disabled, apply_lora, is_lora_parameter
 from t2i.train.task import DiffusionTask
 from t2i.train.tasks import ObservedLoader
 
@@ -196,22 +196,7 @@ class LoraTask(DiffusionTask):
 
     def lora_disabled(self) -> Any:
         """Context manager running the base model alone (every LoRA layer bypassed)."""
-        from contextlib import contextmanager
-
-        from t2i.lora.peft_lora import lora_layers
-
-        @contextmanager
-        def bypass():
-            layers = [layer for module in (self.unet, self.text_encoder) for _, layer in lora_layers(module)]
-            for layer in layers:
-                layer.enable_adapters(False)
-            try:
-                yield
-            finally:
-                for layer in layers:
-                    layer.enable_adapters(True)
-
-        return bypass()
+        return adapters_disabled(self.unet, self.text_encoder)
 
     def training_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """Diffusion loss on the batch (+ prior_loss_weight x the prior loss on a random batch of class images)."""
