@@ -195,7 +195,7 @@ def test_t2i_sample_puts_a_lora_on_the_cascade_stage_it_fits(tmp_path, cascade, 
     from PIL import Image
 
     from t2i.cli.main import main
-    from t2i.lora import apply_lora, load_lora, save_lora_file
+    from t2i.lora import apply_lora, save_lora_file
     from t2i.lora.peft_lora import lora_layers
 
     folder = cascade.save_pretrained(tmp_path / "cascade", names=["base", "sr"])
@@ -212,7 +212,7 @@ def test_t2i_sample_puts_a_lora_on_the_cascade_stage_it_fits(tmp_path, cascade, 
     assert main(argv) == 0
     expected_pipe = load_cascade(folder, device="cpu")
     plain = np.asarray(expected_pipe.generate("a red circle", steps=2, seed=3).images[0], dtype=np.int16)
-    load_lora(expected_pipe, lora, scale=0.7)
+    expected_pipe.load_lora(lora, scale=0.7)  # the method form
     assert expected_pipe.stages[1].unet is not None and not list(lora_layers(expected_pipe.stages[1].unet))
     expected = np.asarray(expected_pipe.generate("a red circle", steps=2, seed=3).images[0], dtype=np.int16)
     with Image.open(png) as image:

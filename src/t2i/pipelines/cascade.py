@@ -27,6 +27,7 @@ from torch import nn
 
 from t2i.errors import InvalidInputError, PipelineLoadError
 from t2i.pipelines.imagen_stage import ImagenStage, StageDefaults, load_stage, save_stage
+from t2i.pipelines.lora_methods import LoraMethods
 
 CASCADE_INDEX = "cascade.yaml"
 
@@ -57,7 +58,7 @@ def _to_pil(images: torch.Tensor) -> list[Any]:
     return to_pil((images.float().clamp(-1, 1) + 1) / 2)
 
 
-class CascadePipeline:
+class CascadePipeline(LoraMethods):
     """A text-to-image cascade of Imagen stages sharing (or not) one text encoder.
 
     Args:

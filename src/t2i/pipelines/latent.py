@@ -30,6 +30,7 @@ from t2i.diffusion.samplers import get_sampler
 from t2i.diffusion.schedules import make_alphas_cumprod
 from t2i.errors import InvalidInputError
 from t2i.models.first_stage import LatentFirstStage
+from t2i.pipelines.lora_methods import LoraMethods
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
@@ -89,7 +90,7 @@ def tail_plan(plan: SamplingPlan, start: int) -> SamplingPlan:
     return SamplingPlan(plan.sampler, plan.sigmas[start:], 1.0, plan.final_scale, options)
 
 
-class LatentPipeline:
+class LatentPipeline(LoraMethods):
     """Stable Diffusion inference: `generate` (text-to-image) and `reconstruct` (image-to-image).
 
     Args:
@@ -379,27 +380,6 @@ class LatentPipeline:
         if len({a.shape for a in arrays}) != 1:
             raise InvalidInputError("image: the images differ in size; give height and width")
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-
-    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
-        """Add a LoRA file (diffusers/PEFT or kohya-ss naming) at `scale`; returns its adapter name.
-
-        Several LoRAs can be loaded, each with its own scale; their updates add up.
-        """
-        from t2i.lora.inference import load_lora
-
-        return load_lora(self, path, scale=scale, name=name)
-
-    def fuse_lora(self) -> int:
-        """Fold every loaded LoRA into the base weights (the originals are kept for `unfuse_lora`)."""
-        from t2i.lora.inference import fuse_lora
-
-        return fuse_lora(self)
-
-    def unfuse_lora(self) -> int:
-        """Restore the exact base weights saved by `fuse_lora`."""
-        from t2i.lora.inference import unfuse_lora
-
-        return unfuse_lora(self)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write a t2i pipeline folder: the diffusers layout (loads in `StableDiffusionPipeline`) + `t2i.yaml`."""
