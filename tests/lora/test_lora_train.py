@@ -150,3 +150,29 @@ def test_imagen_unet_lora_trains_only_lora_and_round_trips_in_peft_naming(tmp_pa
         load_lora(fresh, path)
         torch.testing.assert_close(fresh(**imagen_inputs(3)), expected, rtol=1e-5, atol=1e-5)
     assert (expected - base).abs().max() > 1e-3
+
+
+def test_lora_task_starts_from_a_single_file_or_a_run_folder(sd1_lora_dir, tmp_path):
+    import shutil
+
+    from sd_helpers import single_file_from_diffusers, tiny_sd1_yaml
+
+    from t2i.config import load_config
+    from t2i.train.tasks.lora import build_lora_task, resolve_base
+
+    unet_config = single_file_from_diffusers(sd1_lora_dir, tmp_path / "tiny.safetensors")
+    tiny_sd1_yaml(sd1_lora_dir, unet_config, tmp_path / "tiny.yaml")
+    shutil.copytree(sd1_lora_dir, tmp_path / "run" / "export")  # a t2i run folder with its exported pipeline
+    assert resolve_base(tmp_path / "run") == tmp_path / "run" / "export"
+
+    g = torch.Generator().manual_seed(0)
+    x, t, context = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500]), torch.randn(1, 16, 32, generator=g)
+    with torch.no_grad():
+        expected = t2i.load_pipeline(sd1_lora_dir).unet(x, t, context=context)
+    for base in (tmp_path / "tiny.safetensors", tmp_path / "run"):
+        overrides = [f"model.unet_config.from_pretrained={base}", "model.lora.rank=2", "model.lora.alpha=2.0",
+                     "data.resolution=32"]  # fmt: skip
+        task = build_lora_task(load_config(str(tmp_path / "tiny.yaml"), overrides))
+        assert task.targets and all(p.requires_grad for p in task.trainable_parameters())
+        with torch.no_grad():  # lora_B = 0: the adapted UNet is the base, whichever form it was read from
+            torch.testing.assert_close(task.unet(x, t, context=context), expected, rtol=1e-5, atol=1e-5)
