@@ -68,8 +68,13 @@ class LoraPriorConfig:
     loss: PriorLoss = "diffusion"
     steps: int = 25
     guidance_scale: float = 4.0
+    # share of each prior batch conditioned on the unconditional text (SD: "", Imagen: none), so that the
+    # branch classifier-free guidance subtracts is preserved too
+    unconditional_share: float = 0.0
 
     def check(self, key: str) -> None:
+        _require(0 <= self.unconditional_share <= 1, f"{key}.unconditional_share", self.unconditional_share,
+                 "a number in [0, 1]")  # fmt: skip
         _require(bool(self.class_prompts), f"{key}.class_prompts", self.class_prompts, "at least one prompt")
         _require(self.num_images >= 1, f"{key}.num_images", self.num_images, "an integer >= 1")
         _require(self.loss_weight >= 0, f"{key}.loss_weight", self.loss_weight, "a number >= 0")

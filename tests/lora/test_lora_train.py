@@ -86,8 +86,20 @@ def test_distill_prior_loss_is_the_distance_to_an_independent_copy_of_the_base(s
             task.unet(noised.x_t, noised.t, context=context), reference_unet(noised.x_t, noised.t, context=context)
         )
         loss = task.prior_loss(3, torch.Generator().manual_seed(1))
+
+        task.prior.unconditional_share = 0.7  # 2 of 3: the first two samples take the empty prompt
+        unconditional = task.text_encoder.encode(["", "a circle", "a red square"]).embeddings[:1].float()
+        assert not torch.equal(unconditional[0], context[0])
+        context = torch.cat([unconditional.expand(2, -1, -1), context[2:]])
+        expected_unconditional = torch.nn.functional.mse_loss(
+            task.unet(noised.x_t, noised.t, context=context), reference_unet(noised.x_t, noised.t, context=context)
+        )
+        loss_unconditional = task.prior_loss(3, torch.Generator().manual_seed(1))
+        task.prior.unconditional_share = 0.0
     assert expected.item() > 1e-6
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(loss_unconditional, expected_unconditional, rtol=1e-4, atol=1e-7)
+    assert abs(loss_unconditional.item() - loss.item()) > 1e-4 * loss.item()
 
     optimizer = torch.optim.Adam(task.trainable_parameters(), lr=0.02)
     start = task.prior_loss(4, torch.Generator().manual_seed(2)).item()

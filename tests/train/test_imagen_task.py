@@ -438,8 +438,17 @@ def test_imagen_distill_prior_is_the_distance_to_an_independent_copy_of_the_stag
         gap = task.stage.denoiser()(x_noisy, sigma, cond) - reference.denoiser()(x_noisy, sigma, cond)
         expected = (append_dims(weight, 4) * gap**2).mean()
         loss = task.prior_loss(3, torch.Generator().manual_seed(1))
+
+        task.prior.unconditional_share = 1.0  # CFG's branch: all-zero text and mask
+        blank = {"context": torch.zeros_like(cond["context"]), "context_mask": torch.zeros_like(cond["context_mask"])}
+        gap = task.stage.denoiser()(x_noisy, sigma, blank) - reference.denoiser()(x_noisy, sigma, blank)
+        expected_blank = (append_dims(weight, 4) * gap**2).mean()
+        loss_blank = task.prior_loss(3, torch.Generator().manual_seed(1))
+        task.prior.unconditional_share = 0.0
     assert expected.item() > 1e-6
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(loss_blank, expected_blank, rtol=1e-5, atol=0.0)
+    assert abs(loss_blank.item() - loss.item()) > 1e-4 * loss.item()
     total = task(fixed_batch(), torch.Generator().manual_seed(2))  # the training loss carries the prior term
     assert total.requires_grad and total.item() > 0
 

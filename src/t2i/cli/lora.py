@@ -56,6 +56,7 @@ def add_lora_commands(parser: argparse.ArgumentParser) -> None:
     personal.add_argument("--scale", type=float, default=None, help="LoRA scale at evaluation (default 1.0)")
     personal.add_argument("--prior-loss", default=None, choices=PRIOR_LOSSES, help="default distill")
     personal.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default 1.5e-3)")
+    personal.add_argument("--seed", type=int, default=None, help="images, prior prompts, LoRA init (default 0)")
     personal.add_argument("--threads", type=int, default=1)
     personal.set_defaults(func=run_personalize)
 
@@ -112,6 +113,8 @@ def run_personalize(args: argparse.Namespace) -> int:
         settings.lr = args.lr
     if args.prior_loss is not None:
         settings.prior_loss = args.prior_loss
+    if args.seed is not None:
+        settings.seed = args.seed
     results = personalize(args.base, args.out, settings)
     print(json.dumps({k: v for k, v in results.items() if k != "settings"}, indent=2))
     return 0

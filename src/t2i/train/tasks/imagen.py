@@ -250,6 +250,11 @@ class ImagenTask(DiffusionTask):
             len(self.class_images), (batch_size,), generator=generator, device=generator.device
         ).to(self.device)
         x0, cond = self.class_images[index], {k: v[index] for k, v in self.class_cond.items()}
+        unconditional = self.prior.unconditional_count(batch_size)
+        if unconditional:  # the CFG branch: all-zero text and mask, as drop_text makes it
+            keep = (torch.arange(batch_size, device=x0.device) >= unconditional)
+            cond = cond | {"context": cond["context"] * keep.to(cond["context"].dtype).view(-1, 1, 1),
+                           "context_mask": cond["context_mask"] & keep.view(-1, 1)}  # fmt: skip
         if self.prior.loss == "diffusion":
             return self.loss_fn(self.loss_model(), x0, cond, generator)
         return self.distill_loss(x0, cond, generator)

@@ -53,6 +53,7 @@ class PriorPreservation:
     guidance_scale: float = 4.0
     seed: int = 0
     loss: str = "diffusion"
+    unconditional_share: float = 0.0  # of each prior batch, conditioned on "" (CFG's unconditional branch)
 
     def __post_init__(self) -> None:
         if self.loss not in PRIOR_LOSSES:
@@ -62,7 +63,11 @@ class PriorPreservation:
     def from_config(cls, prior: LoraPriorConfig, seed: int = 0) -> PriorPreservation:
         """`model.lora.prior` -> the task's settings."""
         return cls(list(prior.class_prompts), prior.num_images, prior.loss_weight, prior.steps,
-                   prior.guidance_scale, seed, prior.loss)  # fmt: skip
+                   prior.guidance_scale, seed, prior.loss, prior.unconditional_share)  # fmt: skip
+
+    def unconditional_count(self, batch_size: int) -> int:
+        """How many of a prior batch of `batch_size` take the unconditional text."""
+        return min(batch_size, round(self.unconditional_share * batch_size))
 
 
 def resolve_base(path: str | Path) -> Path:
@@ -118,6 +123,7 @@ class LoraTask(DiffusionTask):
         )
         self.class_latents: torch.Tensor | None = None
         self.class_context: torch.Tensor | None = None
+        self.unconditional_context: torch.Tensor | None = None
         self._data: ObservedLoader | None = None
 
     # ------------------------------------------------------------------------------------ parameters
@@ -192,7 +198,9 @@ class LoraTask(DiffusionTask):
             )
         prompts = [p for p in prior.class_prompts for _ in range(prior.num_images)]
         self.class_latents = out.latents.to(self.device)
-        self.class_context = self.text_encoder.encode(prompts).embeddings.to(self.device).float()
+        # "" is encoded with the class prompts so that its context has their padded length
+        contexts = self.text_encoder.encode([*prompts, ""]).embeddings.to(self.device).float()
+        self.class_context, self.unconditional_context = contexts[:-1], contexts[-1:]
 
     def lora_disabled(self) -> Any:
         """Context manager running the base model alone (every LoRA layer bypassed)."""
@@ -212,7 +220,11 @@ class LoraTask(DiffusionTask):
         index = torch.randint(
             len(self.class_latents), (batch_size,), generator=generator, device=generator.device
         ).to(self.device)
-        latents, cond = self.class_latents[index], {"context": self.class_context[index]}
+        context = self.class_context[index]
+        unconditional = self.prior.unconditional_count(batch_size)
+        if unconditional:
+            context = torch.cat([self.unconditional_context.expand(unconditional, -1, -1), context[unconditional:]])
+        latents, cond = self.class_latents[index], {"context": context}
         if self.prior.loss == "diffusion":
             return self.objective.loss(self.unet, latents, cond, generator)
         noised = self.objective.prepare(latents, generator)
