@@ -63,12 +63,12 @@ def add_lora_commands(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from t2i.config import load_config
-    from t2i.train.task import build_task, seed_everything
+    from t2i.train.task import build_task
     from t2i.train.trainer import train
 
     cfg = with_cli_lora_options(load_config(args.config, args.overrides), args)
-    seed_everything(cfg.seed)  # lora_A's random initialisation
-    task = build_task(cfg)  # SD: t2i.train.tasks.lora.LoraTask; Imagen: ImagenTask with adapters
+    # SD: t2i.train.tasks.lora.LoraTask; Imagen: ImagenTask with adapters; lora_A's initialisation seeded from cfg.seed
+    task = build_task(cfg)
     train(cfg, task)
     task.eval()
     print(task.export(args.out or cfg.trainer.out_dir))
@@ -89,11 +89,16 @@ def with_cli_lora_options(cfg: Any, args: argparse.Namespace) -> Any:
     if args.class_prompt:
         prior = LoraPriorConfig(list(args.class_prompt), args.class_images, args.prior_loss_weight,
                                 args.prior_loss or "diffusion")  # fmt: skip
-        prior.check("--class-prompt")
+        prior.check("model.lora.prior")  # the flags fill that section
     elif prior is not None and args.prior_loss is not None:
         prior = replace(prior, loss=args.prior_loss)
     lora = replace(lora, prior=prior, train_text_encoder=lora.train_text_encoder or args.train_text_encoder)
     return replace(cfg, model=replace(cfg.model, lora=lora))
+
+
+# `t2i lora personalize` flag (argparse dest) -> PersonalizeSettings field
+PERSONALIZE_FLAGS = {"steps": "steps", "images": "num_images", "scale": "scale", "lr": "lr",
+                     "prior_loss": "prior_loss", "seed": "seed"}  # fmt: skip
 
 
 def run_personalize(args: argparse.Namespace) -> int:
@@ -103,18 +108,9 @@ def run_personalize(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     settings = PersonalizeSettings(colour=args.colour)
-    if args.steps is not None:
-        settings.steps = args.steps
-    if args.images is not None:
-        settings.num_images = args.images
-    if args.scale is not None:
-        settings.scale = args.scale
-    if args.lr is not None:
-        settings.lr = args.lr
-    if args.prior_loss is not None:
-        settings.prior_loss = args.prior_loss
-    if args.seed is not None:
-        settings.seed = args.seed
+    for flag, name in PERSONALIZE_FLAGS.items():  # only the flags given replace the measured defaults
+        if getattr(args, flag) is not None:
+            setattr(settings, name, getattr(args, flag))
     results = personalize(args.base, args.out, settings)
     print(json.dumps({k: v for k, v in results.items() if k != "settings"}, indent=2))
     return 0
