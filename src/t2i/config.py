@@ -165,6 +165,9 @@ class CondStageConfig:
     arch: str | None = None
     version: str | None = None
 
+    def check(self, key: str) -> None:
+        _require(self.max_length >= 1, f"{key}.max_length", self.max_length, "an integer >= 1 (tokens per prompt)")
+
 
 @dataclass
 class LatentDiffusionConfig:
@@ -192,6 +195,10 @@ class LatentDiffusionConfig:
 
     def check(self, key: str) -> None:
         _require(self.timesteps >= 1, f"{key}.timesteps", self.timesteps, "an integer >= 1")
+        if self.beta_schedule in ("linear", "scaled_linear"):
+            _require(0 < self.linear_start < 1, f"{key}.linear_start", self.linear_start, "a beta in (0, 1)")
+            _require(self.linear_start <= self.linear_end < 1, f"{key}.linear_end", self.linear_end,
+                     f"a beta in [linear_start={self.linear_start}, 1)")
         _require(0 <= self.text_drop_rate <= 1, f"{key}.text_drop_rate", self.text_drop_rate, "a number in [0, 1]")
         if self.min_snr_gamma is not None:
             _require(self.min_snr_gamma > 0, f"{key}.min_snr_gamma", self.min_snr_gamma, "null or a number > 0")
@@ -260,12 +267,23 @@ class DataConfig:
     batch_size: int = 4
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    # where a sample's caption is, first match wins: a tar member extension, `json:FIELD` (a field of the
+    # sample's .json, as img2dataset writes it), or for image folders a metadata.jsonl column
+    caption_key: list[str] | str = field(default_factory=lambda: ["txt", "json:caption", "caption", "text"])
+    max_image_pixels: int | None = 8192 * 8192  # larger images are skipped and counted (null: no limit)
 
     def __post_init__(self) -> None:
         if isinstance(self.train, str):  # `data.train=shards/` on the command line means a one-item list
             self.train = [self.train]
+        if isinstance(self.caption_key, str):
+            self.caption_key = [self.caption_key]
 
     def check(self, key: str) -> None:
+        _require(bool(self.caption_key) and all(self.caption_key), f"{key}.caption_key", self.caption_key,
+                 "a non-empty list such as [txt, json:caption]")
+        if self.max_image_pixels is not None:
+            _require(self.max_image_pixels >= 1, f"{key}.max_image_pixels", self.max_image_pixels,
+                     "null or an integer >= 1")
         _require(self.resolution >= 1, f"{key}.resolution", self.resolution, "an integer >= 1")
         _require(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an integer >= 1")
         _require(self.num_workers >= 0, f"{key}.num_workers", self.num_workers, "an integer >= 0")

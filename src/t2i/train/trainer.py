@@ -20,6 +20,7 @@ same losses as an uninterrupted one (bit-exact on CPU). The LR schedule is a pur
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from t2i.train import checkpoint as ckpt_io
 from t2i.train.distributed import (
     DistContext,
     barrier,
+    check_strategy,
     cleanup_distributed,
     clip_grad_norm,
     full_params,
@@ -49,7 +51,10 @@ from t2i.train.distributed import (
 from t2i.train.ema import EMA
 from t2i.train.logging import RunLogger
 from t2i.train.optim import build_optimizer, lr_at, set_lr
+from t2i.train.runlock import acquire_run_lock
 from t2i.train.task import DiffusionTask, build_task, seed_everything
+
+log = logging.getLogger("t2i.train")
 
 
 @dataclass
@@ -134,11 +139,25 @@ class BatchStream:
 
 
 def train(cfg: RunConfig, task: DiffusionTask | None = None) -> TrainResult:
-    """Train `task` (default: `build_task(cfg)`) as configured; works alone or under torchrun."""
+    """Train `task` (default: `build_task(cfg)`) as configured; works alone or under torchrun.
+
+    Rank 0 holds the run folder's lock (`t2i.train.runlock`) for the whole run, so a second job on the same
+    `trainer.out_dir` fails at once with `RunFolderBusyError`, and sweeps what a killed run left there.
+    """
     ctx = init_distributed()
+    lock = None
     try:
+        check_strategy(cfg.trainer.strategy, ctx)
+        if ctx.is_main:
+            lock = acquire_run_lock(cfg.trainer.out_dir)
+            swept = ckpt_io.sweep_run_folder(cfg.trainer.out_dir)
+            if swept:
+                log.warning("%s: removed leftovers of an interrupted run: %s", cfg.trainer.out_dir, ", ".join(swept))
+        barrier(ctx)  # no rank looks at the folder before it is locked and swept
         return _train(cfg, task, ctx)
     finally:
+        if lock is not None:
+            lock.release()
         cleanup_distributed(ctx)
 
 
@@ -148,7 +167,7 @@ def _train(cfg: RunConfig, task: DiffusionTask | None, ctx: DistContext) -> Trai
     task = task if task is not None else build_task(cfg)
     task.prepare_for_training(cfg, ctx.device)
     task.train()
-    resume_from = ckpt_io.find_resume_checkpoint(tcfg.resume, out_dir)
+    resume_from = ckpt_io.find_resume_checkpoint(tcfg.resume, out_dir, report=ctx.is_main)
     saved = _load_resume_state(resume_from, task)
     model = wrap_model(task, ctx, tcfg.strategy)
     params = task.trainable_parameters()
