@@ -122,7 +122,10 @@ def run(args: argparse.Namespace) -> int:
         args._parser.print_help()
         return 2
     from t2i.data.grid import make_grid
+    from t2i.train.atomic import image_format, save_image
 
+    if args.out:
+        image_format(args.out, "--out ")  # before sampling, not after
     prompts = split_prompts(args.split, args.num)
     pipe = load_model(args.model)
     scores, images = evaluate_shapes(
@@ -134,6 +137,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<9}{scores[name]:.3f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        make_grid(images, captions=prompts, ncols=min(8, len(images))).save(args.out)
+        save_image(make_grid(images, captions=prompts, ncols=min(8, len(images))), args.out)
         print(f"  grid: {args.out}")
     return 0

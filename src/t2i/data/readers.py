@@ -381,8 +381,8 @@ class ShardDataset(IterableDataset):
         found, probe = self._probe(limit=1 if split_by_unit else readers)
         if found and split_by_unit:
             return
-        kinds = "shards" if all(u.kind == "tar" for u in self.units) else "shards/folders"
-        where = f"{len(self.units)} {kinds}"
+        kinds = "shard" if all(u.kind == "tar" for u in self.units) else "shard/folder"
+        where = f"{len(self.units)} {kinds}{'s' if len(self.units) != 1 else ''}"
         if found == 0:
             expects = self.decoder.expects() if hasattr(self.decoder, "expects") else "expected usable samples"
             raise DataError(f"data.train: no usable sample in one pass over {where}; skipped "

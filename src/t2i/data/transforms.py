@@ -25,8 +25,8 @@ class ImageTooLarge(ValueError):
 def decode_image(data: bytes, min_side: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """Decode image bytes fully into an RGB PIL image (transparent pixels composited on white).
 
-    `min_side`: the shorter side the caller needs; JPEGs much larger than that are decoded at a reduced
-    scale (libjpeg's DCT scaling, `Image.draft`) whose shorter side is still >= `min_side`. `max_pixels`:
+    `min_side`: the shorter side the caller needs; JPEGs at least 4x larger are decoded at a reduced scale
+    (libjpeg's DCT scaling, `Image.draft`) whose shorter side is still >= 2 * `min_side`. `max_pixels`:
     an image that would still decode to more pixels raises `ImageTooLarge` before its pixels are read.
     16-bit greyscale (PNG/TIFF modes I;16*, I) is scaled to 8 bits, not clipped. Raises whatever PIL raises
     for truncated or invalid data; `load()` forces the full decode so a truncated file fails here.
@@ -38,8 +38,9 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int | Non
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exn:
             raise ImageTooLarge(str(exn)) from None
-    if min_side is not None and image.format == "JPEG" and min(image.size) >= 2 * min_side:
-        scale = min_side / min(image.size)
+    if min_side is not None and image.format == "JPEG" and min(image.size) >= 4 * min_side:
+        # decode at 1/2, 1/4 or 1/8 scale, keeping >= 2x the needed side so the bicubic resize still antialiases
+        scale = 2 * min_side / min(image.size)
         image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
     if max_pixels is not None and image.width * image.height > max_pixels:
         raise ImageTooLarge(f"{image.width}x{image.height} pixels exceeds data.max_image_pixels={max_pixels}")

@@ -34,10 +34,11 @@ def open_for_writing(path: Path) -> IO[bytes]:
     return open(path, "wb")
 
 
-def write_file(path: str | Path, write: Callable[[IO[bytes]], Any], needed: int | None = None) -> None:
+def write_file(path: str | Path, write: Callable[[IO[bytes]], Any], needed: int | None = None,
+               name: str | Path | None = None) -> None:
     """Create `path`, fill it with ``write(handle)``, flush and fsync it.
 
-    `needed` (bytes, when known) goes into the `DiskFullError` raised for ENOSPC/EDQUOT.
+    ENOSPC/EDQUOT raise `DiskFullError` naming `name` (default `path`) and `needed` bytes, when known.
     """
     path = Path(path)
     try:
@@ -47,7 +48,7 @@ def write_file(path: str | Path, write: Callable[[IO[bytes]], Any], needed: int 
             _fsync(handle)
     except OSError as exn:
         if exn.errno in NO_SPACE_ERRNOS:
-            raise disk_full(path, needed) from None
+            raise disk_full(Path(name or path), needed) from None
         raise
 
 
@@ -56,7 +57,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], needed: in
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
     try:
-        write_file(tmp, write, needed)
+        write_file(tmp, write, needed, name=path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -114,8 +115,11 @@ def _fsync(handle: IO[bytes]) -> None:
 # ----------------------------------------------------------------------------------------------- images
 
 
-def image_format(path: str | Path) -> str:
-    """PIL's format name for the suffix of `path` (`.png` -> PNG); InvalidInputError when PIL cannot write it."""
+def image_format(path: str | Path, what: str = "") -> str:
+    """PIL's format name for the suffix of `path` (`.png` -> PNG); InvalidInputError when PIL cannot write it.
+
+    `what` prefixes the message (e.g. "--out ").
+    """
     from PIL import Image
 
     suffix = Path(path).suffix.lower()
@@ -124,7 +128,7 @@ def image_format(path: str | Path) -> str:
         return formats[suffix]
     writable = sorted(ext for ext, fmt in formats.items() if fmt in Image.SAVE and ext in _COMMON_SUFFIXES)
     got = f"suffix {suffix!r}" if suffix else "no suffix"
-    raise InvalidInputError(f"{path}: {got}; expected an image file name ending in {', '.join(writable)}")
+    raise InvalidInputError(f"{what}{path}: {got}; expected an image file name ending in {', '.join(writable)}")
 
 
 _COMMON_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}

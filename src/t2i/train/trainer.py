@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,15 +124,29 @@ class BatchStream:
     def next(self) -> dict[str, Any]:
         self.start()
         try:
-            batch = next(self._iterator)
+            batch = self._next()
         except StopIteration:
             self._iterator = iter(self.loader)
             try:
-                batch = next(self._iterator)
+                batch = self._next()
             except StopIteration:
                 raise DataError("data.train: the dataloader yielded no batches (empty or fully skipped data)") from None
         self.consumed += 1
         return batch
+
+    def _next(self) -> dict[str, Any]:
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise
+        except Exception as err:
+            # Stop DataLoader workers now: left to the garbage collector (the traceback holds the iterator)
+            # their shutdown waits 5 s per worker.
+            if hasattr(self._iterator, "close"):
+                self._iterator.close()
+            self._iterator = None
+            traceback.clear_frames(err.__traceback__)
+            raise
 
     def skip(self, count: int) -> None:
         for _ in range(count):
