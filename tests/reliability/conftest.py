@@ -48,14 +48,21 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
-def one_line_error(capsys, argv: list[str], *fragments: str) -> str:
-    """Run the CLI in-process; assert exit 2 and exactly one stderr line `t2i CMD: error: ...` with `fragments`."""
+def one_line_error(capsys, argv: list[str], *fragments: str, after_progress: bool = False) -> str:
+    """Run the CLI in-process; assert exit 2 and exactly one stderr line `t2i CMD: error: ...` with `fragments`.
+
+    `after_progress`: the error may follow a progress bar (carriage-return-separated tqdm updates).
+    """
     from t2i.cli.main import main
 
     capsys.readouterr()
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == 2, f"exit {rc}, stderr: {err[-2000:]}"
+    if after_progress:
+        bar, _, err = err.rstrip("\n").rpartition("\n")
+        assert "Traceback" not in bar and all("\r" in line or not line for line in bar.split("\n")), bar
+        err += "\n"
     assert err.startswith(f"t2i {argv[0]}: error: ") and err.count("\n") == 1, err[-2000:]
     for fragment in fragments:
         assert fragment in err, f"{fragment!r} not in {err!r}"
