@@ -9,8 +9,10 @@ fix are made inside the tests, so the battery also runs (and fails case by case)
 from __future__ import annotations
 
 import io
+import signal
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +30,39 @@ TINY_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 16, "in_channe
 
 def pytest_configure(config):
     for name, what in (("hang", "spun forever before the fix"), ("traceback", "ended in a traceback before the fix"),
-                       ("silent", "gave a silent wrong answer (or a misleading message) before the fix")):
+                       ("silent", "gave a silent wrong answer (or a misleading message) before the fix"),
+                       ("deadline(seconds)", "fail the test (DeadlineExceeded) once it runs that long")):
         config.addinivalue_line("markers", f"{name}: {what}")
+
+
+class DeadlineExceeded(BaseException):  # noqa: N818 - not an Exception, so `except Exception` cannot swallow it
+    """Raised into a test that outlives its `deadline` marker."""
+
+
+@pytest.fixture(autouse=True)
+def _deadline(request):
+    """`@pytest.mark.deadline(S)`: DeadlineExceeded in the test's thread after S seconds, repeated every second.
+
+    pytest-timeout's single SIGALRM is lost when it lands in a finalizer (`__del__` swallows exceptions), which
+    a loop that spins through generators and files hits often; re-arming the timer makes the deadline hold.
+    """
+    marker = request.node.get_closest_marker("deadline")
+    if marker is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seconds = float(marker.args[0])
+
+    def expire(signum, frame):
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        raise DeadlineExceeded(f"still running after {seconds:g} s (a hang)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def image_bytes(fmt: str = "PNG", seed: int = 0, size: int = 24) -> bytes:

@@ -84,7 +84,7 @@ def test_sample_lora_scale_that_is_not_a_number(tmp_path, capsys, pipeline_dir, 
 @pytest.mark.traceback
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_sample_on_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, pipeline_dir, monkeypatch):
-    from t2i.train import atomic
+    from t2i import atomic
 
     monkeypatch.setattr(atomic, "open_for_writing", lambda path: open("/dev/full", "wb"))  # noqa: SIM115
     out = tmp_path / "o.png"

@@ -86,7 +86,7 @@ NO_USABLE_DATA = {
 
 
 @pytest.mark.hang
-@pytest.mark.timeout(30)
+@pytest.mark.deadline(30)
 @pytest.mark.parametrize("case", list(NO_USABLE_DATA))
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_endless_dataset_without_usable_sample_fails_in_one_pass(tmp_path, case, num_workers):
@@ -97,7 +97,7 @@ def test_endless_dataset_without_usable_sample_fails_in_one_pass(tmp_path, case,
 
 
 @pytest.mark.hang
-@pytest.mark.timeout(60)
+@pytest.mark.deadline(60)
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_t2i_train_on_unusable_shards_is_one_line(tmp_path, capsys, single_thread, num_workers):
     config = autoencoder_config(tmp_path, _undecodable_shard(tmp_path), num_workers=num_workers)
@@ -105,14 +105,14 @@ def test_t2i_train_on_unusable_shards_is_one_line(tmp_path, capsys, single_threa
 
 
 @pytest.mark.hang
-@pytest.mark.timeout(30)
+@pytest.mark.deadline(30)
 def test_fewer_samples_than_readers_is_an_error_not_a_hang(tmp_path):
     source = str(write_tar(tmp_path / "one.tar", [("k.png", image_bytes()), ("k.txt", b"only one")]))
     error = loader_error(torch.utils.data.DataLoader(_images_dataset(source), batch_size=1, num_workers=2), 3)
     assert_one_line(error, DataError, "DataLoader worker 1 got no usable sample", "1 usable sample")
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.deadline(60)
 def test_mostly_unreadable_shards_still_stream(tmp_path):
     """Guard against false alarms: a worker whose share of one epoch is all bad keeps going when others are not."""
     write_tar(tmp_path / "s0.tar", [m for i in range(4) for m in ((f"k{i}.png", image_bytes(seed=i)),
@@ -129,7 +129,7 @@ def test_mostly_unreadable_shards_still_stream(tmp_path):
 
 
 @pytest.mark.hang
-@pytest.mark.timeout(30)
+@pytest.mark.deadline(30)
 def test_img2dataset_caption_in_json_only(tmp_path):
     members = []
     for i in range(3):
@@ -151,7 +151,7 @@ def _folder(root: Path, column: str) -> str:
 
 
 @pytest.mark.hang
-@pytest.mark.timeout(30)
+@pytest.mark.deadline(30)
 def test_image_folder_caption_column(tmp_path):
     stream = iter(_images_dataset(_folder(tmp_path, "caption")))
     assert {next(stream)["captions"] for _ in range(6)} == {"caption 0", "caption 1", "caption 2"}

@@ -166,7 +166,7 @@ def test_poisoned_or_corrupt_state_pt_is_refused_with_the_reason(tmp_path, conte
 
 def _full_disk_for(monkeypatch, names: set[str], after: int = 0) -> dict:
     """Writes of files named in `names` go to /dev/full (every write(2) fails with ENOSPC) after `after` of them."""
-    from t2i.train import atomic
+    from t2i import atomic
 
     real_open = atomic.open_for_writing
     seen = {"count": 0}

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         args._parser.print_help()
         return 2
     from t2i.data.grid import make_grid
-    from t2i.train.atomic import image_format, save_image
+    from t2i.atomic import image_format, save_image
 
     if args.out:
         image_format(args.out, "--out ")  # before sampling, not after

@@ -140,7 +140,7 @@ def resolve_device(name: str | None) -> str:
 def check_output(out: str) -> None:
     """--out must name an image file PIL can write (checked before any sampling)."""
     from t2i.errors import InvalidInputError
-    from t2i.train.atomic import image_format
+    from t2i.atomic import image_format
 
     path = Path(out)
     if path.is_dir() or out.endswith(("/", "\\")):
@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         from t2i.pipelines.cascade import sample_cascade_cli
 
         return sample_cascade_cli(args)
-    from t2i.train.atomic import save_image
+    from t2i.atomic import save_image
 
     pipe = load_from_args(args)
     result = generate_from_args(pipe, args)

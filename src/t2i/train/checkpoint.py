@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from t2i.errors import CheckpointError, ConfigError
-from t2i.train.atomic import TMP_SUFFIX, tensor_bytes, write_file, write_safetensors
+from t2i.atomic import TMP_SUFFIX, tensor_bytes, write_file, write_safetensors
 
 log = logging.getLogger("t2i.train")
 

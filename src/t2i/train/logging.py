@@ -1,6 +1,6 @@
 """Run logging on rank 0: console lines, TensorBoard scalars/images (OUT_DIR/tb), `loss.png`, sample grids.
 
-Images are written atomically (`t2i.train.atomic.save_image`): a full disk leaves the previous `loss.png`
+Images are written atomically (`t2i.atomic.save_image`): a full disk leaves the previous `loss.png`
 intact and prints one warning line naming the path and the bytes needed; the run goes on (its next checkpoint
 will stop it with `DiskFullError` if the disk stays full).
 """
@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from t2i.data.grid import make_grid
 from t2i.errors import DiskFullError
-from t2i.train.atomic import save_image
+from t2i.atomic import save_image
 
 log = logging.getLogger("t2i.train")
 

@@ -32,9 +32,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from t2i.config import RunConfig, save_resolved, to_yaml
+from t2i.config import RunConfig, to_yaml
 from t2i.errors import DataError
 from t2i.train import checkpoint as ckpt_io
+from t2i.atomic import atomic_write
 from t2i.train.distributed import (
     DistContext,
     barrier,
@@ -201,7 +202,8 @@ def _train(cfg: RunConfig, task: DiffusionTask | None, ctx: DistContext) -> Trai
         _warn_if_unresumed_checkpoints(tcfg.resume, out_dir, ctx)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out_dir / "config.yaml")
+        config = to_yaml(cfg).encode("utf-8")
+        atomic_write(out_dir / "config.yaml", lambda f: f.write(config), needed=len(config))
     return _loop(cfg, ctx, task, model, params, optimizer, precision, generator, batches, state)
 
 
