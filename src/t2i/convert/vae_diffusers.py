@@ -10,6 +10,10 @@ Key correspondence (diffusers <-> CompVis):
   conv_norm_out <-> norm_out;  conv_shortcut <-> nin_shortcut (resnets only)
   attention: group_norm, to_q, to_k, to_v, to_out.0 (Linear, (C, C)) <-> norm, q, k, v, proj_out (1x1 conv, (C, C, 1, 1))
 Old diffusers files name attention `query`, `key`, `value`, `proj_attn`; they are read too.
+
+Config names (diffusers <-> ours): latent_channels <-> embed_dim and ddconfig.z_channels, norm_num_groups <->
+ddconfig.norm_num_groups, scaling_factor <-> scale_factor, shift_factor <-> shift_factor (FLUX.1: 0.1159),
+use_quant_conv / use_post_quant_conv <-> the same names, mid_block_add_attention <-> mid_attention.
 """
 
 from __future__ import annotations
@@ -64,12 +68,6 @@ def config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
     """Map a diffusers AutoencoderKL config.json dict to our {embed_dim, ddconfig, ...} config."""
     if config.get("act_fn", "silu") != "silu":
         raise ConfigError(f"vae config act_fn: {config['act_fn']!r} not supported; expected 'silu'")
-    if config.get("norm_num_groups", 32) != 32:
-        raise ConfigError(
-            f"vae config norm_num_groups: {config['norm_num_groups']} not supported; expected 32"
-        )
-    if config.get("shift_factor") is not None:
-        raise ConfigError(f"vae config shift_factor: {config['shift_factor']} not supported; expected null")
     channels = list(config.get("block_out_channels", [64]))
     ch = channels[0]
     if any(c % ch for c in channels):
@@ -87,6 +85,10 @@ def config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
         "attn_resolutions": attn_resolutions_from_blocks({**config, "block_out_channels": channels}),
         "dropout": 0.0,
     }
+    groups = int(config.get("norm_num_groups", 32))
+    if groups != 32:  # absent means 32, as in NeMo/CompVis configs (which have no such key)
+        ddconfig["norm_num_groups"] = groups
+    shift = config.get("shift_factor")
     return {
         "embed_dim": latent,
         "ddconfig": ddconfig,
@@ -94,6 +96,7 @@ def config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
         "use_post_quant_conv": bool(config.get("use_post_quant_conv", True)),
         "mid_attention": bool(config.get("mid_block_add_attention", True)),
         "scale_factor": float(config.get("scaling_factor", 0.18215)),
+        "shift_factor": None if shift is None else float(shift),
     }
 
 
@@ -119,9 +122,10 @@ def config_to_diffusers(config: dict[str, Any]) -> dict[str, Any]:
         "layers_per_block": dd["num_res_blocks"],
         "act_fn": "silu",
         "latent_channels": config["embed_dim"],
-        "norm_num_groups": 32,
+        "norm_num_groups": dd.get("norm_num_groups", 32),
         "sample_size": dd["resolution"],
         "scaling_factor": config.get("scale_factor") or 0.18215,
+        "shift_factor": config.get("shift_factor"),
         "use_quant_conv": config.get("use_quant_conv", True),
         "use_post_quant_conv": config.get("use_post_quant_conv", True),
         "mid_block_add_attention": config.get("mid_attention", True),
