@@ -19,6 +19,7 @@ from t2i.models.flux import (
     image_position_ids,
     pack_latents,
     rope_frequencies,
+    rotate_pairs_real,
     unpack_latents,
 )
 
@@ -122,11 +123,13 @@ def test_pack_is_bfl_rearrange_and_unpack_inverts_it():
     assert ids.shape == (2, 6, 3) and ids[0, 5].tolist() == [0.0, 1.0, 2.0]
 
 
-def test_rope_rotates_each_pair_by_position_times_frequency():
+@pytest.mark.parametrize("form", ["complex", "real"])
+def test_rope_rotates_each_pair_by_position_times_frequency(form):
     axes, theta = [4, 6, 6], 10_000.0
     ids = torch.tensor([[[0.0, 3.0, 5.0], [0.0, 1.0, 2.0]]])
     x = torch.randn(1, 2, 2, 16)  # (B, H, L, head_dim)
-    out = apply_rope(x, rope_frequencies(ids, axes, theta))
+    rope = rope_frequencies(ids, axes, theta)
+    out = apply_rope(x, rope) if form == "complex" else rotate_pairs_real(x, rope)
     expected = torch.empty_like(x)
     pair = 0
     for axis, dim in enumerate(axes):

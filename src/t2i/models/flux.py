@@ -59,14 +59,14 @@ FLUX_SCHNELL: dict[str, Any] = {**FLUX_DEV, "guidance_embed": False}
 TIME_EMBED_DIM = 256  # sinusoidal width of the timestep and guidance embeddings
 TIME_FACTOR = 1000.0  # t in [0, 1] is embedded as 1000 t, the range the sinusoids were tuned for
 
-RoPE = torch.Tensor  # unit complex rotations (B, 1, L, head_dim / 2), complex64
+RoPE = torch.Tensor  # (cos, sin) of every rotation angle: (B, 1, L, head_dim / 2, 2) float32
 
 
 # ------------------------------------------------------------------------------------ positions
 
 
-def rope_frequencies(ids: torch.Tensor, axes_dim: list[int], theta: float) -> torch.Tensor:
-    """Unit rotations of each position: ids (B, L, n_axes) -> complex64 (B, 1, L, sum(axes_dim) / 2).
+def rope_frequencies(ids: torch.Tensor, axes_dim: list[int], theta: float) -> RoPE:
+    """Rotation of each position: ids (B, L, n_axes) -> (cos, sin) pairs, float32 (B, 1, L, head_dim / 2, 2).
 
     Axis i owns axes_dim[i] channels of every head, i.e. axes_dim[i] / 2 rotation pairs with frequencies
     theta ** (-2j / axes_dim[i]); pair j of a token at position p turns by p * frequency. Angles are computed
@@ -79,17 +79,27 @@ def rope_frequencies(ids: torch.Tensor, axes_dim: list[int], theta: float) -> to
         omega = 1.0 / theta**exponent  # (dim / 2,)
         angles.append(ids[..., axis].to(wide)[..., None] * omega)  # (B, L, dim / 2)
     angle = torch.cat(angles, dim=-1)[:, None]  # (B, 1, L, head_dim / 2)
-    return torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
+    return torch.stack([angle.cos(), angle.sin()], dim=-1).float()
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, rope: RoPE) -> torch.Tensor:
     """Rotate each adjacent channel pair (x[2i], x[2i+1]) of x (B, H, L, head_dim) by its angle, in float32.
 
-    The pair is read as the complex number x[2i] + i x[2i+1] and multiplied by e^(i angle): one fused
-    complex multiply, several times faster than the real-valued form in forward and backward.
+    Eager mode reads the pair as the complex number x[2i] + i x[2i+1] times e^(i angle): one complex
+    multiply, about 2.5x faster than the real-valued form (forward + backward, measured on CPU). Inductor
+    generates no code for complex numbers, so compiled graphs take the real form, which it fuses.
     """
+    if torch.compiler.is_compiling():
+        return rotate_pairs_real(x, rope)
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rope).flatten(-2).to(x.dtype)
+    return torch.view_as_real(pairs * torch.view_as_complex(rope)).flatten(-2).to(x.dtype)
+
+
+def rotate_pairs_real(x: torch.Tensor, rope: RoPE) -> torch.Tensor:
+    """`apply_rope` written with real numbers: (a, b) -> (a cos - b sin, a sin + b cos) per pair."""
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = rope.unbind(-1)
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 def image_position_ids(batch: int, rows: int, cols: int, device: torch.device | None = None) -> torch.Tensor:
