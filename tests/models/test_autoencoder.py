@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from t2i.convert.vae_diffusers import load_vae, state_dict_from_diffusers
 from t2i.errors import ConfigError, PipelineLoadError
 from t2i.models.autoencoder import AutoencoderKL, DiagonalGaussian, count_parameters
 from t2i.models.first_stage import IdentityFirstStage, LatentFirstStage
@@ -59,7 +60,7 @@ def test_sd_vae_parameter_count_on_meta():
 def test_loads_diffusers_folder_and_matches_outputs(tmp_path, attention_level):
     reference = tiny_diffusers_vae(attention_level)
     reference.save_pretrained(tmp_path / "vae")
-    ours = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
+    ours = load_vae(tmp_path / "vae").eval()
     assert ours.ddconfig["attn_resolutions"] == ([16] if attention_level else [])
     assert ours.scale_factor == pytest.approx(0.18215)
 
@@ -76,7 +77,9 @@ def test_loads_diffusers_folder_and_matches_outputs(tmp_path, attention_level):
 def test_pipeline_root_with_vae_subfolder_loads(tmp_path):
     tiny_diffusers_vae().save_pretrained(tmp_path / "pipe" / "vae")
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
-    assert AutoencoderKL.from_pretrained(tmp_path / "pipe").downsample_factor == 2
+    assert load_vae(tmp_path / "pipe").downsample_factor == 2
+    with pytest.raises(PipelineLoadError, match="a diffusers VAE folder; load it with .*load_vae"):
+        AutoencoderKL.from_pretrained(tmp_path / "pipe")
 
 
 def test_t2i_folder_roundtrip(tmp_path):
@@ -85,6 +88,7 @@ def test_t2i_folder_roundtrip(tmp_path):
     vae.save_pretrained(tmp_path / "ours")
     assert "_class_name" not in json.loads((tmp_path / "ours" / "config.json").read_text())
     loaded = AutoencoderKL.from_pretrained(tmp_path / "ours").eval()
+    assert torch.equal(load_vae(tmp_path / "ours").decoder.conv_out.weight, loaded.decoder.conv_out.weight)
     assert loaded.scale_factor == 0.5
     for (k1, v1), (k2, v2) in zip(vae.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k1 == k2 and torch.equal(v1, v2)
@@ -197,7 +201,7 @@ def tiny_flux_style_vae():
 def test_flux_style_diffusers_vae_loads_with_parity(tmp_path):
     reference = tiny_flux_style_vae()
     reference.save_pretrained(tmp_path / "vae")
-    ours = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
+    ours = load_vae(tmp_path / "vae").eval()
     assert ours.quant_conv is None and ours.post_quant_conv is None
     assert ours.ddconfig["norm_num_groups"] == 2 and ours.encoder.norm_out.num_groups == 2
     assert (ours.scale_factor, ours.shift_factor) == (pytest.approx(0.3611), pytest.approx(0.1159))
@@ -218,8 +222,6 @@ def test_latent_first_stage_shift_follows_diffusers_convention():
         {"embed_dim": 16, "ddconfig": {**TINY_DDCONFIG, "ch": 8, "z_channels": 16, "norm_num_groups": 2},
          "use_quant_conv": False, "use_post_quant_conv": False}
     )
-    from t2i.convert.vae_diffusers import state_dict_from_diffusers
-
     vae.load_state_dict(state_dict_from_diffusers(reference.state_dict()))
     stage = LatentFirstStage(vae, scale_factor=0.3611, shift_factor=0.1159)
     images = torch.rand(2, 3, 32, 32) * 2 - 1

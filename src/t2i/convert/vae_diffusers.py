@@ -18,12 +18,21 @@ use_quant_conv / use_post_quant_conv <-> the same names, mid_block_add_attention
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from t2i.errors import ConfigError
+from t2i.models.autoencoder import (
+    AutoencoderKL,
+    is_diffusers_vae_config,
+    load_state_dict_strict,
+    read_safetensors,
+    resolve_vae_folder,
+)
 
 DOWN_PLAIN, DOWN_ATTN = "DownEncoderBlock2D", "AttnDownEncoderBlock2D"
 UP_PLAIN, UP_ATTN = "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
@@ -204,6 +213,22 @@ def state_dict_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.T
             value = value[:, :, 0, 0]
         out[key_to_diffusers(key, n_up)] = value
     return out
+
+
+def load_vae(path: str | Path, **kwargs: Any) -> AutoencoderKL:
+    """Load a VAE folder in either format: diffusers (`config.json` + `diffusion_pytorch_model.safetensors`,
+    converted to CompVis names) or t2i's own; a pipeline root holding `vae/` works too.
+
+    Extra kwargs (e.g. gradient_checkpointing) override the stored config.
+    """
+    folder = resolve_vae_folder(Path(path))
+    config = json.loads((folder / "config.json").read_text())
+    if not is_diffusers_vae_config(config):
+        return AutoencoderKL.from_pretrained(folder, **kwargs)
+    model = AutoencoderKL.from_config({**config_from_diffusers(config), **kwargs})
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    load_state_dict_strict(model, state_dict_from_diffusers(read_safetensors(weights)), str(weights))
+    return model
 
 
 def save_diffusers_vae(model: Any, path: str) -> None:

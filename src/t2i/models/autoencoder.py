@@ -2,7 +2,7 @@
 
 Parameter names follow CompVis (`encoder.down.0.block.0.conv1.weight`, `encoder.mid.attn_1.q.weight`,
 `quant_conv.weight`, ...), so the `first_stage_model.*` part of an SD single file loads after stripping the prefix.
-Diffusers-format folders are converted on load by `t2i.convert.vae_diffusers`.
+`from_pretrained` reads t2i's own folders; `t2i.convert.vae_diffusers.load_vae` reads diffusers folders too.
 
 Options beyond the SD VAE, for the FLUX.1 VAE (16 latent channels) and diffusers' tiny test VAEs:
 `use_quant_conv` / `use_post_quant_conv` (false: no 1x1 convs around the latent, embed_dim = z_channels),
@@ -473,18 +473,25 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> AutoencoderKL:
-        """Load a diffusers `vae/` folder (config.json + diffusion_pytorch_model.safetensors) or a t2i folder.
+        """Load a t2i VAE folder (config.json + model.safetensors, CompVis names), or a pipeline root's `vae/`.
 
-        A pipeline root holding a `vae/` subfolder is accepted too. Extra kwargs (e.g. gradient_checkpointing)
-        override the stored config.
+        Extra kwargs (e.g. gradient_checkpointing) override the stored config. Diffusers folders are read by
+        `t2i.convert.vae_diffusers.load_vae`, which accepts both formats.
         """
         folder = resolve_vae_folder(Path(path))
         config = json.loads((folder / T2I_CONFIG_NAME).read_text())
-        if "_class_name" in config or "block_out_channels" in config:
-            return load_diffusers_vae(folder, config, **kwargs)
+        if is_diffusers_vae_config(config):
+            raise PipelineLoadError(
+                f"{folder}: a diffusers VAE folder; load it with t2i.convert.vae_diffusers.load_vae"
+            )
         model = cls.from_config({**config, **kwargs})
         load_state_dict_strict(model, read_safetensors(folder / T2I_WEIGHTS_NAME), str(folder))
         return model
+
+
+def is_diffusers_vae_config(config: dict[str, Any]) -> bool:
+    """True for a diffusers AutoencoderKL config.json (t2i's own has `embed_dim` + `ddconfig` instead)."""
+    return "_class_name" in config or "block_out_channels" in config
 
 
 def resolve_vae_folder(path: Path) -> Path:
@@ -513,18 +520,6 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
             f"{source}: VAE weights do not match the config; missing {result.missing_keys[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}"
         )
-
-
-def load_diffusers_vae(folder: Path, config: dict[str, Any], **kwargs: Any) -> AutoencoderKL:
-    """Build our AutoencoderKL from a diffusers config and convert its weights to CompVis names."""
-    from t2i.convert.vae_diffusers import config_from_diffusers, state_dict_from_diffusers
-
-    ours = config_from_diffusers(config)
-    model = AutoencoderKL.from_config({**ours, **kwargs})
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    state = state_dict_from_diffusers(read_safetensors(weights))
-    load_state_dict_strict(model, state, str(weights))
-    return model
 
 
 def count_parameters(module: nn.Module) -> int:
