@@ -117,7 +117,7 @@ def pipeline_from_single_file(path: Path, model_cfg: Any, dtype: torch.dtype | N
 def load_folder(root: Path, model_cfg: Any, dtype: torch.dtype | None) -> LatentPipeline:
     """A diffusers or t2i folder; `model_cfg` (when given) replaces t2i.yaml."""
     from t2i.convert.unet_diffusers import load_unet_from_diffusers
-    from t2i.models.autoencoder import AutoencoderKL
+    from t2i.convert.vae_diffusers import load_vae
 
     index = read_model_index(root)
     if model_cfg is None and (root / T2I_CONFIG).is_file():
@@ -125,7 +125,7 @@ def load_folder(root: Path, model_cfg: Any, dtype: torch.dtype | None) -> Latent
     scheduler_config = read_scheduler_config(root)
     dtype = dtype or torch.float32
     unet = load_unet_from_diffusers(root / "unet", dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(root / "vae").to(dtype).eval()
+    vae = load_vae(root / "vae").to(dtype).eval()
     scale_factor = vae.scale_factor if vae.scale_factor is not None else 0.18215
     text_encoder = load_folder_text_encoder(root, index, model_cfg)
     if model_cfg is None:

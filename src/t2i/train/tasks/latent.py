@@ -88,11 +88,12 @@ def load_unet(m: LatentDiffusionConfig) -> nn.Module:
 
 def load_vae(m: LatentDiffusionConfig) -> nn.Module:
     """The frozen AutoencoderKL: `first_stage_config.from_pretrained` if set, else random weights (tests)."""
+    from t2i.convert.vae_diffusers import load_vae as load_vae_folder
     from t2i.models.autoencoder import AutoencoderKL
 
     first = m.first_stage_config
     if first.from_pretrained is not None:
-        return AutoencoderKL.from_pretrained(first.from_pretrained)
+        return load_vae_folder(first.from_pretrained)
     return AutoencoderKL(first.embed_dim, dataclasses.asdict(first.ddconfig))
 
 
