@@ -100,8 +100,14 @@ class LoraConfig:
 
 @dataclass
 class UNetConfig:
-    """SD UNetModel keyword arguments (openaimodel names), plus `from_pretrained` (not passed to the model):
-    a pipeline folder or UNet weights file whose weights initialise training. Defaults are SD 1.5's."""
+    """SD UNetModel keyword arguments (openaimodel / sgm names), plus `from_pretrained` (not passed to the model):
+    a pipeline folder or UNet weights file whose weights initialise training. Defaults are SD 1.5's.
+
+    This dataclass is the one list of UNet keys and defaults: `UNetModel`, the diffusers converter and the YAML
+    loader all take theirs from here. SDXL adds `transformer_depth` per level (a level or a middle block of depth 0
+    has no transformer; `transformer_depth_middle` null = the last level's depth), `norm_num_groups` (diffusers'
+    name) and the ADM vector input (`num_classes: sequential` with `adm_in_channels`: y (B, adm_in_channels) is
+    embedded by `label_emb` and added to the time embedding)."""
 
     in_channels: int = 4
     out_channels: int = 4
@@ -113,8 +119,12 @@ class UNetConfig:
     num_head_channels: int = -1
     use_spatial_transformer: bool = True
     use_linear_in_transformer: bool = False
-    transformer_depth: int = 1
+    transformer_depth: int | list[int] = 1
+    transformer_depth_middle: int | None = None
     context_dim: int | None = 768
+    num_classes: Literal["sequential"] | None = None
+    adm_in_channels: int | None = None
+    norm_num_groups: int = 32
     use_checkpoint: bool = False
     legacy: bool = False
     use_flash_attention: bool = True

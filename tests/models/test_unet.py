@@ -213,6 +213,9 @@ def test_plain_attention_block_matches_per_head_softmax():
         "num_res_blocks": 1,
         "channel_mult": [1, 2],
         "num_heads": 2,
+        "use_spatial_transformer": False,
+        "context_dim": None,
+        "legacy": True,
         "use_flash_attention": True,
     }
     model = randomized(UNetModel(**cfg)).eval()
