@@ -113,7 +113,12 @@ class AttentionBlockBase(nn.Module):
         """q (B, N, C), k/v (B, M, C) -> (B, N, C)."""
         h = self.heads
         out = attention_core(
-            split_heads(q, h), split_heads(k, h), split_heads(v, h), mask, stable=self.stable, flash=self.flash
+            split_heads(q, h),
+            split_heads(k, h),
+            split_heads(v, h),
+            mask,
+            stable=self.stable,
+            flash=self.flash,
         )
         return merge_heads(out)
 

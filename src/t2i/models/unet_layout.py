@@ -119,9 +119,7 @@ def _validate_groups(model_channels: int, channel_mult: list[int], groups: Any) 
 def _validate_adm(num_classes: Any, adm_in_channels: Any) -> None:
     if num_classes is None:
         if adm_in_channels is not None:
-            raise ConfigError(
-                "model.unet_config.adm_in_channels: needs num_classes: sequential (got null)"
-            )
+            raise ConfigError("model.unet_config.adm_in_channels: needs num_classes: sequential (got null)")
         return
     if num_classes not in ADM_KINDS:
         raise ConfigError(
