@@ -181,7 +181,9 @@ def bench_unet(args: argparse.Namespace) -> list[Row]:
     ctx = torch.randn(batch, tokens, config["context_dim"], generator=g).to(args.device, dtype)
     inputs: tuple = (x, t, ctx)
     if config.get("num_classes") is not None:
-        pooled = torch.randn(batch, config["adm_in_channels"] - SIZE_IDS * 256, generator=g).to(args.device, dtype)
+        pooled = torch.randn(batch, config["adm_in_channels"] - SIZE_IDS * 256, generator=g).to(
+            args.device, dtype
+        )
         time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch).to(args.device)
         inputs = (x, t, ctx, pooled, time_ids)
     steps_ours = make_steps(ours, t2i_call, inputs)
@@ -217,7 +219,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
-        "--dtype", choices=list(DTYPES), default=None, help="default: float32 (mid sizes), bfloat16 (sd2, sdxl)"
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="default: float32 (mid sizes), bfloat16 (sd2, sdxl)",
     )
     p.add_argument("--size", choices=list(SIZES), default="mid")
     p.add_argument("--batch", type=int, default=None)
@@ -225,7 +230,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--skip-pipeline", action="store_true", help="time only the UNet, not whole-pipeline sampling")
+    p.add_argument(
+        "--skip-pipeline", action="store_true", help="time only the UNet, not whole-pipeline sampling"
+    )
     p.add_argument(
         "--clock",
         choices=list(CLOCKS),

@@ -445,3 +445,17 @@ def test_what_still_cannot_map_is_a_one_line_config_error():
     uneven_middle = {**sdxl_yaml_unet_config(), "transformer_depth_middle": 3}
     with pytest.raises(ConfigError, match="transformer_depth_middle: 3 differs"):
         unet_config_to_diffusers(uneven_middle)
+
+
+@pytest.mark.gpu
+def test_sdxl_bf16_cuda_matches_float32_reference(saved_sdxl):
+    """On a GPU in bf16 (SDPA kernels), the SDXL-shaped t2i UNet stays close to diffusers in float32."""
+    kind, ref, folder = saved_sdxl
+    ours = load_unet_from_diffusers(folder, dtype=torch.bfloat16).cuda()
+    x, t, ctx, text_embeds, time_ids = sdxl_inputs(SDXL_CASES[kind]["time_ids"])
+    with torch.no_grad():
+        expected = diffusers_forward(ref, x, t, ctx, text_embeds, time_ids)
+        y = adm_vector(text_embeds, time_ids).cuda()
+        got = ours(x.cuda(), t.cuda(), ctx.cuda(), y=y).float().cpu()
+    rel = (got - expected).abs().max() / expected.abs().max()
+    assert rel.item() < 5e-2

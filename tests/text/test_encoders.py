@@ -422,6 +422,20 @@ def test_bigg_from_sgm_single_file_matches_clip_with_projection(tmp_path, clip_t
     torch.testing.assert_close(out.embeddings, ref.hidden_states[-2], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.pooled, ref.text_embeds, atol=1e-5, rtol=1e-5)
 
+    # The same tower from the tensors a single-file loader already holds (no second read of the file).
+    from t2i.convert.sgm_keys import embedder_prefix
+    from t2i.convert.text_keys import strip_prefix
+    from t2i.text.encoders import openclip_encoder
+
+    in_memory = openclip_encoder(
+        strip_prefix(on_disk, embedder_prefix(1, "openclip")),
+        {"width": 32, "heads": 4},
+        encoder.tokenizer,
+        "penultimate_hidden",
+    )
+    again = in_memory.encode(PROMPTS)
+    assert torch.equal(again.embeddings, out.embeddings) and torch.equal(again.pooled, out.pooled)
+
 
 def released_text_config(width: int, heads: int, layers: int, act: str) -> CLIPTextConfig:
     """The text_encoder / text_encoder_2 config.json of SDXL (facts from the model card): 49408 tokens,

@@ -366,8 +366,6 @@ def build_openclip(
 
     SDXL's bigG: arch ViT-bigG-14, layer penultimate_hidden; pooled = text_projection(ln_final(last)[EOS]).
     """
-    from transformers import CLIPTextModel
-
     if version is None:
         raise PipelineLoadError(
             "cond_stage_config.version: missing; expected a local OpenCLIP checkpoint file"
@@ -379,6 +377,24 @@ def build_openclip(
         )
     state = read_checkpoint(path)
     text_state = strip_prefix(state, openclip_text_prefix(state, path))
+    tokenizer = load_tokenizer(tokenizer_folder(tokenizer_path, None))
+    return openclip_encoder(text_state, arch, tokenizer, layer, max_length, source=str(path))
+
+
+def openclip_encoder(
+    text_state: dict[str, torch.Tensor],
+    arch: str | dict[str, Any] | None,
+    tokenizer: Any,
+    layer: str | int = "last",
+    max_length: int | None = None,
+    source: str = "OpenCLIP weights",
+) -> CLIPEncoder:
+    """A CLIPEncoder from an OpenCLIP text tower already in memory (open_clip names, prefix removed; `visual.*`
+    and `logit_scale` are ignored), e.g. `conditioner.embedders.1.model.*` of an SDXL file after strip_prefix.
+
+    The architecture is read off the tensors except heads and activation, which come from `arch`."""
+    from transformers import CLIPTextModel
+
     text_state = {k: v for k, v in text_state.items() if not k.startswith("visual.")}
     shapes = openclip_text_shapes(text_state)
     config = openclip_hf_config(resolve_openclip_arch(arch, shapes), shapes)
@@ -392,10 +408,9 @@ def build_openclip(
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
         raise WeightsMismatchError(
-            f"{path}: OpenCLIP text weights do not fit arch {arch}; missing {missing[:3]}, "
+            f"{source}: OpenCLIP text weights do not fit arch {arch}; missing {missing[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}"
         )
-    tokenizer = load_tokenizer(tokenizer_folder(tokenizer_path, None))
     return CLIPEncoder(model, tokenizer, layer, max_length, projection, kind="openclip")
 
 
