@@ -12,8 +12,14 @@ from t2i.config.validation import require as _require
 
 @dataclass
 class UNetConfig:
-    """SD UNetModel keyword arguments (openaimodel names), plus `from_pretrained` (not passed to the model):
-    a pipeline folder or UNet weights file whose weights initialise training. Defaults are SD 1.5's."""
+    """SD UNetModel keyword arguments (openaimodel / sgm names), plus `from_pretrained` (not passed to the model):
+    a pipeline folder or UNet weights file whose weights initialise training. Defaults are SD 1.5's.
+
+    This dataclass is the one list of UNet keys and defaults: `UNetModel`, the diffusers converter and the YAML
+    loader all take theirs from here. SDXL adds `transformer_depth` per level (a level or a middle block of depth 0
+    has no transformer; `transformer_depth_middle` null = the last level's depth), `norm_num_groups` (diffusers'
+    name) and the ADM vector input (`num_classes: sequential` with `adm_in_channels`: y (B, adm_in_channels) is
+    embedded by `label_emb` and added to the time embedding)."""
 
     in_channels: int = 4
     out_channels: int = 4
@@ -25,8 +31,12 @@ class UNetConfig:
     num_head_channels: int = -1
     use_spatial_transformer: bool = True
     use_linear_in_transformer: bool = False
-    transformer_depth: int = 1
+    transformer_depth: int | list[int] = 1
+    transformer_depth_middle: int | None = None
     context_dim: int | None = 768
+    num_classes: Literal["sequential"] | None = None
+    adm_in_channels: int | None = None
+    norm_num_groups: int = 32
     use_checkpoint: bool = False
     legacy: bool = False
     use_flash_attention: bool = True
@@ -55,6 +65,7 @@ class DDConfig:
     num_res_blocks: int = 2
     attn_resolutions: list[int] = field(default_factory=list)
     dropout: float = 0.0
+    norm_num_groups: int = 32
 
 
 @dataclass
@@ -89,6 +100,7 @@ class LatentDiffusionConfig:
     linear_start: float = 0.00085
     linear_end: float = 0.012
     scale_factor: float = 0.18215
+    shift_factor: float = 0.0  # latents = (z - shift) * scale (FLUX-style VAEs; SD's VAE has none)
     first_stage_key: Literal["images", "image_encoded"] = "images"
     cond_stage_key: Literal["captions", "captions_encoded"] = "captions"
     text_drop_rate: float = 0.1

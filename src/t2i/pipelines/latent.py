@@ -126,7 +126,7 @@ class LatentPipeline(LoraMethods):
         model_config: dict[str, Any] | None = None,
     ):
         self.unet = unet
-        self.first_stage = LatentFirstStage(vae, scale_factor)
+        self.first_stage = LatentFirstStage(vae, scale_factor, getattr(vae, "shift_factor", None) or 0.0)
         self.text_encoder = text_encoder
         self.scheduler_config = dict(scheduler_config)
         self.schedule = DiscreteSchedule.from_scheduler_config(self.scheduler_config)

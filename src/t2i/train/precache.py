@@ -57,7 +57,7 @@ def precache(cfg: Any, out: str | Path, batch_size: int = 64, shard_size: int = 
     if cfg.model.kind != "latent_diffusion":
         raise ConfigError(f"model.kind: {cfg.model.kind!r}; precache needs latent_diffusion")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    first_stage = LatentFirstStage(load_vae(cfg.model), cfg.model.scale_factor).to(device)
+    first_stage = LatentFirstStage(load_vae(cfg.model), cfg.model.scale_factor, cfg.model.shift_factor).to(device)
     captions = CaptionCache(build_text_encoder(cfg.model).to(device))
     d = cfg.data
     dataset = build_dataset(d.train, d.resolution, d.center_crop, False, shuffle=False, rank=0, world_size=1)

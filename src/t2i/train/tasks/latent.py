@@ -138,12 +138,12 @@ class LatentDiffusionTask(DenoisingTask):
             self.unet = load_unet(m)
             self.schedule = DiscreteSchedule.from_model_config(m)
             self.prediction = normalize_prediction(m.parameterization)
-            self.scale_factor, self.sampler = m.scale_factor, DEFAULT_SAMPLER
+            self.scale_factor, self.shift_factor, self.sampler = m.scale_factor, m.shift_factor, DEFAULT_SAMPLER
             if not self.precached:
                 from t2i.models.first_stage import LatentFirstStage
                 from t2i.pipelines.build import build_text_encoder
 
-                self.first_stage = LatentFirstStage(load_vae(m), m.scale_factor)
+                self.first_stage = LatentFirstStage(load_vae(m), m.scale_factor, m.shift_factor)
                 self.text_encoder = build_text_encoder(m)
         self.loss = DiscreteDiffusionLoss(m.min_snr_gamma, m.offset_noise)
         self.conditioner = Conditioner([self._text_embedder()])
@@ -156,6 +156,7 @@ class LatentDiffusionTask(DenoisingTask):
         self.unet.requires_grad_(True)
         self.schedule, self.prediction = pipe.schedule, pipe.prediction
         self.scale_factor, self.sampler = pipe.scale_factor, pipe.default_sampler
+        self.shift_factor = pipe.first_stage.shift_factor
         self._base_scheduler_config = dict(pipe.scheduler_config)
 
     def _text_embedder(self) -> TextEmbedder:
@@ -184,7 +185,7 @@ class LatentDiffusionTask(DenoisingTask):
                                   "the VAE folder to decode samples and to export")
             from t2i.models.first_stage import LatentFirstStage
 
-            self._lazy["first_stage"] = LatentFirstStage(load_vae(m), m.scale_factor).to(self.device)
+            self._lazy["first_stage"] = LatentFirstStage(load_vae(m), m.scale_factor, m.shift_factor).to(self.device)
         return self._lazy["first_stage"]
 
     def frozen_text_encoder(self) -> nn.Module:
@@ -220,7 +221,7 @@ class LatentDiffusionTask(DenoisingTask):
             moments = batch["image_encoded"]
             mean, logvar = moments["mean"].to(device).float(), moments["logvar"].to(device).float()
             # what LatentFirstStage.z_from_moments does, without loading the VAE
-            z = DiagonalGaussian(mean, logvar).sample(generator) * self.scale_factor
+            z = (DiagonalGaussian(mean, logvar).sample(generator) - self.shift_factor) * self.scale_factor
         else:
             z = self.first_stage.encode(batch["images"].to(device), generator)
         return z, self.conditioner(batch, generator, device)
