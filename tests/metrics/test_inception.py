@@ -75,10 +75,11 @@ def test_features_equal_torch_fidelity_on_the_same_weights(weights_file, referen
     assert not model.training  # BatchNorm statistics must never update
 
 
-def test_file_without_batchnorm_counters_loads(state, tmp_path) -> None:
+def test_legacy_format_file_without_batchnorm_counters_loads(state, tmp_path) -> None:
+    """The 2019 release files: torch's pre-1.6 (non-zip) format, possibly without BatchNorm step counters."""
     trimmed = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     assert len(trimmed) < len(state)
-    torch.save(trimmed, tmp_path / "trimmed.pth")
+    torch.save(trimmed, tmp_path / "trimmed.pth", _use_new_zipfile_serialization=False)
     loaded = load_fid_inception(tmp_path / "trimmed.pth")
     assert torch.equal(
         loaded.Mixed_6e.branch7x7dbl_5.conv.weight, state["Mixed_6e.branch7x7dbl_5.conv.weight"]

@@ -15,6 +15,7 @@ import inspect
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 # Our option -> keyword names a pipeline's `generate` may use for it, most likely first.
 _GENERATE_KWARGS = {
@@ -194,28 +195,17 @@ def generate_batches(
             yield images, batch
 
 
-def evaluate_shapes(
-    pipe,
-    prompts: Sequence[str],
-    *,
-    steps: int | None = None,
-    sampler: str | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    batch_size: int = 16,
-    progress: bool = False,
-) -> tuple[dict[str, float], list]:
+def evaluate_shapes(pipe, prompts: Sequence[str], **options: Any) -> tuple[dict[str, float], list]:
     """Generate one image per prompt with ``pipe.generate`` and score them with `t2i.data.judge.score`.
 
-    Returns ``(scores, images)``; scores has per-attribute accuracy ``colour``, ``shape``, ``position``,
-    ``all`` and the count ``n``.
+    `options` are `generate_batches`' (steps, sampler, guidance, seed, batch_size, progress). Returns
+    ``(scores, images)``; scores has per-attribute accuracy ``colour``, ``shape``, ``position``, ``all`` and
+    the count ``n``.
     """
     from t2i.data.judge import score
 
     images: list = []
-    batches = generate_batches(pipe, prompts, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
-                               batch_size=batch_size, progress=progress)  # fmt: skip
-    for batch, _ in batches:
+    for batch, _ in generate_batches(pipe, prompts, **options):
         images += batch
     return score(images, prompts), images
 
@@ -338,21 +328,36 @@ def _metric_setup(args: argparse.Namespace):
     return extractor, scorer
 
 
+def _given_image_batches(
+    source: str, num: int | None, batch_size: int, prompts: list[str] | None
+) -> Iterator[tuple[list, list]]:
+    """Batches of (images, captions) read from `source`; `prompts` (in order) replace the captions."""
+    from tqdm.auto import tqdm
+
+    from t2i.metrics.evaluate import batched
+    from t2i.metrics.images import count_images, iter_images
+
+    known = count_images(source)
+    total = min(known, num) if known is not None and num is not None else known
+    start = 0
+    with tqdm(total=total, desc="images", unit="img", leave=False) as bar:
+        for batch in batched(iter_images(source, limit=num), batch_size):
+            captions = [item.caption for item in batch]
+            if prompts is not None:
+                captions = [prompts[(start + i) % len(prompts)] for i in range(len(batch))]
+            start += len(batch)
+            yield [item.image for item in batch], captions
+            bar.update(len(batch))
+
+
 def _image_batches(args: argparse.Namespace, reference_captions: list | None) -> Iterator[tuple[list, list]]:
     """Batches of (images, prompts) from --images or generated with --model."""
     from t2i.errors import InvalidInputError
-    from t2i.metrics.evaluate import batched
-    from t2i.metrics.images import iter_images, read_prompts
+    from t2i.metrics.images import read_prompts
 
     given = read_prompts(args.prompts) if args.prompts else None
     if args.images:
-        start = 0
-        for batch in batched(iter_images(args.images, limit=args.num), args.batch_size):
-            captions = [item.caption for item in batch]
-            if given is not None:  # --prompts pairs with the images in order
-                captions = [given[(start + i) % len(given)] for i in range(len(batch))]
-            start += len(batch)
-            yield [item.image for item in batch], captions
+        yield from _given_image_batches(args.images, args.num, args.batch_size, given)
         return
     prompts = given or [c for c in (reference_captions or []) if c]
     if not prompts:
