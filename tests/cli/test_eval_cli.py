@@ -236,10 +236,10 @@ def test_clip_score_command_on_a_real_pipeline_and_on_given_images(tmp_path: Pat
     ]
     expected, _ = clip_score(ClipScorer.load(clip), images, captions, progress=False)
     assert score == pytest.approx(expected, abs=1e-3) and score > 10
-    assert main(["eval", "clip-score", "--images", str(saved), "--clip", str(clip)]) == 0
-    assert float(capsys.readouterr().out.split("CLIP score")[1].split()[0]) == pytest.approx(
-        expected, abs=1e-3
-    )
+    for source in ([], ["--prompts", str(prompts)]):  # captions beside the images, or --prompts in order
+        assert main(["eval", "clip-score", "--images", str(saved), "--clip", str(clip), *source]) == 0
+        printed = float(capsys.readouterr().out.split("CLIP score")[1].split()[0])
+        assert printed == pytest.approx(expected, abs=1e-3)
 
 
 def test_bad_options_are_one_line_errors(tmp_path: Path, reference_dir: Path, monkeypatch, capsys) -> None:
