@@ -70,3 +70,7 @@ class RunFolderBusyError(T2IError):
 
 class DiskFullError(T2IError):
     """No space left on the device while writing a file; the message names the path and the bytes needed."""
+
+
+class SamplingError(T2IError):
+    """Sampling produced non-finite values (a NaN/inf guidance scale, LoRA weight or overflowing dtype)."""

@@ -39,17 +39,17 @@ class DeadlineExceeded(BaseException):  # noqa: N818 - not an Exception, so `exc
     """Raised into a test that outlives its `deadline` marker."""
 
 
-@pytest.fixture(autouse=True)
-def _deadline(request):
-    """`@pytest.mark.deadline(S)`: DeadlineExceeded in the test's thread after S seconds, repeated every second.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """`@pytest.mark.deadline(S)`: DeadlineExceeded in the test after S seconds, repeated every second until the
+    test function returns (the timer is off again before pytest formats the report).
 
     pytest-timeout's single SIGALRM is lost when it lands in a finalizer (`__del__` swallows exceptions), which
     a loop that spins through generators and files hits often; re-arming the timer makes the deadline hold.
     """
-    marker = request.node.get_closest_marker("deadline")
+    marker = item.get_closest_marker("deadline")
     if marker is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
+        return (yield)
     seconds = float(marker.args[0])
 
     def expire(signum, frame):
@@ -59,7 +59,7 @@ def _deadline(request):
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        yield
+        return (yield)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
