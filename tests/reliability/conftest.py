@@ -35,7 +35,7 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {what}")
 
 
-class DeadlineExceeded(BaseException):  # noqa: N818 - not an Exception, so `except Exception` cannot swallow it
+class DeadlineExceeded(BaseException):
     """Raised into a test that outlives its `deadline` marker."""
 
 

@@ -142,8 +142,8 @@ def resolve_device(name: str | None) -> str:
 
 def check_output(out: str) -> None:
     """--out must name an image file PIL can write (checked before any sampling)."""
-    from t2i.errors import InvalidInputError
     from t2i.atomic import image_format
+    from t2i.errors import InvalidInputError
 
     path = Path(out)
     if path.is_dir() or out.endswith(("/", "\\")):

@@ -41,8 +41,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from t2i.errors import CheckpointError, ConfigError
 from t2i.atomic import TMP_SUFFIX, tensor_bytes, write_file, write_safetensors
+from t2i.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("t2i.train")
 

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from t2i.atomic import save_image
 from t2i.data.grid import make_grid
 from t2i.errors import DiskFullError
-from t2i.atomic import save_image
 
 log = logging.getLogger("t2i.train")
 

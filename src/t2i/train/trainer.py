@@ -32,10 +32,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from t2i.atomic import atomic_write
 from t2i.config import RunConfig, to_yaml
 from t2i.errors import DataError
 from t2i.train import checkpoint as ckpt_io
-from t2i.atomic import atomic_write
 from t2i.train.distributed import (
     DistContext,
     barrier,
