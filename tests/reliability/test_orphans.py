@@ -76,10 +76,12 @@ def test_killed_launcher_takes_its_workers_down_and_the_lock_refuses_a_second_jo
             time.sleep(0.1)
         survivors = [pid for pid in workers if _alive(pid)]
 
-        assert refusal is not None, "a second job trained in the busy folder"
+        problems = [] if refusal is not None else ["a second job trained in the busy folder"]
+        if survivors:
+            problems.append(f"workers {survivors} still running 10 s after the launcher's kill -9")
+        assert not problems, "; ".join(problems)
         assert type(refusal).__name__ == "RunFolderBusyError" and "\n" not in str(refusal)
         assert f"pid {workers[0]} on {socket.gethostname()}" in str(refusal)
-        assert survivors == [], f"workers {survivors} still running 10 s after the launcher's kill -9"
         assert "the torchrun launcher" in launcher.stderr.read()
 
         from t2i.train.runlock import acquire_run_lock
