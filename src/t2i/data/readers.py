@@ -389,8 +389,8 @@ class ShardDataset(IterableDataset):
                             f"{self._base.merged(probe).summary()}; {expects}")
         count = f"{found}" if found < readers else f"at least {found}"
         raise DataError(f"data.train: rank {self.rank} DataLoader worker {worker} got no usable sample in a whole "
-                        f"pass: {readers} readers (world_size x num_workers) take every {readers}th sample of "
-                        f"{where}, which hold {count} usable sample(s); use fewer workers or more data")
+                        f"pass: {readers} readers (world_size x num_workers) deal out the samples of {where} in "
+                        f"turn, and they hold {count} usable sample(s); use fewer workers or more data")
 
     def _probe(self, limit: int) -> tuple[int, DataStats]:
         """(usable samples found, up to `limit`; skip counts of what was read) over every unit once."""
