@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
-from t2i.errors import UnknownSamplerError
+from t2i.errors import InvalidInputError, UnknownSamplerError
 
 
 class Denoiser(Protocol):
@@ -55,11 +55,36 @@ def get_sampler(name: str) -> SamplerFn:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn on the generator's device so seeds reproduce across devices."""
-    device = generator.device if generator is not None else x.device
-    noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
-    return noise.to(x.device)
+Generators = torch.Generator | Sequence[torch.Generator]
+
+
+def draw_noise(
+    shape: Sequence[int],
+    generator: Generators | None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Standard normal noise of `shape`, drawn on the generator's device (else `device`) so seeds reproduce
+    across devices.
+
+    `generator` may be a list with one generator per row (shape[0] of them, as diffusers accepts): row i is then
+    drawn from generator i alone, exactly as a batch of one would draw it, so a row's noise does not depend on
+    the rows batched with it.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise InvalidInputError(
+                f"generator: {len(generator)} generators for a batch of {shape[0]}; expected one per row"
+            )
+        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.stack([row.to(rows[0].device) for row in rows])
+    device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+def noise_like(x: torch.Tensor, generator: Generators | None) -> torch.Tensor:
+    """Standard normal noise shaped like x (one generator, or one per row of x: see `draw_noise`)."""
+    return draw_noise(x.shape, generator, x.dtype, x.device).to(x.device)
 
 
 def add_noise(
