@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+API_KEY = "test-key-0123"
 SIZE = 16  # pixels; the VAE halves and the UNet halves again, so sizes are multiples of 4
 SRC = Path(__file__).resolve().parents[2] / "src"
 TINY_MODEL = {

@@ -10,10 +10,8 @@ import numpy as np
 import openai
 import pytest
 import torch
-from helpers import close_images, decode, metric_values, pixels
+from helpers import API_KEY, close_images, decode, metric_values, pixels
 from PIL import Image
-
-from conftest import API_KEY
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import os
 import shutil
 
 import pytest
-from conftest import API_KEY
+from helpers import API_KEY
 from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
