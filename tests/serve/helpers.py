@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import os
 import signal
@@ -21,37 +22,26 @@ from prometheus_client.parser import text_string_to_metric_families
 API_KEY = "test-key-0123"
 SIZE = 16  # pixels; the VAE halves and the UNet halves again, so sizes are multiples of 4
 SRC = Path(__file__).resolve().parents[2] / "src"
-TINY_MODEL = {
-    "kind": "latent_diffusion",
-    "unet_config": {
-        "model_channels": 32,
-        "channel_mult": [1, 2],
-        "attention_resolutions": [2],
-        "num_res_blocks": 1,
-        "num_heads": 2,
-        "transformer_depth": 1,
-        "context_dim": 384,
-        "use_checkpoint": False,
-        "image_size": SIZE // 2,
-    },
-    "first_stage_config": {
-        "embed_dim": 4,
-        "ddconfig": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "resolution": SIZE},
-    },
-    "cond_stage_config": {"kind": "minilm", "max_length": 16},
-}
 
 
-def randomize_zero_params(module: torch.nn.Module, seed: int = 0) -> None:
-    """CompVis zero-initialises output convs and attention proj_out; make them random so text reaches pixels."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+def _tiny_model() -> dict:
+    """tests/pipelines' tiny MiniLM pipeline at 16 px (latents 8 x 8) with prompts of up to 16 tokens."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+    from test_loading import TINY_MINILM_MODEL
+
+    model = copy.deepcopy(TINY_MINILM_MODEL)
+    model["unet_config"]["image_size"] = SIZE // 2
+    model["first_stage_config"]["ddconfig"]["resolution"] = SIZE
+    model["cond_stage_config"]["max_length"] = 16
+    return model
+
+
+TINY_MODEL = _tiny_model()
 
 
 def build_tiny_pipeline(model: dict | None = None):
+    from test_loading import randomize_zero_params
+
     from t2i.pipelines.build import build_components
     from t2i.pipelines.loading import assemble_pipeline
 
@@ -64,8 +54,6 @@ def build_tiny_pipeline(model: dict | None = None):
 
 def save_tiny_lora(pipe, path: Path, seed: int = 1) -> Path:
     """A random rank-2 LoRA on the UNet's attention layers of `pipe`'s architecture, saved as safetensors."""
-    import copy
-
     from t2i.lora.files import save_lora_file
     from t2i.lora.peft_lora import apply_lora, lora_parameters
 
