@@ -35,7 +35,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table  # noqa: E402
+from common import print_table
 
 PROMPTS = [f"a {c} {s} in the {p}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square")
            for p in ("top left", "centre", "bottom right")]
@@ -183,6 +183,7 @@ def run(servers: list[Server], args: argparse.Namespace, model: Path) -> dict[in
     before = {s.max_batch: s.rss() for s in servers}
     walls: dict[int, list[float]] = {s.max_batch: [] for s in servers}
     latencies: dict[int, list[float]] = {s.max_batch: [] for s in servers}
+    rss_rounds: dict[int, list[float]] = {s.max_batch: [] for s in servers}
     for r in range(args.rounds):
         for server in servers[r % 2:] + servers[: r % 2]:
             server.sampling(True)
@@ -190,6 +191,7 @@ def run(servers: list[Server], args: argparse.Namespace, model: Path) -> dict[in
             server.sampling(False)
             walls[server.max_batch].append(wall)
             latencies[server.max_batch] += lat
+            rss_rounds[server.max_batch].append(server.rss() / MIB)
     time.sleep(1.0)
     results = {}
     for server in servers:
@@ -203,6 +205,8 @@ def run(servers: list[Server], args: argparse.Namespace, model: Path) -> dict[in
     rows = [[f"--max-batch {b}", f"{r['images_per_s']:.2f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}",
              f"{r['rss_before']:.0f}", f"{r['rss_peak']:.0f}", f"{r['rss_after']:.0f}"] for b, r in results.items()]
     print_table(["server", "images/s", "p50 s", "p99 s", "RSS before MiB", "RSS peak MiB", "RSS after MiB"], rows)
+    for b, values in rss_rounds.items():
+        print(f"--max-batch {b}: RSS after each burst (MiB): {', '.join(f'{v:.0f}' for v in values)}")
     ratio = results[args.max_batch]["images_per_s"] / results[1]["images_per_s"]
     print(f"ratio line: batching (max batch {args.max_batch}) vs max batch 1 throughput = {ratio:.2f}")
     return results

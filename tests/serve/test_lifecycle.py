@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from helpers import ServerProcess, decode, metric_values
+from helpers import ServerProcess, metric_values
 
 SLOW = {"prompt": "a red circle", "size": "256x256", "steps": 200, "response_format": "b64_json"}
 QUICK = {"prompt": "a blue square", "steps": 2, "response_format": "url"}

@@ -63,8 +63,12 @@ class Job:
         return (self.started if self.started is not None else now) - self.created
 
     def notify(self, event: dict[str, Any]) -> None:
+        """Pass `event` to the listener; a listener that fails (its event loop closed) is dropped, never the batch."""
         if self.listener is not None:
-            self.listener(event)
+            try:
+                self.listener(event)
+            except RuntimeError:
+                self.listener = None
 
 
 def resolve(job: Job, result: Any = None, error: BaseException | None = None) -> None:
