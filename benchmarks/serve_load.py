@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, float]]:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--size", default="32x32")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of each server (OMP_NUM_THREADS)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each server (OMP_NUM_THREADS)")
     parser.add_argument("--smoke", action="store_true", help="tiny: N=4, 2 steps, 1 round")
     args = parser.parse_args(argv)
     if args.smoke:
