@@ -228,6 +228,9 @@ async def handle_images(
     except ClientGone:
         record.finish(499, "client_disconnected")
         return Response(status_code=499)
+    except Exception:  # a bug: still one log line, then the 500 handler answers
+        record.finish(500, "internal_error")
+        raise
     record.finish(200)
     return JSONResponse(body, headers={"X-Request-Id": record.id})
 
@@ -242,9 +245,10 @@ async def wait_for_job(state: ServerState, request: Request, job: Job) -> list[A
         )
     finally:
         gone.cancel()
+        if not result.done():  # timed out, client gone, or this handler cancelled: nobody takes the images
+            state.batcher.cancel(job)
     if result in done:
         return result.result()
-    state.batcher.cancel(job)
     if gone in done:
         raise ClientGone
     raise APIError(f"the request took longer than {state.settings.timeout_s:g} s", 504, code="deadline_exceeded")

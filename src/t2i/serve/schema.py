@@ -19,7 +19,7 @@ import math
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from t2i.errors import T2IError
@@ -52,9 +52,6 @@ class JobSpec:
     rows: list[Row]
     response_format: str
     stream: bool = False
-    user: str | None = None
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def size(self) -> str:
@@ -246,7 +243,7 @@ def parse_job(
     output_format = fields.string("output_format", max_chars=32)
     if output_format not in (None, "png"):
         raise bad("output_format", f"{output_format!r}; this server writes png only")
-    user = fields.string("user", max_chars=MAX_USER_CHARS)
+    fields.string("user", max_chars=MAX_USER_CHARS)  # OpenAI's end-user id: checked, not used
     default_size = adapter.default_size if edit_image is None else edit_size(adapter, edit_image)
     width, height = parse_size(fields, adapter, settings, default_size)
     steps = fields.integer("steps", 1, settings.max_steps)
@@ -283,7 +280,7 @@ def parse_job(
         strength=strength,
     )
     rows = [Row(prompt, negative, seed + j, edit_image) for j in range(n)]
-    return JobSpec(adapter.id, key, rows, response_format, fields.boolean("stream"), user, seed)
+    return JobSpec(adapter.id, key, rows, response_format, fields.boolean("stream"))
 
 
 def edit_size(adapter: ModelAdapter, image: Any) -> tuple[int, int]:
