@@ -33,7 +33,8 @@ PROMPTS = ["a red circle in the top left", "a blue square in the centre"]
 def save_random_pipeline(size: str, resolution: int, folder: Path) -> None:
     """A random t2i pipeline (MiniLM text encoder) of `size`, written with `save_pipeline`."""
     from t2i.pipelines.build import build_text_encoder, build_unet, build_vae
-    from t2i.pipelines.loading import assemble_pipeline, save_pipeline
+    from t2i.pipelines.loading import assemble_pipeline
+    from t2i.pipelines.sd_folder import save_pipeline
 
     spec = SIZES[size]
     unet, vae = (spec["unet"], spec["vae"]) if spec["unet"] else sd2_parts()

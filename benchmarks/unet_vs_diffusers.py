@@ -5,7 +5,9 @@ drift hits both), their ratio (t2i / diffusers; below 1 means t2i is faster), an
 (GPU: torch.cuda.max_memory_allocated; CPU: peak resident-set growth, sampled).
 
     python benchmarks/unet_vs_diffusers.py                       # mid-size UNet, 32x32 latent, batch 2, CPU
+    python benchmarks/unet_vs_diffusers.py --size sdxl-mid       # SDXL-shaped mid UNet (depths [0,1,2], ADM y)
     python benchmarks/unet_vs_diffusers.py --device cuda --size sd2   # SD2 UNet, 64x64 latent, bf16, batch 8
+    python benchmarks/unet_vs_diffusers.py --device cuda --size sdxl  # SDXL base UNet, 128x128 latent, bf16
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from t2i.convert.unet_diffusers import diffusers_to_t2i_state_dict, unet_config_to_diffusers
+from t2i.models.layers import size_embedding
 from t2i.models.unet import UNetModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,10 +48,28 @@ MID_CONFIG = {
     "use_flash_attention": True,
     "dropout": 0.0,
 }
+# SDXL-shaped at CPU size: no transformer at level 0, depths 1 and 2 below, linear projections, 64-wide heads,
+# SDXL's 2048-d context and 2816-d ADM vector (1280 pooled + 6 size embeddings of 256).
+SDXL_MID_CONFIG = {
+    **MID_CONFIG,
+    "model_channels": 64,
+    "attention_resolutions": [4, 2],
+    "channel_mult": [1, 2, 4],
+    "num_heads": -1,
+    "num_head_channels": 64,
+    "use_linear_in_transformer": True,
+    "transformer_depth": [0, 1, 2],
+    "context_dim": 2048,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+}
+SIZE_IDS = 6  # SDXL base micro-conditioning: original size, crop top-left, target size
 SIZES = {
-    # name: (unet_config, latent side, default batch, default dtype, context tokens)
+    # name: (unet_config or a configs/sd YAML name, latent side, default batch, default dtype, context tokens)
     "mid": (MID_CONFIG, 32, 2, "float32", 77),
-    "sd2": (None, 64, 8, "bfloat16", 77),
+    "sdxl-mid": (SDXL_MID_CONFIG, 32, 2, "float32", 77),
+    "sd2": ("sd2", 64, 8, "bfloat16", 77),
+    "sdxl": ("sdxl", 128, 4, "bfloat16", 77),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,8 +83,8 @@ class Row:
     diffusers_peak_mb: float
 
 
-def sd2_unet_config() -> dict:
-    path = Path(__file__).resolve().parents[1] / "configs" / "sd" / "sd2.yaml"
+def yaml_unet_config(name: str) -> dict:
+    path = Path(__file__).resolve().parents[1] / "configs" / "sd" / f"{name}.yaml"
     config = OmegaConf.to_container(OmegaConf.load(path).model.unet_config)
     return {**config, "use_checkpoint": False}
 
@@ -96,12 +117,18 @@ def make_steps(model: torch.nn.Module, call: Callable, inputs: tuple) -> dict[st
     return {"forward": forward, "forward+backward": forward_backward}
 
 
-def t2i_call(model, x, t, ctx):
-    return model(x, t, ctx)
+def t2i_call(model, x, t, ctx, text_embeds=None, time_ids=None):
+    """t2i's UNet; an ADM (SDXL) UNet gets y = cat(pooled text, size_embedding(time_ids)), built per call as a
+    pipeline would."""
+    y = None
+    if text_embeds is not None:
+        y = torch.cat([text_embeds, size_embedding(time_ids).to(text_embeds.dtype)], dim=-1)
+    return model(x, t, ctx, y=y)
 
 
-def diffusers_call(model, x, t, ctx):
-    return model(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+def diffusers_call(model, x, t, ctx, text_embeds=None, time_ids=None):
+    added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+    return model(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added, return_dict=False)[0]
 
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
@@ -142,7 +169,7 @@ def time_interleaved(
 
 def bench_unet(args: argparse.Namespace) -> list[Row]:
     config, side, batch, dtype_name, tokens = SIZES[args.size]
-    config = config if config is not None else sd2_unet_config()
+    config = yaml_unet_config(config) if isinstance(config, str) else config
     dtype = DTYPES[args.dtype or dtype_name]
     batch = args.batch or batch
     ours, theirs = build_pair(config, args.device, dtype)
@@ -152,8 +179,15 @@ def bench_unet(args: argparse.Namespace) -> list[Row]:
     x = torch.randn(batch, config["in_channels"], side, side, generator=g).to(args.device, dtype)
     t = torch.randint(0, 1000, (batch,), generator=g).to(args.device)
     ctx = torch.randn(batch, tokens, config["context_dim"], generator=g).to(args.device, dtype)
-    steps_ours = make_steps(ours, t2i_call, (x, t, ctx))
-    steps_theirs = make_steps(theirs, diffusers_call, (x, t, ctx))
+    inputs: tuple = (x, t, ctx)
+    if config.get("num_classes") is not None:
+        pooled = torch.randn(batch, config["adm_in_channels"] - SIZE_IDS * 256, generator=g).to(
+            args.device, dtype
+        )
+        time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch).to(args.device)
+        inputs = (x, t, ctx, pooled, time_ids)
+    steps_ours = make_steps(ours, t2i_call, inputs)
+    steps_theirs = make_steps(theirs, diffusers_call, inputs)
     rows = []
     for name in steps_ours:
         a, b = time_interleaved(
@@ -185,7 +219,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
-        "--dtype", choices=list(DTYPES), default=None, help="default: float32 (mid), bfloat16 (sd2)"
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="default: float32 (mid sizes), bfloat16 (sd2, sdxl)",
     )
     p.add_argument("--size", choices=list(SIZES), default="mid")
     p.add_argument("--batch", type=int, default=None)
@@ -193,7 +230,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--skip-pipeline", action="store_true", help="time only the UNet, not whole-pipeline sampling")
+    p.add_argument(
+        "--skip-pipeline", action="store_true", help="time only the UNet, not whole-pipeline sampling"
+    )
     p.add_argument(
         "--clock",
         choices=list(CLOCKS),
@@ -208,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print_table("UNet: t2i vs diffusers (ratio = t2i / diffusers)", bench_unet(args))
-    if not args.skip_pipeline:
+    if not args.skip_pipeline and args.size in ("mid", "sd2"):  # the pipeline benchmark has no SDXL pipeline
         from pipeline_vs_diffusers import bench_pipeline
 
         dtype_name = "bf16" if args.size == "sd2" else "fp32"

@@ -6,7 +6,10 @@ import pytest
 
 from t2i.config import (
     AutoencoderConfig,
+    ContinuousDDPMConfig,
+    EfficientUNetConfig,
     ImagenConfig,
+    ImagenUNetConfig,
     LatentDiffusionConfig,
     RunConfig,
     available_configs,
@@ -18,6 +21,7 @@ from t2i.config import (
     to_yaml,
 )
 from t2i.errors import ConfigError
+from t2i.models.imagen_unet import EfficientUNet, ImagenUNet
 
 
 def test_bundled_names_resolve_and_fill_defaults():
@@ -40,10 +44,57 @@ def test_every_bundled_config_loads():
 
 def test_imagen_and_autoencoder_schemas():
     cfg = load_config("imagen/base64-500m")
-    assert isinstance(cfg.model, ImagenConfig) and cfg.model.unet["per_head_channels"] == 64
-    assert cfg.model.preconditioning_type == "EDM" and cfg.model.conditioning["token_length"] == 128
+    assert isinstance(cfg.model, ImagenConfig) and cfg.model.unet.per_head_channels == 64
+    assert cfg.model.preconditioning_type == "EDM" and cfg.model.conditioning.token_length == 128
     vae = build_config({"model": {"kind": "autoencoder", "ddconfig": {"ch": 32}}})
     assert isinstance(vae.model, AutoencoderConfig) and vae.model.ddconfig.ch == 32
+
+
+def test_imagen_sections_are_typed_and_picked_by_their_sibling_keys():
+    """unet_type picks the backbone schema, preconditioning_type the preconditioning schema; a section of
+    another schema's keys is a one-line error naming the key; every default shows in the resolved YAML."""
+    sr = load_config("imagen/sr256-600m").model
+    assert isinstance(sr.unet, EfficientUNetConfig) and sr.unet.kind == "efficient" and sr.augments_low_res
+    ddpm = build_config({"model": {"kind": "imagen", "preconditioning_type": "DDPM",
+                                   "unet": {"embed_dim": 8, "image_size": 16, "text_embed_dim": 384}}}).model  # fmt: skip
+    assert isinstance(ddpm.preconditioning, ContinuousDDPMConfig) and ddpm.preconditioning.noise_schedule == "cosine"
+    with pytest.raises(ConfigError, match=r"model.unet.atnn_enabled_at: unknown key"):
+        build_config({"model": {"kind": "imagen", "unet": {"embed_dim": 8, "image_size": 16,
+                                                           "atnn_enabled_at": [1]}}})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"model.unet.kind: 'efficient' does not match unet_type 'base'"):
+        build_config({"model": {"kind": "imagen", "unet": {"kind": "efficient", "embed_dim": 8, "image_size": 16}}})
+    with pytest.raises(ConfigError, match="model.unet.image_size: missing"):
+        build_config({"model": {"kind": "imagen", "unet": {"embed_dim": 8, "text_embed_dim": 384}}})
+    printed = to_yaml(load_config("imagen/base64-500m"))
+    for key in ("stable_attention:", "resample_with_conv:", "sigma_max:", "encoder_kind:", "max_level:"):
+        assert key in printed
+
+
+def test_the_model_level_noise_cond_aug_of_older_configs_reads_as_noise_aug():
+    base = {"kind": "imagen", "unet_type": "sr-unet", "unet": {"embed_dim": 8, "image_size": 16, "text_embed_dim": 384}}
+    old = build_config({"model": {**base, "noise_cond_aug": {"per_sample": False}}}).model
+    assert old.noise_aug.per_sample is False and not old.augments_low_res  # unet.noise_cond_aug is false
+    assert build_config({"model": {**base, "noise_cond_aug": True}}).model.augments_low_res
+
+
+@pytest.mark.parametrize(("schema", "model"), [(ImagenUNetConfig, ImagenUNet), (EfficientUNetConfig, EfficientUNet)])
+def test_imagen_unet_schemas_mirror_the_constructors(schema, model):
+    """One set of keys and defaults: the typed section equals the backbone's keyword arguments (low_res_cond is
+    null in the schema, meaning the unet_type's default, which build_imagen_unet applies)."""
+    import dataclasses
+    import inspect
+
+    params = {n: p for n, p in inspect.signature(model.__init__).parameters.items()
+              if n != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}  # fmt: skip
+    fields = {f.name: f for f in dataclasses.fields(schema) if f.name != "kind"}
+    assert list(fields) == list(params)
+    for name, field in fields.items():
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        expected = params[name].default
+        if expected is inspect.Parameter.empty or (name == "low_res_cond" and default is None):
+            assert default is None, name
+        else:
+            assert default == (list(expected) if isinstance(expected, tuple) else expected), name
 
 
 def test_overrides_parse_yaml_values():

@@ -31,3 +31,7 @@ class DataError(T2IError):
 
 class LoraError(T2IError):
     """A LoRA file with unknown or unmatched keys, or a bad LoRA config."""
+
+
+class SamplingError(T2IError):
+    """Sampling produced non-finite values (a NaN/inf guidance scale, LoRA weight or overflowing dtype)."""

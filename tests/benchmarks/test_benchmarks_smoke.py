@@ -64,3 +64,15 @@ def test_unet_flop_count_matches_torch_flop_counter(spatial):
     with FlopCounterMode(display=False) as reference, torch.no_grad():
         model(torch.randn(2, 4, 16, 16), torch.zeros(2), context)
     assert unet_forward_flops(config, batch=2, latent_side=16, context_tokens=8) == reference.get_total_flops()
+
+
+def test_flux_smoke_matches_diffusers_and_prints_a_ratio(capsys):
+    import flux_vs_diffusers
+
+    flux_vs_diffusers.main(["--smoke"])
+    out = capsys.readouterr().out
+    for step in ("forward", "forward+backward"):
+        assert re.search(rf"^{re.escape(step)}\s+\d+\.\d", out, re.MULTILINE), out
+    assert ratio_of(out) > 0
+    diff = float(re.search(r"max \|output diff\| (\S+)", out).group(1))
+    assert diff <= 1e-5  # same weights and inputs: the two transformers compute the same velocity

@@ -9,15 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from t2i.diffusion.continuous import (
-    ContinuousDDPMDenoiser,
-    ContinuousDDPMLoss,
-    LogSNRSchedule,
-    continuous_ddpm_from_config,
-    continuous_sigmas,
-    sample_ddpm_ancestral,
-)
+from t2i.config import build_config
+from t2i.diffusion.denoisers import ContinuousDDPMDenoiser
+from t2i.diffusion.losses import ContinuousDDPMLoss
 from t2i.diffusion.samplers import get_sampler
+from t2i.diffusion.samplers.posterior import sample_ddpm_continuous as sample_ddpm_ancestral
+from t2i.diffusion.schedules import LogSNRSchedule, continuous_sigmas
 from t2i.errors import ConfigError, InvalidInputError
 
 MU, S = 0.7, 0.5
@@ -63,7 +60,7 @@ def test_schedule_endpoints():
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_sigma_t_maps_round_trip(name):
-    denoiser = ContinuousDDPMDenoiser(lambda z, c: z, noise_schedule=name)
+    denoiser = ContinuousDDPMDenoiser(lambda z, c: z, LogSNRSchedule(name))
     t = torch.linspace(0.001, 0.999, 500, dtype=torch.float64)
     sigma = denoiser.t_to_sigma(t)
     np.testing.assert_allclose(sigma.numpy(), np.exp(-reference_logsnr(name, t.numpy()) / 2), rtol=1e-10)
@@ -88,7 +85,7 @@ def test_denoiser_feeds_net_the_vp_sample_and_its_time_condition(time_cond):
     schedule = LogSNRSchedule("cosine")
     sigma = schedule.sigma(t)
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
-    ContinuousDDPMDenoiser(spy, "cosine", time_cond=time_cond)(x, sigma, {"x_low_res": 1})
+    ContinuousDDPMDenoiser(spy, schedule, time_cond=time_cond)(x, sigma, {"x_low_res": 1})
     alpha, _ = alpha_sigma(reference_logsnr("cosine", t.numpy()))
     torch.testing.assert_close(seen["z"], x * alpha.reshape(-1, 1, 1, 1))
     expected = torch.from_numpy(reference_logsnr("cosine", t.numpy())) if time_cond == "logsnr" else t
@@ -106,7 +103,7 @@ def test_exact_prediction_gives_x0(objective, name):
     alpha, sigma_vp = (c.reshape(-1, 1, 1, 1) for c in alpha_sigma(reference_logsnr(name, t.numpy())))
     z_t = alpha * x0 + sigma_vp * eps
     target = {"noise": eps, "x_start": x0, "v": alpha * eps - sigma_vp * x0}[objective]
-    denoiser = ContinuousDDPMDenoiser(lambda z, c: target, name, pred_objective=objective)
+    denoiser = ContinuousDDPMDenoiser(lambda z, c: target, LogSNRSchedule(name), objective)
     out = denoiser(z_t / alpha, denoiser.t_to_sigma(t))
     torch.testing.assert_close(out, x0, rtol=1e-7, atol=1e-7)
 
@@ -129,7 +126,8 @@ def test_loss_is_zero_for_the_exact_prediction(objective):
         seen.update(z=z, cond_t=cond_t)
         return {"noise": eps, "x_start": x0, "v": alpha * eps - sigma_vp * x0}[objective]
 
-    losses, used = ContinuousDDPMLoss("linear", objective)(exact, x0, t=t, noise=eps)
+    denoiser = ContinuousDDPMDenoiser(exact, LogSNRSchedule("linear"), objective)
+    losses = ContinuousDDPMLoss()(denoiser, x0, t=t, noise=eps)
     torch.testing.assert_close(losses, torch.zeros(4), atol=1e-10, rtol=0)
     torch.testing.assert_close(seen["z"], alpha * x0 + sigma_vp * eps)
     torch.testing.assert_close(
@@ -138,38 +136,42 @@ def test_loss_is_zero_for_the_exact_prediction(objective):
         rtol=1e-5,
         atol=1e-5,
     )
-    assert torch.equal(used, t)
 
 
 def test_loss_draws_uniform_times_and_measures_the_error():
     x0 = torch.randn(2048, 1, 4, 4, generator=torch.Generator().manual_seed(1))
-    losses, t = ContinuousDDPMLoss("cosine", "noise", "l2")(
-        lambda z, c: torch.zeros_like(z), x0, generator=torch.Generator().manual_seed(2)
-    )
+    seen = {}
+
+    def zero(z, c):
+        seen["t"] = c
+        return torch.zeros_like(z)
+
+    denoiser = ContinuousDDPMDenoiser(zero, LogSNRSchedule("cosine"), "noise", time_cond="t")
+    losses = ContinuousDDPMLoss("l2")(denoiser, x0, generator=torch.Generator().manual_seed(2))
+    t = seen["t"]
     assert losses.shape == (2048,) and 0 <= t.min() and t.max() < 1
     assert t.mean().item() == pytest.approx(0.5, abs=0.02) and t.std().item() == pytest.approx(
         12**-0.5, abs=0.02
     )
     assert losses.mean().item() == pytest.approx(1.0, abs=0.03)  # E[eps^2] for a zero prediction
-    l1, _ = ContinuousDDPMLoss("cosine", "noise", "l1")(
-        lambda z, c: torch.zeros_like(z), x0, generator=torch.Generator().manual_seed(2)
-    )
+    l1 = ContinuousDDPMLoss("l1")(denoiser, x0, generator=torch.Generator().manual_seed(2))
     assert l1.mean().item() == pytest.approx(math.sqrt(2 / math.pi), abs=0.03)
 
 
-def test_config_builder():
-    denoiser, loss, steps = continuous_ddpm_from_config(
-        lambda z, c: z,
-        {"loss_type": "l1", "pred_objective": "x_start", "noise_schedule": "linear", "timesteps": 250},
-    )
-    assert steps == 250 and loss.loss_type == "l1" and denoiser.pred_objective == "x_start"
-    assert denoiser.schedule.name == "linear" and loss.schedule.name == "linear"
+def test_the_typed_config_section():
+    model = {"kind": "imagen", "preconditioning_type": "DDPM",
+             "unet": {"embed_dim": 8, "image_size": 16, "text_embed_dim": 384}}  # fmt: skip
+    section = build_config(
+        {"model": {**model, "preconditioning": {"loss_type": "l1", "pred_objective": "x_start",
+                                                "noise_schedule": "linear", "timesteps": 250}}}
+    ).model.preconditioning  # fmt: skip
+    assert (section.kind, section.loss_type, section.pred_objective, section.timesteps) == ("DDPM", "l1", "x_start", 250)
     with pytest.raises(ConfigError, match="model.preconditioning.p_mean: unknown key"):
-        continuous_ddpm_from_config(lambda z, c: z, {"p_mean": 0.0})
+        build_config({"model": {**model, "preconditioning": {"p_mean": 0.0}}})
     with pytest.raises(ConfigError, match="pred_objective"):
-        continuous_ddpm_from_config(lambda z, c: z, {"pred_objective": "eps"})
+        build_config({"model": {**model, "preconditioning": {"pred_objective": "eps"}}})
     with pytest.raises(ConfigError, match="timesteps"):
-        continuous_ddpm_from_config(lambda z, c: z, {"timesteps": 0})
+        build_config({"model": {**model, "preconditioning": {"timesteps": 0}}})
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -180,13 +182,13 @@ def test_continuous_sigmas_are_the_log_snr_grid(name):
     steps = 10
     t = np.linspace(1, 0, steps + 1).astype(np.float32).astype(np.float64)
     expected = np.exp(-reference_logsnr(name, t) / 2)
-    exact = continuous_sigmas(steps, name, final_zero=False).numpy()
+    exact = continuous_sigmas(steps, LogSNRSchedule(name), final_zero=False).numpy()
     np.testing.assert_allclose(exact[1:], expected[1:], rtol=1e-4)  # evaluated in float32, as NeMo does
-    clean = continuous_sigmas(steps, name)
+    clean = continuous_sigmas(steps, LogSNRSchedule(name))
     assert clean[-1] == 0 and torch.equal(clean[:-1], torch.from_numpy(exact[:-1]))
     assert np.all(np.diff(exact) < 0)
     with pytest.raises(InvalidInputError, match="steps"):
-        continuous_sigmas(name, steps)
+        continuous_sigmas(name, LogSNRSchedule(name))
 
 
 def ideal_eps_net(z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
@@ -222,9 +224,9 @@ def start(n: int, sigma_max: float, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_ancestral_sampler_matches_nemo_step_for_step(name):
     steps = 12
-    sigmas = continuous_sigmas(steps, name, final_zero=False)
+    sigmas = continuous_sigmas(steps, LogSNRSchedule(name), final_zero=False)
     x = start(4, float(sigmas[0]))
-    denoiser = ContinuousDDPMDenoiser(ideal_eps_net, name)
+    denoiser = ContinuousDDPMDenoiser(ideal_eps_net, LogSNRSchedule(name))
     ours = sample_ddpm_ancestral(denoiser, x, sigmas, generator=torch.Generator().manual_seed(5))
     alpha0, _ = alpha_sigma(-2 * math.log(float(sigmas[0])))
     reference = nemo_reference_sampler(
@@ -236,20 +238,20 @@ def test_ancestral_sampler_matches_nemo_step_for_step(name):
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_ancestral_sampler_reproduces_gaussian_data(name):
-    sigmas = continuous_sigmas(250, name)
+    sigmas = continuous_sigmas(250, LogSNRSchedule(name))
     x = start(256, float(sigmas[0]))
     out = get_sampler("ddpm_continuous")(
-        ContinuousDDPMDenoiser(ideal_eps_net, name), x, sigmas, generator=torch.Generator().manual_seed(1)
+        ContinuousDDPMDenoiser(ideal_eps_net, LogSNRSchedule(name)), x, sigmas, generator=torch.Generator().manual_seed(1)
     )
     assert out.mean().item() == pytest.approx(MU, abs=0.02)
     assert out.std().item() == pytest.approx(S, abs=0.02)
 
 
 def test_ancestral_sampler_float32_and_callback():
-    sigmas = continuous_sigmas(6, "linear")
+    sigmas = continuous_sigmas(6, LogSNRSchedule("linear"))
     calls = []
     out = sample_ddpm_ancestral(
-        ContinuousDDPMDenoiser(ideal_eps_net, "linear"),
+        ContinuousDDPMDenoiser(ideal_eps_net, LogSNRSchedule("linear")),
         start(2, float(sigmas[0])).float(),
         sigmas,
         generator=torch.Generator().manual_seed(0),

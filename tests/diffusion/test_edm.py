@@ -1,4 +1,5 @@
-"""EDM preconditioning, loss and Heun sampler against the closed forms of Karras et al. 2022 and Gaussian data,
+"""The EDM formulation across its roles: preconditioning (`EDMDenoiser`), loss (`EDMLoss`), sigmas (`edm_sigmas`)
+and the Heun sampler with churn, against the closed forms of Karras et al. 2022 and Gaussian data,
 where the optimal denoiser is known: for x0 ~ N(MU, S^2), E[x0 | x0 + sigma n = x] = MU + S^2/(S^2+sigma^2)(x-MU)."""
 
 from __future__ import annotations
@@ -9,16 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from t2i.diffusion.edm import (
-    EDMDenoiser,
-    EDMLoss,
-    EDMPreconditioner,
-    edm_coefficients,
-    edm_from_config,
-    edm_sigmas,
-    sample_edm_heun,
-)
-from t2i.diffusion.samplers import get_sampler
+from t2i.config import build_config
+from t2i.diffusion.denoisers import EDMDenoiser, edm_coefficients
+from t2i.diffusion.losses import EDMLoss
+from t2i.diffusion.samplers import SAMPLERS, get_sampler
+from t2i.diffusion.samplers.euler import sample_heun
+from t2i.diffusion.schedules import edm_sigmas
 from t2i.errors import ConfigError, InvalidInputError
 
 MU, S = 0.7, 0.5
@@ -95,7 +92,7 @@ def test_ideal_F_reproduces_x0():
 
 
 def test_scalar_sigma_low_precision_and_defaults():
-    denoiser = EDMPreconditioner(lambda x_in, c_noise: torch.zeros_like(x_in))
+    denoiser = EDMDenoiser(lambda x_in, c_noise: torch.zeros_like(x_in))
     assert (denoiser.sigma_min, denoiser.sigma_max, denoiser.sigma_data) == (0.002, 80.0, 0.5)
     x = torch.ones(2, 1, 2, 2, dtype=torch.bfloat16)
     out = denoiser(x, 1.0)
@@ -114,9 +111,9 @@ def test_loss_weight_gives_unit_effective_weight_for_the_optimal_denoiser(sigma)
     x0 = SIGMA_DATA * torch.randn(16, 1, 32, 32, generator=gen, dtype=torch.float64)
     denoiser = EDMDenoiser(lambda x_in, c_noise: torch.zeros_like(x_in))
     sigmas = torch.full((16,), sigma, dtype=torch.float64)
-    l2, used = EDMLoss(loss_type="l2")(denoiser, x0, generator=gen, sigma=sigmas)
-    l1, _ = EDMLoss(loss_type="l1")(denoiser, x0, generator=gen, sigma=sigmas)
-    assert l2.shape == (16,) and torch.equal(used, sigmas)
+    l2 = EDMLoss(loss_type="l2")(denoiser, x0, generator=gen, sigma=sigmas)
+    l1 = EDMLoss(loss_type="l1")(denoiser, x0, generator=gen, sigma=sigmas)
+    assert l2.shape == (16,)
     assert l2.mean().item() == pytest.approx(1.0, rel=0.03)
     assert l1.mean().item() == pytest.approx(math.sqrt(2 / math.pi), rel=0.03)
 
@@ -127,25 +124,26 @@ def test_loss_draws_lognormal_sigmas_and_penalises_a_worse_denoiser():
     optimal = EDMDenoiser(lambda x_in, c_noise: torch.zeros_like(x_in))
     biased = EDMDenoiser(lambda x_in, c_noise: torch.full_like(x_in, 0.3))
     loss = EDMLoss(p_mean=-1.2, p_std=1.2)
-    losses, sigmas = loss(optimal, x0, generator=torch.Generator().manual_seed(2))
+    sigmas = loss.sample_sigmas(x0, torch.Generator().manual_seed(2))
     assert sigmas.log().mean().item() == pytest.approx(-1.2, abs=0.06)
     assert sigmas.log().std().item() == pytest.approx(1.2, abs=0.06)
-    worse, _ = loss(biased, x0, generator=torch.Generator().manual_seed(2))
+    losses = loss(optimal, x0, generator=torch.Generator().manual_seed(2))
+    worse = loss(biased, x0, generator=torch.Generator().manual_seed(2))
     assert worse.mean() > losses.mean() + 0.05
 
 
-def test_huber_and_config_builder():
-    denoiser, loss = edm_from_config(
-        lambda x_in, c: torch.zeros_like(x_in), {"loss_type": "huber", "p_mean": 0.0}
-    )
-    assert isinstance(denoiser, EDMDenoiser) and loss.loss_type == "huber" and loss.p_mean == 0.0
+def test_huber_loss_and_the_typed_config_section():
+    denoiser, loss = EDMDenoiser(lambda x_in, c: torch.zeros_like(x_in)), EDMLoss(loss_type="huber", p_mean=0.0)
     x0 = torch.zeros(2, 1, 4, 4)
-    losses, _ = loss(denoiser, x0, sigma=torch.tensor([1.0, 2.0]), noise=torch.ones_like(x0))
+    losses = loss(denoiser, x0, sigma=torch.tensor([1.0, 2.0]), noise=torch.ones_like(x0))
     # D - x0 = c_skip * sigma; scaled by sqrt(lambda) it is sd / sqrt(sigma^2 + sd^2) < 1: huber = 0.5 r^2.
     r = 0.5 / torch.tensor([1.25, 4.25]).sqrt()
     torch.testing.assert_close(losses, 0.5 * r**2)
-    with pytest.raises(ConfigError, match="model.preconditioning.sigma_min: unknown key"):
-        edm_from_config(lambda *a: a[0], {"sigma_min": 0.1})
+    model = {"kind": "imagen", "unet": {"embed_dim": 8, "image_size": 16, "text_embed_dim": 384}}
+    section = build_config({"model": {**model, "preconditioning": {"loss_type": "huber"}}}).model.preconditioning
+    assert section.kind == "EDM" and section.loss_type == "huber" and section.p_mean == -1.2
+    with pytest.raises(ConfigError, match="model.preconditioning.timesteps: unknown key"):
+        build_config({"model": {**model, "preconditioning": {"timesteps": 10}}})
     with pytest.raises(ConfigError, match="loss_type"):
         EDMLoss(loss_type="l3")
 
@@ -171,8 +169,8 @@ def test_edm_sigmas_follow_eq_5():
 # ------------------------------------------------------------------------------------------------ sampling
 
 
-def test_registered_as_edm_heun():
-    assert get_sampler("edm_heun") is sample_edm_heun
+def test_edm_heun_is_the_one_heun_sampler():
+    assert get_sampler("heun") is sample_heun and "edm_heun" not in SAMPLERS
 
 
 def test_edm_heun_follows_the_exact_probability_flow_and_uses_2n_minus_1_evaluations():
@@ -183,7 +181,7 @@ def test_edm_heun_follows_the_exact_probability_flow_and_uses_2n_minus_1_evaluat
         return ideal_net(x_in, c_noise)
 
     x = start(64)
-    out = sample_edm_heun(EDMDenoiser(counted), x, edm_sigmas(100))
+    out = sample_heun(EDMDenoiser(counted), x, edm_sigmas(100))
     torch.testing.assert_close(out, exact_flow(x), rtol=0, atol=5e-3)
     assert out.mean().item() == pytest.approx(MU, abs=0.02) and out.std().item() == pytest.approx(S, abs=0.02)
     assert len(calls) == 2 * 100 - 1
@@ -192,30 +190,24 @@ def test_edm_heun_follows_the_exact_probability_flow_and_uses_2n_minus_1_evaluat
 def test_edm_heun_is_second_order():
     x = start(8)
     errors = [
-        (sample_edm_heun(EDMDenoiser(ideal_net), x, edm_sigmas(n)) - exact_flow(x)).abs().max()
+        (sample_heun(EDMDenoiser(ideal_net), x, edm_sigmas(n)) - exact_flow(x)).abs().max()
         for n in (8, 16)
     ]
     assert errors[1] < errors[0] / 3
 
 
-def test_edm_heun_with_churn_matches_the_data_and_the_generic_heun():
+def test_edm_heun_with_churn_matches_the_data_and_leaves_the_ode_path():
     x = start(256)
     sigmas = edm_sigmas(64)
-    options = {"S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}
-    out = sample_edm_heun(
+    options = {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}
+    out = sample_heun(
         EDMDenoiser(ideal_net), x, sigmas, generator=torch.Generator().manual_seed(3), **options
     )
     assert out.mean().item() == pytest.approx(MU, abs=0.02) and out.std().item() == pytest.approx(S, abs=0.02)
     correlation = torch.corrcoef(torch.stack([exact_flow(x).flatten(), out.flatten()]))[0, 1]
     assert correlation < 0.99
-    generic = get_sampler("heun")(
-        EDMDenoiser(ideal_net),
-        x,
-        sigmas,
-        generator=torch.Generator().manual_seed(3),
-        **{k.lower(): v for k, v in options.items()},
-    )
-    torch.testing.assert_close(out, generic)
+    again = sample_heun(EDMDenoiser(ideal_net), x, sigmas, generator=torch.Generator().manual_seed(3), **options)
+    torch.testing.assert_close(out, again, rtol=0, atol=0)
 
 
 def test_dpmpp_2m_from_the_registry_works_on_an_edm_denoiser():
@@ -228,7 +220,7 @@ def test_dpmpp_2m_from_the_registry_works_on_an_edm_denoiser():
 def test_callback_and_float32():
     seen = []
     x = start(2).float()
-    sample_edm_heun(
+    sample_heun(
         EDMDenoiser(ideal_net), x, edm_sigmas(5), callback=lambda i, s, x_, d: seen.append((i, x_.dtype))
     )
     assert seen == [(i, torch.float32) for i in range(5)]

@@ -92,3 +92,24 @@ def test_mismatched_uncond_shape_is_a_user_error():
 def test_exposes_inner_sigma_range():
     den = CFGDenoiser(RecordingDenoiser(), 2.0)
     assert (den.sigma_min, den.sigma_max) == (0.03, 14.6)
+
+
+def test_any_entry_with_an_uncond_twin_is_paired_and_the_rest_repeated():
+    """SDXL's pooled vector: `y` with `uncond_y` goes (uncond, cond) into the doubled batch like the context;
+    an entry without a twin (a low-res image) is repeated for both branches."""
+    seen = {}
+
+    def inner(x, sigma, cond):
+        seen.update(cond)
+        return x * 0
+
+    x = torch.zeros(2, 1, 2, 2)
+    cond = {"context": torch.ones(2, 3, 4), "y": torch.full((2, 5), 2.0), "uncond_y": torch.full((2, 5), -1.0),
+            "x_low_res": torch.arange(2.0).view(2, 1)}  # fmt: skip
+    CFGDenoiser(inner, 3.0)(x, torch.ones(2), cond)
+    assert torch.equal(seen["y"], torch.cat([cond["uncond_y"], cond["y"]]))
+    assert torch.equal(seen["context"], torch.cat([torch.zeros(2, 3, 4), cond["context"]]))
+    assert torch.equal(seen["x_low_res"], torch.cat([cond["x_low_res"], cond["x_low_res"]]))
+    assert not any(k.startswith("uncond_") for k in seen)
+    with pytest.raises(InvalidInputError, match="cond.uncond_y: shape"):
+        CFGDenoiser(inner, 3.0)(x, torch.ones(2), cond | {"uncond_y": torch.zeros(2, 4)})

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from t2i.diffusion.noise_aug import augment_low_res, fixed_augment, sample_aug_levels, upsample_low_res
+from t2i.diffusion.schedules import LogSNRSchedule
 from t2i.errors import ConfigError, InvalidInputError
+
+LINEAR = LogSNRSchedule("linear")
 
 
 def low_res(batch: int = 4, size: int = 32) -> torch.Tensor:
@@ -66,19 +69,19 @@ def test_ddpm_levels_are_uniform_and_noise_with_the_log_snr():
 
     x = low_res(4, 64)
     x_aug, t_aug = augment_low_res(
-        x, "DDPM", torch.Generator().manual_seed(6), noise_schedule="linear", max_level=1.0, time_cond="t"
+        x, "DDPM", torch.Generator().manual_seed(6), noise_schedule=LINEAR, max_level=1.0, time_cond="t"
     )
     logsnr = -torch.log(torch.expm1(1e-4 + 10 * t_aug.double() ** 2))
     alpha, sigma_vp = logsnr.sigmoid().sqrt(), (-logsnr).sigmoid().sqrt()
     residual = x_aug - alpha.reshape(-1, 1, 1, 1) * x
     torch.testing.assert_close(residual.flatten(1).std(dim=1), sigma_vp, rtol=0.05, atol=0)
-    _, logsnr_cond = augment_low_res(x, "DDPM", torch.Generator().manual_seed(6), noise_schedule="linear")
+    _, logsnr_cond = augment_low_res(x, "DDPM", torch.Generator().manual_seed(6), noise_schedule=LINEAR)
     torch.testing.assert_close(logsnr_cond.double(), logsnr, rtol=1e-5, atol=1e-5)
 
 
 def test_fixed_ddpm_level_zero_is_the_schedule_floor():
     x = low_res()
-    x_aug, cond = fixed_augment(x, 0.0, "DDPM", torch.Generator().manual_seed(7), noise_schedule="cosine")
+    x_aug, cond = fixed_augment(x, 0.0, "DDPM", torch.Generator().manual_seed(7), noise_schedule=LogSNRSchedule("cosine"))
     expected = -math.log(math.cos(0.008 / 1.008 * math.pi / 2) ** -2 - 1)
     torch.testing.assert_close(cond, torch.full((4,), expected, dtype=torch.float32), rtol=1e-4, atol=0)
     assert (x_aug - x).abs().max() < 0.1
@@ -149,9 +152,10 @@ def tiny_sr_unet() -> torch.nn.Module:
 def test_sr_stage_trains_and_samples_with_augmented_low_res(kind, single_thread):
     """An SR stage end to end: augmented x_low_res + aug_cond through the loss (finite gradients), then sampling
     with the fixed level under dynamic thresholding, whose last step returns the thresholded x0 in [-1, 1]."""
-    from t2i.diffusion.continuous import ContinuousDDPMDenoiser, ContinuousDDPMLoss, continuous_sigmas
-    from t2i.diffusion.edm import EDMDenoiser, EDMLoss, edm_sigmas
+    from t2i.diffusion.denoisers import ContinuousDDPMDenoiser, EDMDenoiser
+    from t2i.diffusion.losses import ContinuousDDPMLoss, EDMLoss
     from t2i.diffusion.samplers import get_sampler
+    from t2i.diffusion.schedules import continuous_sigmas, edm_sigmas
     from t2i.diffusion.thresholding import DynamicThresholding
 
     unet = tiny_sr_unet()
@@ -162,23 +166,19 @@ def test_sr_stage_trains_and_samples_with_augmented_low_res(kind, single_thread)
         "text_mask": torch.ones(2, 4, dtype=torch.bool),
     }
     x_low = F.interpolate(images, size=(8, 8), mode="area")
-    x_aug, aug_cond = augment_low_res(x_low, kind, gen, noise_schedule="linear")
+    x_aug, aug_cond = augment_low_res(x_low, kind, gen, noise_schedule=LINEAR)
     cond = {**text, "x_low_res": x_aug, "aug_cond": aug_cond}
     if kind == "EDM":
-        denoiser, sigmas, sampler = EDMDenoiser(unet), edm_sigmas(3), "edm_heun"
-        losses, _ = EDMLoss()(denoiser, images, cond, gen)
+        denoiser, sigmas, sampler = EDMDenoiser(unet), edm_sigmas(3), "heun"
+        losses = EDMLoss()(denoiser, images, cond, gen)
     else:
-        denoiser, sigmas, sampler = (
-            ContinuousDDPMDenoiser(unet, "linear"),
-            continuous_sigmas(3, "linear"),
-            "ddpm_continuous",
-        )
-        losses, _ = ContinuousDDPMLoss("linear")(denoiser, images, cond, gen)
+        denoiser, sigmas, sampler = ContinuousDDPMDenoiser(unet, LINEAR), continuous_sigmas(3, LINEAR), "ddpm_continuous"
+        losses = ContinuousDDPMLoss()(denoiser, images, cond, gen)
     losses.mean().backward()
     grads = [p.grad for p in unet.parameters() if p.grad is not None]
     assert losses.shape == (2,) and grads and all(torch.isfinite(g).all() for g in grads)
 
-    x_fixed, fixed_cond = fixed_augment(x_low, None, kind, gen, noise_schedule="linear")
+    x_fixed, fixed_cond = fixed_augment(x_low, None, kind, gen, noise_schedule=LINEAR)
     thresholded = DynamicThresholding(denoiser, percentile=0.9)
     noise = torch.randn(2, 3, 16, 16, generator=gen) * float(sigmas[0])
     with torch.no_grad():

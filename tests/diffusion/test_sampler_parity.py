@@ -9,7 +9,7 @@ import torch
 
 from t2i.diffusion.denoisers import DiscreteDenoiser
 from t2i.diffusion.plans import default_sampler_for, make_plan, scheduler_config_for
-from t2i.diffusion.schedules import make_alphas_cumprod
+from t2i.diffusion.schedules import DiscreteSchedule, make_alphas_cumprod
 from t2i.errors import ConfigError, UnknownSamplerError
 
 SD_CONFIG = {
@@ -63,10 +63,8 @@ def run_diffusers(sampler: str, config: dict, steps: int, noise: torch.Tensor, s
 def run_ours(sampler: str, config: dict, steps: int, noise: torch.Tensor, seed: int, karras: bool = False):
     plan = make_plan(sampler, config, steps, use_karras_sigmas=karras)
     denoiser = DiscreteDenoiser(
-        MODEL,
-        ALPHAS_CUMPROD.float(),
-        config.get("prediction_type", "epsilon"),
-        quantize=plan.quantize_timesteps,
+        MODEL, DiscreteSchedule.from_scheduler_config(config), config.get("prediction_type", "epsilon"),
+        **plan.denoiser_options(),
     )
     return plan.sample(denoiser, noise, generator=torch.Generator().manual_seed(seed))
 

@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from t2i.diffusion.plans import make_plan
-from t2i.diffusion.samplers import (
-    SAMPLERS,
-    available_samplers,
-    get_sampler,
-    lms_coefficient,
-    register_sampler,
-)
+from t2i.diffusion.samplers import SAMPLERS, available_samplers, get_sampler, register_sampler
+from t2i.diffusion.samplers.multistep import lms_coefficient
 from t2i.diffusion.schedules import append_zero, karras_sigmas
 from t2i.errors import UnknownSamplerError
 

@@ -9,6 +9,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from t2i.diffusion.denoisers import DiscreteDenoiser
 from t2i.diffusion.schedules import (
+    DiscreteSchedule,
     karras_sigmas,
     make_alphas_cumprod,
     make_betas,
@@ -63,7 +64,7 @@ def test_karras_sigmas_endpoints_and_rho_spacing():
 
 
 def _denoiser(prediction_type: str, model) -> DiscreteDenoiser:
-    return DiscreteDenoiser(model, make_alphas_cumprod(), prediction_type)
+    return DiscreteDenoiser(model, DiscreteSchedule(), prediction_type)
 
 
 def test_sigma_to_t_inverts_the_table_and_interpolates_log_sigma():
@@ -115,5 +116,5 @@ def test_denoiser_passes_cond_through():
 
 
 def test_unknown_prediction_type_raises():
-    with pytest.raises(ConfigError, match="prediction_type"):
+    with pytest.raises(ConfigError, match="'flow' is not one of eps, v, x0"):
         _denoiser("flow", lambda x, t: x)

@@ -1,4 +1,4 @@
-"""Tiny random diffusers SD folder (built by tests/pipelines/sd_helpers.py) shared by the LoRA tests."""
+"""Tiny random diffusers SD folder (built by tests/pipelines/sd_helpers.py) shared by the LoRA and recipe tests."""
 
 from __future__ import annotations
 

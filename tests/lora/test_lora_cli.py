@@ -99,7 +99,7 @@ def test_sample_with_a_bad_lora_file_fails_with_a_one_line_error(sd1_lora_dir, t
 
 
 def lora_train_yaml(tmp_path: Path, base: Path, prior_loss: str) -> Path:
-    from t2i.lora.personalize import write_concept_folder
+    from t2i.recipes.personalize import write_concept_folder
 
     data = write_concept_folder(tmp_path / "data", "teal", 4, 32, seed=0)
     path = tmp_path / "lora.yaml"
@@ -122,16 +122,16 @@ trainer: {{max_steps: 2, log_every: 1, sample_every: 0, checkpoint_every: 2, out
 
 
 def test_lora_train_takes_prior_preservation_from_the_config_and_the_flags(sd1_lora_dir, tmp_path, monkeypatch):
-    from t2i.train.tasks.lora import LoraTask
+    from t2i.train.tasks.adapters import PriorPreservationTask
 
     used = []
-    prior_loss = LoraTask.prior_loss
+    prior_loss = PriorPreservationTask.prior_loss
 
     def spy(self, batch_size, generator):
-        used.append((self.prior.loss, self.prior.weight, len(self.class_latents)))
+        used.append((self.prior.loss, self.prior.loss_weight, len(self.class_x0)))
         return prior_loss(self, batch_size, generator)
 
-    monkeypatch.setattr(LoraTask, "prior_loss", spy)
+    monkeypatch.setattr(PriorPreservationTask, "prior_loss", spy)
     config = lora_train_yaml(tmp_path, sd1_lora_dir, "distill")
     assert main(["lora", "train", "--config", str(config), "--out", str(tmp_path / "a")]) == 0
     assert used == [("distill", 1.0, 2)] * 2

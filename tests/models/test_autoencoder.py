@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from t2i.convert.vae_diffusers import load_vae, state_dict_from_diffusers
 from t2i.errors import ConfigError, PipelineLoadError
 from t2i.models.autoencoder import AutoencoderKL, DiagonalGaussian, count_parameters
 from t2i.models.first_stage import IdentityFirstStage, LatentFirstStage
@@ -59,7 +60,7 @@ def test_sd_vae_parameter_count_on_meta():
 def test_loads_diffusers_folder_and_matches_outputs(tmp_path, attention_level):
     reference = tiny_diffusers_vae(attention_level)
     reference.save_pretrained(tmp_path / "vae")
-    ours = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
+    ours = load_vae(tmp_path / "vae").eval()
     assert ours.ddconfig["attn_resolutions"] == ([16] if attention_level else [])
     assert ours.scale_factor == pytest.approx(0.18215)
 
@@ -76,7 +77,9 @@ def test_loads_diffusers_folder_and_matches_outputs(tmp_path, attention_level):
 def test_pipeline_root_with_vae_subfolder_loads(tmp_path):
     tiny_diffusers_vae().save_pretrained(tmp_path / "pipe" / "vae")
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
-    assert AutoencoderKL.from_pretrained(tmp_path / "pipe").downsample_factor == 2
+    assert load_vae(tmp_path / "pipe").downsample_factor == 2
+    with pytest.raises(PipelineLoadError, match="a diffusers VAE folder; load it with .*load_vae"):
+        AutoencoderKL.from_pretrained(tmp_path / "pipe")
 
 
 def test_t2i_folder_roundtrip(tmp_path):
@@ -85,6 +88,7 @@ def test_t2i_folder_roundtrip(tmp_path):
     vae.save_pretrained(tmp_path / "ours")
     assert "_class_name" not in json.loads((tmp_path / "ours" / "config.json").read_text())
     loaded = AutoencoderKL.from_pretrained(tmp_path / "ours").eval()
+    assert torch.equal(load_vae(tmp_path / "ours").decoder.conv_out.weight, loaded.decoder.conv_out.weight)
     assert loaded.scale_factor == 0.5
     for (k1, v1), (k2, v2) in zip(vae.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k1 == k2 and torch.equal(v1, v2)
@@ -169,3 +173,74 @@ def test_latent_first_stage_scales_and_identity_is_identity():
     m, lv = ident.encode_moments(images)
     assert torch.equal(ident.z_from_moments(m, lv, None), images)
     assert torch.equal(ident.decode(ident.encode(images)), images)
+
+
+def tiny_flux_style_vae():
+    """A diffusers AutoencoderKL shaped like FLUX.1's: 16 latent channels, no quant convs, a shift factor;
+    2 GroupNorm groups, as diffusers' own tiny test VAEs use."""
+    torch.manual_seed(5)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        layers_per_block=1,
+        norm_num_groups=2,
+        latent_channels=16,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.normal_(0.0, 0.05 if p.ndim > 1 else 0.2)
+    return vae.eval()
+
+
+def test_flux_style_diffusers_vae_loads_with_parity(tmp_path):
+    reference = tiny_flux_style_vae()
+    reference.save_pretrained(tmp_path / "vae")
+    ours = load_vae(tmp_path / "vae").eval()
+    assert ours.quant_conv is None and ours.post_quant_conv is None
+    assert ours.ddconfig["norm_num_groups"] == 2 and ours.encoder.norm_out.num_groups == 2
+    assert (ours.scale_factor, ours.shift_factor) == (pytest.approx(0.3611), pytest.approx(0.1159))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = torch.randn(2, 16, 16, 16)
+    with torch.no_grad():
+        theirs = reference.encode(x).latent_dist
+        posterior = ours.encode(x)
+        torch.testing.assert_close(posterior.mean, theirs.mean, atol=1e-5, rtol=0)
+        torch.testing.assert_close(posterior.logvar, theirs.logvar, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.decode(z), reference.decode(z).sample, atol=1e-5, rtol=0)
+
+
+def test_latent_first_stage_shift_follows_diffusers_convention():
+    """diffusers' Flux pipelines: latents = (z - shift) * scale to diffuse, z = latents / scale + shift to decode."""
+    reference = tiny_flux_style_vae()
+    vae = AutoencoderKL.from_config(
+        {"embed_dim": 16, "ddconfig": {**TINY_DDCONFIG, "ch": 8, "z_channels": 16, "norm_num_groups": 2},
+         "use_quant_conv": False, "use_post_quant_conv": False}
+    )
+    vae.load_state_dict(state_dict_from_diffusers(reference.state_dict()))
+    stage = LatentFirstStage(vae, scale_factor=0.3611, shift_factor=0.1159)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        dist = reference.encode(images).latent_dist
+        expected = (dist.sample(torch.Generator().manual_seed(0)) - 0.1159) * 0.3611
+        latents = stage.encode(images, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(latents, expected, atol=1e-5, rtol=0)
+        decoded = reference.decode(latents / 0.3611 + 0.1159).sample
+        torch.testing.assert_close(stage.decode(latents), decoded, atol=1e-5, rtol=0)
+    unshifted = LatentFirstStage(vae, scale_factor=0.3611)
+    mean, logvar = unshifted.encode_moments(images)
+    torch.testing.assert_close(
+        unshifted.z_from_moments(mean, logvar, torch.Generator().manual_seed(1)),
+        DiagonalGaussian(mean, logvar).sample(torch.Generator().manual_seed(1)) * 0.3611,
+        atol=0, rtol=0,
+    )
+
+
+def test_quant_conv_free_vae_needs_embed_dim_equal_z_channels():
+    with pytest.raises(ConfigError, match="embed_dim: 8 must equal ddconfig.z_channels"):
+        AutoencoderKL(8, TINY_DDCONFIG, use_quant_conv=False)

@@ -12,7 +12,8 @@ import yaml
 
 from t2i.errors import ConfigError, InvalidInputError
 from t2i.models.efficient_unet import EfficientUNet
-from t2i.models.imagen_blocks import EfficientResBlock, attention_core
+from t2i.models.imagen_attention import attention_core
+from t2i.models.imagen_blocks import EfficientResBlock
 from t2i.models.imagen_unet import ImagenUNet, build_imagen_unet
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "imagen"

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from t2i.errors import ConfigError
+from t2i.errors import ConfigError, InvalidInputError
 from t2i.models.attention import attention
 from t2i.models.layers import timestep_embedding
 from t2i.models.unet import UNetModel
@@ -57,7 +58,14 @@ def tiny_inputs(batch: int = 2, tokens: int = 5, size: int = 16):
 
 
 @pytest.mark.parametrize(
-    ("name", "expected"), [("sd15", 859_520_964), ("sd2", 865_910_724), ("sd21-v", 865_910_724)]
+    ("name", "expected"),
+    [
+        ("sd15", 859_520_964),
+        ("sd2", 865_910_724),
+        ("sd21-v", 865_910_724),
+        ("sdxl", 2_567_463_684),
+        ("sdxl-refiner", 2_259_526_660),
+    ],
 )
 def test_sd_parameter_counts_match_the_released_unets(name, expected):
     with torch.device("meta"):
@@ -213,6 +221,9 @@ def test_plain_attention_block_matches_per_head_softmax():
         "num_res_blocks": 1,
         "channel_mult": [1, 2],
         "num_heads": 2,
+        "use_spatial_transformer": False,
+        "context_dim": None,
+        "legacy": True,
         "use_flash_attention": True,
     }
     model = randomized(UNetModel(**cfg)).eval()
@@ -227,3 +238,114 @@ def test_plain_attention_block_matches_per_head_softmax():
             heads.append((w @ v.T).T)
         ref = x + block.proj_out(torch.cat(heads)[None]).reshape(1, 64, 4, 4)
         torch.testing.assert_close(block(x), ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- SDXL configuration of the same network
+
+SDXL_TINY = {
+    **TINY,
+    "model_channels": 16,
+    "attention_resolutions": [4, 2, 1],
+    "channel_mult": [1, 2, 2],
+    "num_heads": -1,
+    "num_head_channels": 8,
+    "use_linear_in_transformer": True,
+    "transformer_depth": [0, 1, 2],
+    "num_classes": "sequential",
+    "adm_in_channels": 10,
+    "norm_num_groups": 8,
+}
+
+
+def test_sdxl_uses_sgm_key_names():
+    with torch.device("meta"):
+        keys = set(UNetModel(**yaml_unet_config("sdxl")).state_dict())
+    # Names as they appear in the SDXL base single file after stripping `model.diffusion_model.`.
+    for key in [
+        "label_emb.0.0.weight",
+        "label_emb.0.2.bias",
+        "input_blocks.3.0.op.weight",
+        "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight",
+        "input_blocks.7.1.transformer_blocks.9.ff.net.2.weight",
+        "middle_block.1.transformer_blocks.9.norm3.weight",
+        "output_blocks.2.1.transformer_blocks.9.attn1.to_q.weight",
+        "output_blocks.5.2.conv.weight",
+        "out.2.weight",
+    ]:
+        assert key in keys, key
+    assert not any(
+        k.startswith(("input_blocks.1.1", "output_blocks.8.1")) for k in keys
+    )  # level 0: no transformer
+    assert not any("transformer_blocks.10." in k for k in keys)
+    assert not any(k.startswith("input_blocks.4.1.transformer_blocks.2.") for k in keys)
+
+
+def test_depth_zero_levels_have_no_transformer_and_middle_depth_defaults_to_the_last():
+    model = UNetModel(**SDXL_TINY)
+    transformers = [type(m).__name__ for m in model.input_blocks[1]]
+    assert transformers == ["ResBlock"]  # level 0, depth 0: even though 1 is in attention_resolutions
+    assert len(model.input_blocks[3][1].transformer_blocks) == 1
+    assert len(model.input_blocks[5][1].transformer_blocks) == 2
+    assert len(model.middle_block[1].transformer_blocks) == 2
+    no_middle = UNetModel(**{**SDXL_TINY, "transformer_depth_middle": 0})
+    assert isinstance(no_middle.middle_block[1], torch.nn.Identity)
+    assert "middle_block.2.in_layers.0.weight" in no_middle.state_dict()  # sgm's index is kept
+    assert all(isinstance(m, torch.nn.GroupNorm) and m.num_groups == 8
+               for m in model.modules() if isinstance(m, torch.nn.GroupNorm))  # fmt: skip
+
+
+def test_adm_vector_is_embedded_and_added_to_the_time_embedding():
+    model = randomized(UNetModel(**SDXL_TINY)).eval()
+    x, t, ctx = tiny_inputs()
+    y = torch.randn(2, 10, generator=torch.Generator().manual_seed(4))
+    captured = []
+    model.input_blocks[1][0].register_forward_hook(lambda m, args, out: captured.append(args[1]))
+    with torch.no_grad():
+        out = model(x, t, ctx, y=y)
+        other = model(x, t, ctx, y=y.flip(0))
+    mlp = model.label_emb[0]
+    expected_emb = model.time_embed(timestep_embedding(t, 16)) + mlp[2](F.silu(mlp[0](y)))
+    torch.testing.assert_close(captured[0], expected_emb)
+    assert not torch.allclose(out, other, atol=1e-4)
+
+
+def test_adm_input_errors_name_y():
+    model = UNetModel(**SDXL_TINY).eval()
+    x, t, ctx = tiny_inputs()
+    with pytest.raises(InvalidInputError, match=r"y: missing; .* shape \(2, 10\)"):
+        model(x, t, ctx)
+    with pytest.raises(InvalidInputError, match=r"y: shape \(2, 9\)"):
+        model(x, t, ctx, y=torch.zeros(2, 9))
+    with pytest.raises(InvalidInputError, match="y: given, but unet_config.num_classes is null"):
+        UNetModel(**TINY)(x, t, ctx, y=torch.zeros(2, 10))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"transformer_depth": [1, 2]}, r"transformer_depth: \[1, 2\] has 2 entries; expected .* \(3\)"),
+        ({"transformer_depth_middle": -1}, "transformer_depth_middle"),
+        ({"num_classes": None}, "adm_in_channels: needs num_classes: sequential"),
+        ({"num_classes": "continuous"}, "num_classes: 'continuous' is not supported"),
+        ({"adm_in_channels": None}, "adm_in_channels: expected an int"),
+        ({"norm_num_groups": 12}, "multiple of norm_num_groups"),
+    ],
+)
+def test_bad_sdxl_keys_are_config_errors(change, message):
+    with pytest.raises(ConfigError, match=message):
+        UNetModel(**{**SDXL_TINY, **change})
+
+
+def test_unet_config_dataclass_is_the_single_source_of_keys_and_defaults():
+    from t2i.config import UNetConfig, load_config
+    from t2i.models.unet_layout import UNET_CONFIG_KEYS
+
+    defaults = UNetConfig().model_kwargs()
+    assert set(UNET_CONFIG_KEYS) == set(defaults)
+    with torch.device("meta"):
+        assert UNetModel().unet_config == defaults
+    cfg = load_config("sdxl")  # the YAML loader validates the new keys' types
+    assert cfg.model.unet_config.transformer_depth == [0, 2, 10]
+    assert cfg.model.unet_config.model_kwargs() == {**defaults, **yaml_unet_config("sdxl")}
+    with pytest.raises(ConfigError, match="num_classes: 'labels' is not one of sequential"):
+        load_config("sdxl", ["model.unet_config.num_classes=labels"])

@@ -80,7 +80,7 @@ def make_stage(unet_type: str, seed: int) -> ImagenStage:
 @pytest.fixture(scope="module")
 def cascade() -> CascadePipeline:
     encoder = FakeEncoder()
-    defaults = [StageDefaults("edm_heun", 3, 3.0), StageDefaults("edm_heun", 2, 1.5, aug_level=0.002)]
+    defaults = [StageDefaults("heun", 3, 3.0), StageDefaults("heun", 2, 1.5, aug_level=0.002)]
     return CascadePipeline([make_stage("base", 0), make_stage("sr", 1)], defaults, [encoder, encoder])
 
 
@@ -113,7 +113,7 @@ def test_one_euler_step_is_cfg_against_zero_text(cascade):
     sigma_max = float(stage.sigmas(1)[0])
     x = torch.randn(1, 3, 8, 8, generator=g) * sigma_max
     text = FakeEncoder().encode([prompt])
-    cond = stage.text_cond(text.embeddings, text.mask)
+    cond = stage.text_embedder(None).entries(text.embeddings, text.mask, stage.device)
     denoiser = stage.denoiser()
     sigma = torch.full((1,), sigma_max)
     d_cond = denoiser(x, sigma, cond)
@@ -131,10 +131,10 @@ def test_one_euler_step_is_cfg_against_zero_text(cascade):
     assert (got - reference).abs().max() <= 1
 
 
-def test_dpmpp_2m_agrees_with_edm_heun_on_the_ode(cascade):
+def test_dpmpp_2m_agrees_with_heun_on_the_ode(cascade):
     """Both solve the same probability-flow ODE of the Imagen stages, so with enough steps they agree."""
     common = {"guidance_scale": [2.0, 1.5], "seed": 1}
-    heun = cascade.generate("a red circle", steps=[15, 15], sampler="edm_heun", **common).pixels
+    heun = cascade.generate("a red circle", steps=[15, 15], sampler="heun", **common).pixels
     dpm = cascade.generate("a red circle", steps=[25, 25], sampler=["dpmpp_2m", "dpmpp_2m"], **common).pixels
     euler = cascade.generate("a red circle", steps=[3, 3], sampler="euler", **common).pixels
     assert torch.isfinite(dpm).all()

@@ -41,7 +41,7 @@ def test_diffusers_folder_components_and_derived_config(sd1, sd2_dir):
     assert sd1.scheduler_config["_class_name"] == "PNDMScheduler"
     assert sd1.model_config["parameterization"] == "eps"
     sd2 = t2i.load_pipeline(sd2_dir, dtype=torch.float64)
-    assert sd2.dtype == torch.float64 and sd2.prediction_type == "v_prediction"
+    assert sd2.dtype == torch.float64 and sd2.prediction == "v"
     assert sd2.model_config["parameterization"] == "v"
     assert sd2.model_config["unet_config"]["use_linear_in_transformer"] is True
 
@@ -164,7 +164,7 @@ def test_sd2_openclip_ckpt_matches_diffusers(tmp_path, sd2_dir, nemo):
     unet_config = sd2_single_file(sd2_dir, tmp_path / "sd2.ckpt", nemo)
     sd2_yaml(sd2_dir, unet_config, tmp_path / "sd2.yaml")
     pipe = t2i.load_pipeline(tmp_path / "sd2.ckpt", config=str(tmp_path / "sd2.yaml"))
-    assert pipe.text_encoder.kind == "openclip" and pipe.prediction_type == "v_prediction"
+    assert pipe.text_encoder.kind == "openclip" and pipe.prediction == "v"
     latents = initial_latents(1, seed=4)
     # Single files get SD's DDIM schedule (leading, steps_offset 1).
     ddim = ("DDIMScheduler", {"timestep_spacing": "leading", "steps_offset": 1})

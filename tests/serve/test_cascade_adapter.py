@@ -28,7 +28,7 @@ from t2i.text.encoders import build_text_encoder
 @pytest.fixture(scope="module")
 def cascade():
     encoder = build_text_encoder("minilm", max_length=6)
-    defaults = [StageDefaults("edm_heun", 3, 3.0), StageDefaults("edm_heun", 2, 1.5, aug_level=0.002)]
+    defaults = [StageDefaults("heun", 3, 3.0), StageDefaults("heun", 2, 1.5, aug_level=0.002)]
     return CascadePipeline([make_stage("base", 0), make_stage("sr", 1)], defaults, [encoder, encoder])
 
 

@@ -344,3 +344,133 @@ def test_errors_name_the_path_or_key(tmp_path):
     tiny_clip_tokenizer().save_pretrained(tmp_path / "tokenizer")
     with pytest.raises(ConfigError, match="layer"):
         build_text_encoder("clip", tmp_path / "te", layer="middle")
+
+
+# ---------------------------------------------------------------- SDXL: CLIP-L hidden, bigG penultimate + pooled
+
+
+@pytest.mark.parametrize("layer", ["penultimate_hidden", 1, -3])
+def test_clip_hidden_layers_are_raw_hidden_states(tmp_path, clip_tokenizer_dir, layer):
+    """SDXL's CLIP-L context: hidden_states[-2] without final_layer_norm (an int picks hidden_states[k])."""
+    reference = randomize(CLIPTextModel(tiny_clip_config(hidden_act="quick_gelu")))
+    reference.save_pretrained(tmp_path / "te")
+    encoder = build_text_encoder("clip", tmp_path / "te", tokenizer_path=str(clip_tokenizer_dir), layer=layer)
+    out = encoder.encode(PROMPTS)
+    ids, _ = encoder.tokenize(PROMPTS)
+    with torch.no_grad():
+        ref = reference(ids, output_hidden_states=True)
+    index = -2 if layer == "penultimate_hidden" else layer
+    torch.testing.assert_close(out.embeddings, ref.hidden_states[index], atol=1e-5, rtol=1e-5)
+    final_ln = getattr(reference, "text_model", reference).final_layer_norm
+    assert not torch.allclose(out.embeddings, final_ln(ref.hidden_states[index]), atol=1e-3)
+    torch.testing.assert_close(out.pooled, ref.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["hidden", 4, -5, True])
+def test_bad_clip_layer_is_a_config_error(tmp_path, clip_tokenizer_dir, layer):
+    randomize(CLIPTextModel(tiny_clip_config())).save_pretrained(tmp_path / "te")
+    with pytest.raises(ConfigError, match="cond_stage_config.layer"):
+        build_text_encoder("clip", tmp_path / "te", tokenizer_path=str(clip_tokenizer_dir), layer=layer)
+
+
+def test_text_encoder_2_folder_gives_penultimate_hidden_and_projected_pooled(tmp_path):
+    """SDXL's second encoder from a diffusers pipeline root: text_encoder_2/ (CLIPTextModelWithProjection) read
+    with tokenizer_2/ (which pads with "!", unlike tokenizer/); pooled = diffusers' `text_embeds`."""
+    reference = randomize(CLIPTextModelWithProjection(tiny_clip_config(hidden_act="gelu")))
+    reference.save_pretrained(tmp_path / "text_encoder_2")
+    tiny_clip_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    tokenizer_2 = tiny_clip_tokenizer()
+    tokenizer_2.pad_token = "!"
+    tokenizer_2.save_pretrained(tmp_path / "tokenizer_2")
+
+    encoder = build_text_encoder("clip", tmp_path / "text_encoder_2", layer="penultimate_hidden")
+    out = encoder.encode(PROMPTS)
+    ids, mask = encoder.tokenize(PROMPTS)
+    assert torch.all(ids[~mask] == tokenizer_2.convert_tokens_to_ids("!"))
+    assert encoder.dim == 32 and encoder.pooled_dim == 24 and out.pooled.shape == (3, 24)
+    with torch.no_grad():
+        ref = reference(ids, output_hidden_states=True)
+    torch.testing.assert_close(out.embeddings, ref.hidden_states[-2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pooled, ref.text_embeds, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in encoder.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+def test_bigg_from_sgm_single_file_matches_clip_with_projection(tmp_path, clip_tokenizer_dir):
+    """bigG in open_clip names under `conditioner.embedders.1.model.` (an SDXL base file, beside CLIP-L at
+    embedder 0) loads through kind openclip and matches transformers' CLIPTextModelWithProjection."""
+    from t2i.convert.sgm_keys import hf_to_sgm_clip, hf_to_sgm_openclip
+
+    reference = randomize(CLIPTextModelWithProjection(tiny_clip_config(hidden_act="gelu")))
+    clip_l = randomize(CLIPTextModel(tiny_clip_config()))
+    on_disk = {**hf_to_sgm_clip(clip_l.state_dict(), 0), **hf_to_sgm_openclip(reference.state_dict(), 1)}
+    on_disk["model.diffusion_model.out.0.weight"] = torch.ones(4)
+    on_disk["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6)
+    path = tmp_path / "sdxl.safetensors"
+    save_file({k: v.contiguous() for k, v in on_disk.items()}, str(path))
+
+    encoder = build_text_encoder(
+        "openclip",
+        version=str(path),
+        arch={"width": 32, "heads": 4},
+        tokenizer_path=str(clip_tokenizer_dir),
+        layer="penultimate_hidden",
+    )
+    out = encoder.encode(PROMPTS)
+    ids, _ = encoder.tokenize(PROMPTS)
+    with torch.no_grad():
+        ref = reference(ids, output_hidden_states=True)
+    torch.testing.assert_close(out.embeddings, ref.hidden_states[-2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pooled, ref.text_embeds, atol=1e-5, rtol=1e-5)
+
+    # The same tower from the tensors a single-file loader already holds (no second read of the file).
+    from t2i.convert.sgm_keys import embedder_prefix
+    from t2i.convert.text_keys import strip_prefix
+    from t2i.text.encoders import openclip_encoder
+
+    in_memory = openclip_encoder(
+        strip_prefix(on_disk, embedder_prefix(1, "openclip")),
+        {"width": 32, "heads": 4},
+        encoder.tokenizer,
+        "penultimate_hidden",
+    )
+    again = in_memory.encode(PROMPTS)
+    assert torch.equal(again.embeddings, out.embeddings) and torch.equal(again.pooled, out.pooled)
+
+
+def released_text_config(width: int, heads: int, layers: int, act: str) -> CLIPTextConfig:
+    """The text_encoder / text_encoder_2 config.json of SDXL (facts from the model card): 49408 tokens,
+    77 positions, MLP 4x wide, projection as wide as the model."""
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=width,
+    )
+
+
+def test_sdxl_text_encoder_parameter_counts():
+    """CLIP ViT-L/14 as SDXL's text_encoder; bigG/14 as our OpenCLIP conversion builds it and as diffusers'
+    text_encoder_2 (CLIPTextModelWithProjection) holds it."""
+    from t2i.text.encoders import openclip_hf_config, resolve_openclip_arch
+
+    shapes = {"width": 1280, "vocab_size": 49408, "layers": 32, "context_length": 77, "intermediate": 5120}
+    bigg_config = openclip_hf_config(
+        resolve_openclip_arch("ViT-bigG-14", {**shapes, "projection_dim": 1280}),
+        {**shapes, "projection_dim": 1280},
+    )
+    with torch.device("meta"):
+        clip_l = CLIPTextModel(released_text_config(768, 12, 12, "quick_gelu"))
+        bigg = CLIPTextModel(bigg_config)
+        projection = nn.Linear(1280, 1280, bias=False)
+        diffusers_bigg = CLIPTextModelWithProjection(released_text_config(1280, 20, 32, "gelu"))
+
+    def count(*modules: nn.Module) -> int:
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    assert count(clip_l) == 123_060_480
+    assert count(bigg, projection) == 694_659_840
+    assert count(diffusers_bigg) == 694_659_840

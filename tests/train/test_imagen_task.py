@@ -3,14 +3,17 @@ stage's low-res conditioning (NeMo's noise augmentation), training-optimisation 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from t2i.config import build_config
 from t2i.errors import ConfigError
+from t2i.train.task import build_task
 from t2i.train.tasks.imagen import ImagenTask
 
 TEXT_DIM = 8
@@ -91,7 +94,7 @@ def padded_text(batch: dict, length: int = 6) -> tuple[torch.Tensor, torch.Tenso
             "model.conditioning.embed_dim: 16 must equal model.unet.text_embed_dim",
         ),
         ({"preconditioning.loss_type": "l3"}, "model.preconditioning.loss_type: 'l3' is not one of"),
-        ({"noise_cond_aug": True}, "model.noise_cond_aug: only super-resolution stages"),
+        ({"noise_cond_aug": True}, "model.noise_aug: only super-resolution stages"),
         ({"conditioning.online_encoding": False, "conditioning.precached_key": None}, "precached_key: null"),
     ],
 )
@@ -139,9 +142,9 @@ def test_ddpm_x_start_loss_matches_closed_form():
 def test_text_dropout_zeroes_embedding_and_mask():
     task = make_task(**{"conditioning.drop_rate": 1.0})
     emb, mask = padded_text(fixed_batch())
-    cond = task.drop_text({"context": emb, "context_mask": mask}, torch.Generator().manual_seed(0))
+    cond = task.conditioner.text.drop({"context": emb, "context_mask": mask}, torch.Generator().manual_seed(0))
     assert torch.count_nonzero(cond["context"]) == 0 and not cond["context_mask"].any()
-    kept = make_task(**{"conditioning.drop_rate": 0.0}).drop_text(
+    kept = make_task(**{"conditioning.drop_rate": 0.0}).conditioner.text.drop(
         {"context": emb, "context_mask": mask}, torch.Generator()
     )
     assert torch.equal(kept["context"], emb) and torch.equal(kept["context_mask"], mask)
@@ -149,7 +152,7 @@ def test_text_dropout_zeroes_embedding_and_mask():
 
 @pytest.mark.parametrize("per_sample", [True, False])
 def test_sr_low_res_is_area_downsampled_and_noise_augmented(per_sample):
-    task = make_task("sr-unet", noise_cond_aug={"per_sample": per_sample})
+    task = make_task("sr-unet", noise_aug={"per_sample": per_sample})
     images = fixed_batch()["image_encoded"]["mean"]
     cond = task.low_res_training_cond(images, torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
@@ -167,7 +170,7 @@ def test_sr_stage_without_augmentation_samples_on_the_low_res_it_trained_on():
     # Regression: sampling once applied c_in(0.002) ~ 2 to the low-res input of a stage trained on plain
     # low-res images, which left the demo's SR output covered in speckle.
     unet = dict(tiny_model("sr-unet")["unet"]) | {"noise_cond_aug": False}
-    task = make_task("sr-unet", unet=unet, noise_cond_aug=False)
+    task = make_task("sr-unet", unet=unet, noise_aug=False)
     images = fixed_batch()["image_encoded"]["mean"].clamp(-1, 1)
     trained_on = task.low_res_training_cond(images, torch.Generator().manual_seed(0))
     low = images.reshape(3, 3, 4, 2, 4, 2).mean(dim=(3, 5))
@@ -236,7 +239,7 @@ def test_inductor_compiles_the_backbone_without_changing_the_loss(monkeypatch):
 def test_precache_train_export_roundtrip(tmp_path):
     from t2i.data.shapes import write_shapes_dataset
     from t2i.pipelines.imagen_stage import load_stage
-    from t2i.train.tasks.imagen_precache import precache_imagen
+    from t2i.train.precache import precache_imagen
     from t2i.train.trainer import train
 
     write_shapes_dataset(tmp_path / "data", 12, 16, seed=0, shard_size=100)
@@ -291,7 +294,16 @@ def test_precache_train_export_roundtrip(tmp_path):
     assert [im.size for im in previews] == [(16, 16), (16, 16)]
     folder = task.export(tmp_path / "stage")
     stage, defaults = load_stage(folder)
-    assert defaults.sampler == "edm_heun"
+    assert defaults.sampler == "heun"
+    # folders written before the samplers were unified name EDM's Heun `edm_heun`, and a model-level
+    # `noise_cond_aug`: both still load
+    meta = json.loads((folder / "stage.json").read_text())
+    (folder / "stage.json").write_text(json.dumps({**meta, "sampling": {**meta["sampling"], "sampler": "edm_heun"}}))
+    old_config = yaml.safe_load((folder / "config.yaml").read_text())
+    old_config["model"]["noise_cond_aug"] = old_config["model"].pop("noise_aug")["enabled"]
+    (folder / "config.yaml").write_text(yaml.safe_dump(old_config))
+    _, old_defaults = load_stage(folder)
+    assert old_defaults.sampler == "heun"
     with task.ema_weights(True):
         for name, value in task.model_state_dict().items():
             torch.testing.assert_close(stage.unet.state_dict()[name], value.float())
@@ -335,10 +347,11 @@ def test_lora_on_a_pretrained_stage_trains_only_adapters_and_lands_on_its_cascad
     base_dir = make_task().export(tmp_path / "base")
     sr_dir = make_task("sr-unet").export(tmp_path / "sr")
     base_weights = load_file(str(base_dir / "model.safetensors"))
-    task = ImagenTask(lora_stage_config(str(base_dir)))
+    task = build_task(lora_stage_config(str(base_dir)))
     state = task.model_state_dict()
     assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
-    assert {id(p) for p in task.trainable_parameters()} == {id(p) for p in task.unet.parameters() if p.requires_grad}
+    unet = task.family.unet
+    assert {id(p) for p in task.trainable_parameters()} == {id(p) for p in unet.parameters() if p.requires_grad}
     assert len(task.trainable_parameters()) == len(state)
 
     optimizer = torch.optim.AdamW(task.trainable_parameters(), lr=1e-2)
@@ -346,7 +359,7 @@ def test_lora_on_a_pretrained_stage_trains_only_adapters_and_lands_on_its_cascad
         optimizer.zero_grad()
         task(fixed_batch(), torch.Generator().manual_seed(step)).backward()
         optimizer.step()
-    frozen = {k.replace(".base_layer", ""): v for k, v in task.unet.state_dict().items() if ".lora_" not in k}
+    frozen = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if ".lora_" not in k}
     assert frozen.keys() == base_weights.keys()
     assert all(torch.equal(frozen[k], base_weights[k]) for k in base_weights), "a base weight moved"
     task.load_model_state_dict(task.model_state_dict())  # a checkpoint holds the adapters alone
@@ -360,7 +373,7 @@ def test_lora_on_a_pretrained_stage_trains_only_adapters_and_lands_on_its_cascad
         before = cascade.stages[0].unet(**unet_inputs())
         load_lora(cascade, lora_file)  # fits the base stage only
         after = cascade.stages[0].unet(**unet_inputs())
-        torch.testing.assert_close(after, task.unet(**unet_inputs()), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(after, unet(**unet_inputs()), rtol=1e-5, atol=1e-6)
     assert (after - before).abs().max() > 1e-4
     from t2i.errors import LoraError
 
@@ -369,7 +382,7 @@ def test_lora_on_a_pretrained_stage_trains_only_adapters_and_lands_on_its_cascad
     # the tiny SR stage shares the base's module shapes: only the stage recorded in the file tells them apart
     from t2i.lora import save_lora_file
 
-    anonymous = save_lora_file({"unet": task.unet}, tmp_path / "anonymous.safetensors")
+    anonymous = save_lora_file({"unet": unet}, tmp_path / "anonymous.safetensors")
     with pytest.raises(LoraError, match=r"fits stages \[0, 1\] of the cascade alike; pass stage=N"):
         load_lora(cascade, anonymous)
     load_lora(cascade, anonymous, stage=1)
@@ -390,7 +403,7 @@ def test_imagen_lora_config_errors_name_the_key(tmp_path, source, lora, message)
         make_task().export(tmp_path / "base")
     cfg = lora_stage_config(str(tmp_path / source) if source else None, **lora)
     with pytest.raises(ConfigError, match=message):
-        ImagenTask(cfg)
+        build_task(cfg)
 
 
 def test_from_pretrained_with_another_architecture_names_the_keys(tmp_path):
@@ -415,15 +428,16 @@ class WordEncoder(torch.nn.Module):
 
 
 def test_imagen_distill_prior_is_the_distance_to_an_independent_copy_of_the_stage(tmp_path):
-    from t2i.diffusion.edm import append_dims, noise_like, sample_lognormal_sigmas
+    from t2i.diffusion.losses import sample_lognormal_sigmas
+    from t2i.diffusion.tensors import append_dims, noise_like
     from t2i.pipelines.imagen_stage import load_stage
 
     base_dir = make_task().export(tmp_path / "base")
     prior = {"class_prompts": ["a red circle", "a blue square"], "num_images": 2, "loss": "distill", "steps": 2}
-    task = ImagenTask(lora_stage_config(str(base_dir), prior=prior))
-    task._lazy["text_encoder"] = WordEncoder()
-    task.make_class_images()
-    assert task.class_images.shape == (4, 3, 8, 8) and task.class_images.abs().max() <= 1
+    task = build_task(lora_stage_config(str(base_dir), prior=prior))
+    task.family._lazy["text_encoder"] = WordEncoder()
+    task.make_class_samples()
+    assert task.class_x0.shape == (4, 3, 8, 8) and task.class_x0.abs().max() <= 1
     with torch.no_grad():  # lora_B starts at zero: nothing to preserve yet
         assert task.prior_loss(3, torch.Generator().manual_seed(0)).item() == 0.0
         for p in task.trainable_parameters():
@@ -431,17 +445,17 @@ def test_imagen_distill_prior_is_the_distance_to_an_independent_copy_of_the_stag
         reference, _ = load_stage(base_dir)
         gen = torch.Generator().manual_seed(1)
         index = torch.randint(4, (3,), generator=gen)
-        x0, cond = task.class_images[index], {k: v[index] for k, v in task.class_cond.items()}
+        x0, cond = task.class_x0[index], {k: v[index] for k, v in task.class_cond.items()}
         sigma = sample_lognormal_sigmas(3, -1.2, 1.2, gen, x0.device)
         x_noisy = x0 + append_dims(sigma, 4) * noise_like(x0, gen)
         weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
-        gap = task.stage.denoiser()(x_noisy, sigma, cond) - reference.denoiser()(x_noisy, sigma, cond)
+        gap = task.family.stage.denoiser()(x_noisy, sigma, cond) - reference.denoiser()(x_noisy, sigma, cond)
         expected = (append_dims(weight, 4) * gap**2).mean()
         loss = task.prior_loss(3, torch.Generator().manual_seed(1))
 
         task.prior.unconditional_share = 1.0  # CFG's branch: all-zero text and mask
         blank = {"context": torch.zeros_like(cond["context"]), "context_mask": torch.zeros_like(cond["context_mask"])}
-        gap = task.stage.denoiser()(x_noisy, sigma, blank) - reference.denoiser()(x_noisy, sigma, blank)
+        gap = task.family.stage.denoiser()(x_noisy, sigma, blank) - reference.denoiser()(x_noisy, sigma, blank)
         expected_blank = (append_dims(weight, 4) * gap**2).mean()
         loss_blank = task.prior_loss(3, torch.Generator().manual_seed(1))
         task.prior.unconditional_share = 0.0
@@ -453,17 +467,26 @@ def test_imagen_distill_prior_is_the_distance_to_an_independent_copy_of_the_stag
     assert total.requires_grad and total.item() > 0
 
 
-@pytest.mark.parametrize(
-    ("unet_type", "changes", "message"),
-    [
-        ("sr-unet", {}, "model.lora.prior: base stages only"),
-        ("base", {"preconditioning_type": "DDPM", "preconditioning": {}}, "distill needs preconditioning_type EDM"),
-    ],
-)
-def test_imagen_prior_config_errors_name_the_key(tmp_path, unet_type, changes, message):
-    model = tiny_model(unet_type, **changes)
+def test_imagen_prior_on_an_sr_stage_names_the_key(tmp_path):
+    model = tiny_model("sr-unet")
     stage = ImagenTask(build_config({"model": model})).export(tmp_path / "stage")
     prior = {"class_prompts": ["a red circle"], "num_images": 1, "loss": "distill"}
     model |= {"from_pretrained": str(stage), "lora": {"rank": 2, "alpha": 2.0, "prior": prior}}
-    with pytest.raises(ConfigError, match=message):
-        ImagenTask(build_config({"model": model}))
+    with pytest.raises(ConfigError, match="model.lora.prior: base stages only"):
+        build_task(build_config({"model": model}))
+
+
+def test_imagen_distill_prior_works_under_continuous_ddpm(tmp_path):
+    """The distill prior is the family's loss with the frozen base as teacher, so it needs no EDM."""
+    model = tiny_model(preconditioning_type="DDPM", preconditioning={})
+    stage = make_task(preconditioning_type="DDPM", preconditioning={}).export(tmp_path / "stage")
+    prior = {"class_prompts": ["a red circle"], "num_images": 2, "loss": "distill", "steps": 2}
+    model |= {"from_pretrained": str(stage), "lora": {"rank": 2, "alpha": 2.0, "prior": prior}}
+    task = build_task(build_config({"model": model}))
+    task.family._lazy["text_encoder"] = WordEncoder()
+    task.make_class_samples()
+    with torch.no_grad():
+        assert task.prior_loss(2, torch.Generator().manual_seed(0)).item() == 0.0
+        for p in task.trainable_parameters():
+            p.add_(0.05)
+        assert task.prior_loss(2, torch.Generator().manual_seed(0)).item() > 0.0

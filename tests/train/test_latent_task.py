@@ -45,7 +45,7 @@ def shapes_and_vae(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def precached_dir(shapes_and_vae):
-    from t2i.cli.precache import precache
+    from t2i.train.precache import precache
 
     root, vae_dir, shards = shapes_and_vae
     cfg = tiny_ldm_config(root, vae_dir, shards, precached=False)
@@ -83,7 +83,7 @@ def test_text_dropout_and_sampling_use_the_empty_prompt_encoding(shapes_and_vae,
     torch.testing.assert_close(stored, empty[0], rtol=1e-4, atol=1e-5)
 
     context = torch.randn(400, 12, 384)
-    dropped = task.drop_text(context, torch.Generator().manual_seed(0))
+    dropped = task.conditioner.text.drop({"context": context}, torch.Generator().manual_seed(0))["context"]
     is_empty = torch.isclose(dropped, empty, atol=1e-5).flatten(1).all(dim=1)
     assert 0.18 < is_empty.float().mean() < 0.32  # text_drop_rate 0.25
     assert torch.equal(dropped[~is_empty], context[~is_empty])

@@ -78,7 +78,7 @@ def folder_components_on_meta(root: Path) -> dict[str, Any]:
     from t2i.models.autoencoder import AutoencoderKL
     from t2i.models.unet import UNetModel
     from t2i.pipelines.build import read_json
-    from t2i.pipelines.loading import read_model_index
+    from t2i.pipelines.sd_folder import read_model_index
 
     index = read_model_index(root)
     text_config = transformers.AutoConfig.from_pretrained(str(root / "text_encoder"), local_files_only=True)

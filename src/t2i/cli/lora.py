@@ -67,7 +67,7 @@ def run_train(args: argparse.Namespace) -> int:
     from t2i.train.trainer import train
 
     cfg = with_cli_lora_options(load_config(args.config, args.overrides), args)
-    # SD: t2i.train.tasks.lora.LoraTask; Imagen: ImagenTask with adapters; lora_A's initialisation seeded from cfg.seed
+    # every family: the task wrapped in LoRA (t2i.train.tasks.adapters); lora_A initialisation seeded from cfg.seed
     task = build_task(cfg)
     train(cfg, task)
     task.eval()
@@ -104,7 +104,7 @@ PERSONALIZE_FLAGS = {"steps": "steps", "images": "num_images", "scale": "scale",
 def run_personalize(args: argparse.Namespace) -> int:
     import torch
 
-    from t2i.lora.personalize import PersonalizeSettings, personalize
+    from t2i.recipes.personalize import PersonalizeSettings, personalize
 
     torch.set_num_threads(args.threads)
     settings = PersonalizeSettings(colour=args.colour)

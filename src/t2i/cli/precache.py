@@ -1,21 +1,11 @@
-"""`t2i precache CONFIG data=SHARDS out=DIR [key=value ...]`: run the frozen VAE encoder and text encoder once.
+"""`t2i precache CONFIG data=SHARDS out=DIR [key=value ...]`: run the frozen first stage and text encoder once.
 
-Writes precached shards (`t2i.data.precached` format: `image_encoded` = VAE mean + logvar, `captions_encoded` =
-per-token embeddings + mask, `txt` = caption) that a latent-diffusion run reads with
-`model.first_stage_key=image_encoded model.cond_stage_key=captions_encoded data.train=DIR`, so its loop never
-runs either encoder. Also writes `stats.json` with the latent statistics and the `scale_factor` that gives the
-latents unit variance (what SD's 0.18215 is for its VAE), and `uncond.safetensors` (`embeddings` (T, D), the
-encoding of the empty prompt "") that the training task substitutes for dropped captions (classifier-free guidance)
-without loading the text encoder.
+The shards it writes, and how a run reads them: `t2i.train.precache` (latent diffusion and Imagen configs).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
-from typing import Any
 
 SPECIAL_KEYS = ("data", "out")
 
@@ -29,7 +19,7 @@ def register(subparsers) -> None:
         "its text encoder, writing precached shards. `data=` (default: the config's data.train) and `out=` "
         "are required-style arguments; other key=value pairs override the config.",
     )
-    parser.add_argument("config", help="config file or bundled config name (model.kind: latent_diffusion)")
+    parser.add_argument("config", help="config file or bundled config name (model.kind: latent_diffusion | imagen)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data=SHARDS out=DIR and config overrides")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
     parser.add_argument("--shard-size", type=int, default=2000, help="samples per output shard (default 2000)")
@@ -61,98 +51,11 @@ def run(args: argparse.Namespace) -> int:
     if "out" not in special:
         raise ConfigError("out: missing; expected out=DIR for the precached shards")
     cfg = load_config(args.config, overrides)
-    stats = precache(cfg, special["out"], args.batch_size, args.shard_size, args.dtype)
+    from t2i.train.precache import precache, precache_imagen
+
+    fn = precache_imagen if cfg.model.kind == "imagen" else precache
+    stats = fn(cfg, special["out"], args.batch_size, args.shard_size, args.dtype)
+    scale = f"; suggested model.scale_factor={stats['scale_factor']:.5f}" if "scale_factor" in stats else ""
     print(f"precached {stats['num_samples']} samples into {stats['num_shards']} shard(s) in {special['out']} "
-          f"({stats['samples_per_s']:.1f} samples/s); suggested model.scale_factor={stats['scale_factor']:.5f}")
+          f"({stats['samples_per_s']:.1f} samples/s){scale}")
     return 0
-
-
-class CaptionCache:
-    """Text encodings keyed by caption: each distinct caption runs through the encoder once."""
-
-    def __init__(self, encoder: Any, max_entries: int = 100_000) -> None:
-        self.encoder, self.max_entries = encoder, max_entries
-        self.entries: dict[str, tuple[Any, Any]] = {}
-
-    def encode(self, captions: list[str]) -> list[tuple[Any, Any]]:
-        """(embeddings (T, D), mask (T,)) per caption, on the CPU."""
-        missing = sorted({c for c in captions if c not in self.entries})
-        if missing:
-            encoding = self.encoder.encode(missing)
-            if len(self.entries) + len(missing) > self.max_entries:
-                self.entries.clear()
-            for i, caption in enumerate(missing):
-                self.entries[caption] = (encoding.embeddings[i].cpu(), encoding.mask[i].cpu())
-        return [self.entries[c] for c in captions]
-
-
-def precache(cfg: Any, out: str | Path, batch_size: int = 64, shard_size: int = 2000,
-             dtype: str = "float32") -> dict[str, Any]:
-    """Encode `cfg.data.train` into precached shards under `out`; returns the statistics written to stats.json."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from t2i.data.precached import PrecachedShardWriter
-    from t2i.data.readers import build_dataset
-    from t2i.errors import ConfigError
-    from t2i.models.first_stage import LatentFirstStage
-    from t2i.pipelines.build import build_text_encoder
-    from t2i.train.tasks.latent import load_vae
-
-    if cfg.model.kind != "latent_diffusion":
-        raise ConfigError(f"model.kind: {cfg.model.kind!r}; precache needs latent_diffusion")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    first_stage = LatentFirstStage(load_vae(cfg.model), cfg.model.scale_factor).to(device)
-    captions = CaptionCache(build_text_encoder(cfg.model).to(device))
-    d = cfg.data
-    dataset = build_dataset(d.train, d.resolution, d.center_crop, False, shuffle=False, rank=0, world_size=1)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=d.num_workers)
-    text_dtype = getattr(torch, dtype)
-    moments_sum = torch.zeros(()), torch.zeros(())
-    count, started = 0, time.perf_counter()
-    with PrecachedShardWriter(out, shard_size) as writer, torch.no_grad():
-        bar = tqdm(loader, desc="precache", unit="batch", dynamic_ncols=True)
-        for batch in bar:
-            mean, logvar = first_stage.encode_moments(batch["images"].to(device))
-            mean, logvar = mean.float().cpu(), logvar.float().cpu()
-            texts = captions.encode(list(batch["captions"]))
-            for i, key in enumerate(batch["__key__"]):
-                embeddings, mask = texts[i]
-                writer.write(key, mean=mean[i], logvar=logvar[i], embeddings=embeddings.to(text_dtype), mask=mask,
-                             caption=batch["captions"][i])
-            moments_sum = (moments_sum[0] + mean.sum(), moments_sum[1] + mean.pow(2).sum())
-            count += mean.shape[0]
-            bar.set_postfix(samples_per_s=f"{count / (time.perf_counter() - started):.1f}", refresh=False)
-        paths = list(writer.paths)
-    if count == 0:
-        raise ConfigError(f"data.train: {list(d.train)} yielded no samples to precache")
-    elements = count * mean[0].numel()
-    latent_mean = float(moments_sum[0] / elements)
-    latent_std = float((moments_sum[1] / elements - latent_mean**2).clamp(min=1e-12).sqrt())
-    stats = {
-        "num_samples": count,
-        "num_shards": len(paths),
-        "shards": [p.name for p in paths],
-        "latent_mean": latent_mean,
-        "latent_std": latent_std,
-        "scale_factor": 1.0 / latent_std,
-        "distinct_captions": len(captions.entries),
-        "seconds": time.perf_counter() - started,
-    }
-    stats["samples_per_s"] = count / max(stats["seconds"], 1e-9)
-    (Path(out) / "stats.json").write_text(json.dumps(stats, indent=2))
-    write_uncond(captions, Path(out), text_dtype)
-    return stats
-
-
-def write_uncond(captions: CaptionCache, out: Path, dtype: Any) -> Path:
-    """Save the encoding of "" (T, D) as `out/uncond.safetensors` (key `embeddings`), in the shards' text dtype."""
-    from safetensors.torch import save_file
-
-    from t2i.train.tasks.latent import UNCOND_FILE
-
-    embeddings, _ = captions.encode([""])[0]
-    path = out / UNCOND_FILE
-    save_file({"embeddings": embeddings.to(dtype).contiguous()}, str(path))
-    return path

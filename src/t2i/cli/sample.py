@@ -85,7 +85,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
     group.add_argument("--height", type=int, default=None)
     group.add_argument("--width", type=int, default=None)
     group.add_argument("--karras", action="store_true", help="Karras et al. (rho 7) sigmas")
-    group.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
+    group.add_argument(
+        "--eta", type=float, default=None,
+        help="noise of the stochastic samplers (default: theirs; ddim: 0, euler_ancestral / dpmpp_2m_sde: 1)",
+    )  # fmt: skip
     return group
 
 
@@ -177,13 +180,52 @@ def is_cascade_folder(path: str) -> bool:
     return any((Path(path) / name).is_file() for name in ("cascade.yaml", "cascade.json"))
 
 
+def reject_latent_only_options(args: argparse.Namespace) -> None:
+    """Options that only the SD pipeline honours: an error for a cascade rather than silently ignored."""
+    given = {
+        "--init-image": args.init_image,
+        "--height": args.height,
+        "--width": args.width,
+        "--karras": args.karras or None,
+        "--eta": args.eta,
+        "--config": args.config,
+    }
+    used = [flag for flag, value in given.items() if value is not None]
+    if used:
+        from t2i.errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"{', '.join(used)}: not available for a cascade (each stage samples at its own size with its own "
+            "sampler); drop the option or sample an SD pipeline"
+        )
+
+
+def generate_cascade_from_args(args: argparse.Namespace) -> Any:
+    """`--model CASCADE_DIR`: every stage with its own defaults, `--lora` on the stages the files fit."""
+    from t2i.pipelines.cascade import load_cascade
+
+    reject_latent_only_options(args)
+    cascade = load_cascade(args.model, args.device)
+    if args.lora:
+        from t2i.lora.inference import load_loras_from_specs
+
+        load_loras_from_specs(cascade, args.lora)
+    return cascade.generate(
+        list(args.prompt),
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        sampler=args.sampler,
+        guidance_scale=args.guidance,
+        seed=args.seed or 0,
+        num_images=args.num_images,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     if is_cascade_folder(args.model):
-        from t2i.pipelines.cascade import sample_cascade_cli
-
-        return sample_cascade_cli(args)
-    pipe = load_from_args(args)
-    result = generate_from_args(pipe, args)
+        result = generate_cascade_from_args(args)
+    else:
+        result = generate_from_args(load_from_args(args), args)
     paths = output_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -50,18 +50,35 @@ def add_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return {prefix + k: v for k, v in state.items()}
 
 
-def sd1_text_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD1 single file -> HF CLIPTextModel state dict (`cond_stage_model.transformer.text_model.*` -> `text_model.*`).
+def hf_clip_under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The HF CLIPTextModel held under `prefix` (`{prefix}text_model.*` -> `text_model.*`).
 
     `position_ids` buffers stored by old transformers versions are dropped.
     """
-    text = strip_prefix(state, SD1_TEXT_PREFIX)
+    text = strip_prefix(state, prefix)
     return {k: v for k, v in text.items() if not k.endswith("position_ids")}
+
+
+def sd1_text_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD1 single file -> HF CLIPTextModel state dict (`cond_stage_model.transformer.text_model.*` -> `text_model.*`)."""
+    return hf_clip_under(state, SD1_TEXT_PREFIX)
 
 
 def hf_to_sd1_text(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF CLIPTextModel state dict -> SD1 single-file text keys."""
-    return add_prefix(state, SD1_TEXT_PREFIX)
+    return add_prefix(with_text_model_prefix(state), SD1_TEXT_PREFIX)
+
+
+def with_text_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF CLIP text keys in the file-format spelling `text_model.*` (transformers 5's CLIPTextModel drops the
+    prefix in its own state dict; `text_projection.*` sits outside it); `position_ids` buffers are dropped."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("position_ids"):
+            continue
+        top = key.startswith(("text_model.", "text_projection."))
+        out[key if top else "text_model." + key] = value
+    return out
 
 
 def convert_openclip_layer_key(rest: str, value: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
@@ -110,7 +127,7 @@ def hf_to_openclip(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str
     out: dict[str, torch.Tensor] = {}
     top_back = {v: k for k, v in TOP_RENAMES.items()}
     layers: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
+    for key, value in with_text_model_prefix(state).items():
         block = re.fullmatch(rf"{re.escape(HF_LAYER)}\.(\d+)\.(.+)", key)
         if block:
             layers.setdefault(int(block.group(1)), {})[block.group(2)] = value
@@ -120,7 +137,7 @@ def hf_to_openclip(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str
             out["positional_embedding"] = value
         elif key == "text_projection.weight":
             out["text_projection"] = value.t().contiguous()
-        elif not key.endswith("position_ids"):
+        else:
             raise KeyError(f"unknown HF CLIP text key {key}")
     for index, entries in layers.items():
         out.update(openclip_layer_from_hf(entries, index))

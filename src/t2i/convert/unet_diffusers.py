@@ -1,8 +1,14 @@
-"""Convert the SD UNet between diffusers `UNet2DConditionModel` and t2i `UNetModel` (CompVis key names).
+"""Convert the SD / SDXL UNet between diffusers `UNet2DConditionModel` and t2i `UNetModel` (CompVis key names).
 
-Both directions are covered for the config (diffusers config.json <-> NeMo `unet_config`) and the state dict.
+Both directions are covered for the config (diffusers config.json <-> NeMo/sgm `unet_config`) and the state dict.
 The key map is derived from the module tree of a `UNetModel` built on the meta device, so it always matches
 the model exactly.
+
+SDXL fields: per-level `transformer_layers_per_block` <-> `transformer_depth` (+ `transformer_depth_middle`),
+`addition_embed_type: text_time` with `projection_class_embeddings_input_dim` <-> `num_classes: sequential`
+with `adm_in_channels` (`add_embedding.linear_1/2` <-> `label_emb.0.0/0.2`; `add_time_proj` has no weights),
+and `norm_num_groups`. `addition_time_embed_dim` (the size-embedding width, 256 for SDXL) belongs to the
+conditioning, not to UNetModel: read it with `addition_time_embed_dim(config)`.
 """
 
 from __future__ import annotations
@@ -15,7 +21,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from t2i.errors import ConfigError, PipelineLoadError, WeightsMismatchError
-from t2i.models.unet import UNetModel, attention_heads, check_unet_config_keys
+from t2i.models.unet import UNetModel
+from t2i.models.unet_layout import (
+    attention_heads,
+    attention_levels,
+    level_depths,
+    middle_depth,
+    resolve_unet_config,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -31,13 +44,11 @@ REQUIRED_DIFFUSERS_VALUES: dict[str, Any] = {
     "downsample_padding": 1,
     "mid_block_scale_factor": 1,
     "act_fn": "silu",
-    "norm_num_groups": 32,
     "norm_eps": 1e-5,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
     "num_class_embeds": None,
     "num_attention_heads": None,
     "resnet_time_scale_shift": "default",
@@ -71,7 +82,11 @@ TOP_LEVEL_RENAMES = {
     "time_embed.2": "time_embedding.linear_2",
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",
 }
+ADDITION_EMBED_TYPES = (None, "text_time")
+SDXL_SIZE_EMBED_DIM = 256
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -132,8 +147,67 @@ def _head_settings(channels_and_heads: list[tuple[int, int]]) -> tuple[int, int]
     )
 
 
+def _diffusers_depths(config: dict[str, Any], levels: int) -> tuple[list[int], int]:
+    """(depth per level, middle depth) from `transformer_layers_per_block` (int or one per level)."""
+    value = config.get("transformer_layers_per_block", 1)
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(v, (list, tuple)) for v in value) or len(value) != levels:
+            raise ConfigError(
+                f"diffusers config.transformer_layers_per_block: {list(value)} is not supported; "
+                f"expected an int or one int per block ({levels})"
+            )
+        depths = [int(v) for v in value]
+    else:
+        depths = [int(value)] * levels
+    return depths, depths[-1]  # diffusers' mid block takes the last entry
+
+
+def _t2i_depths(depths: list[int], middle: int, attention: list[int]) -> dict[str, Any]:
+    """`transformer_depth` (an int when every transformer has one depth, else per level with 0 where a level
+    has no attention) and `transformer_depth_middle` (null when it equals the last level's depth)."""
+    used = [depths[i] for i in attention] + [middle]
+    if any(d < 1 for d in used):
+        raise ConfigError(
+            f"diffusers config.transformer_layers_per_block: {depths}; a transformer of depth 0 has no "
+            "UNetModel equivalent; expected >= 1 at every CrossAttn block and the mid block"
+        )
+    if len(set(used)) == 1:
+        return {"transformer_depth": used[0], "transformer_depth_middle": None}
+    per_level = [d if i in attention else 0 for i, d in enumerate(depths)]
+    return {
+        "transformer_depth": per_level,
+        "transformer_depth_middle": None if middle == per_level[-1] else middle,
+    }
+
+
+def _adm_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """`num_classes` / `adm_in_channels` from diffusers' addition embedding (SDXL's `text_time`)."""
+    kind = config.get("addition_embed_type")
+    if kind not in ADDITION_EMBED_TYPES:
+        raise ConfigError(
+            f"diffusers config.addition_embed_type: {kind!r} is not supported by UNetModel; "
+            f"expected one of {list(ADDITION_EMBED_TYPES)}"
+        )
+    if kind is None:
+        return {"num_classes": None, "adm_in_channels": None}
+    adm = config.get("projection_class_embeddings_input_dim")
+    if not isinstance(adm, int):
+        raise ConfigError(
+            f"diffusers config.projection_class_embeddings_input_dim: {adm!r}; expected an int with text_time"
+        )
+    return {"num_classes": "sequential", "adm_in_channels": adm}
+
+
+def addition_time_embed_dim(config: dict[str, Any]) -> int | None:
+    """The width of each micro-conditioning value's embedding in a diffusers `text_time` UNet config (SDXL:
+    256), i.e. the `dim` of `t2i.models.layers.size_embedding`; None without an addition embedding."""
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    return int(config.get("addition_time_embed_dim") or SDXL_SIZE_EMBED_DIM)
+
+
 def diffusers_to_unet_config(config: dict[str, Any], use_flash_attention: bool = True) -> dict[str, Any]:
-    """diffusers UNet2DConditionModel config (config.json dict) -> NeMo `unet_config` for UNetModel."""
+    """diffusers UNet2DConditionModel config (config.json dict) -> NeMo/sgm `unet_config` for UNetModel."""
     _check_supported_diffusers_fields(config)
     down_types = list(config.get("down_block_types", ()))
     levels = _attention_levels(down_types, list(config.get("up_block_types", ())))
@@ -145,40 +219,78 @@ def diffusers_to_unet_config(config: dict[str, Any], use_flash_attention: bool =
     heads = list(head_cfg) if isinstance(head_cfg, (list, tuple)) else [head_cfg] * len(block_out)
     sites = [(block_out[i], int(heads[i])) for i in levels] + [(block_out[-1], int(heads[-1]))]
     num_heads, num_head_channels = _head_settings(sites)
+    depths, middle = _diffusers_depths(config, len(block_out))
+    return resolve_unet_config(
+        {
+            "image_size": config.get("sample_size"),
+            "in_channels": int(config.get("in_channels", 4)),
+            "out_channels": int(config.get("out_channels", 4)),
+            "model_channels": mc,
+            "attention_resolutions": [2**i for i in reversed(levels)],
+            "num_res_blocks": int(_uniform(config.get("layers_per_block", 2), "layers_per_block")),
+            "channel_mult": [c // mc for c in block_out],
+            "num_heads": num_heads,
+            "num_head_channels": num_head_channels,
+            "use_spatial_transformer": True,
+            "use_linear_in_transformer": bool(config.get("use_linear_projection", False)),
+            **_t2i_depths(depths, middle, levels),
+            "context_dim": int(_uniform(config.get("cross_attention_dim", 1280), "cross_attention_dim")),
+            **_adm_settings(config),
+            "norm_num_groups": int(config.get("norm_num_groups", 32)),
+            "use_checkpoint": False,
+            "legacy": False,
+            "use_flash_attention": use_flash_attention,
+            "dropout": float(config.get("dropout", 0.0)),
+        }
+    )
+
+
+def _diffusers_layers_per_block(c: dict[str, Any], has_attn: list[bool]) -> int | list[int]:
+    """diffusers' `transformer_layers_per_block`: one int when every transformer has one depth, else a list
+    whose last entry is the mid block's depth (unused entries of attention-free levels are 1)."""
+    depths, middle = level_depths(c), middle_depth(c)
+    if middle == 0:
+        raise ConfigError(
+            "model.unet_config.transformer_depth_middle: 0 (no middle transformer) has no diffusers "
+            "equivalent; expected >= 1 for export"
+        )
+    used = [d for d, a in zip(depths, has_attn, strict=True) if a] + [middle]
+    if len(set(used)) == 1:
+        return used[0]
+    per_level = [d if a else 1 for d, a in zip(depths, has_attn, strict=True)]
+    if has_attn[-1] and per_level[-1] != middle:
+        raise ConfigError(
+            f"model.unet_config.transformer_depth_middle: {middle} differs from the last level's depth "
+            f"{per_level[-1]}; diffusers' mid block takes the last level's, so expected {per_level[-1]}"
+        )
+    per_level[-1] = middle
+    return per_level
+
+
+def _adm_to_diffusers(c: dict[str, Any], size_embed_dim: int) -> dict[str, Any]:
+    if c["num_classes"] is None:
+        return {"addition_embed_type": None}
     return {
-        "image_size": config.get("sample_size"),
-        "in_channels": int(config.get("in_channels", 4)),
-        "out_channels": int(config.get("out_channels", 4)),
-        "model_channels": mc,
-        "attention_resolutions": [2**i for i in reversed(levels)],
-        "num_res_blocks": int(_uniform(config.get("layers_per_block", 2), "layers_per_block")),
-        "channel_mult": [c // mc for c in block_out],
-        "num_heads": num_heads,
-        "num_head_channels": num_head_channels,
-        "use_spatial_transformer": True,
-        "use_linear_in_transformer": bool(config.get("use_linear_projection", False)),
-        "transformer_depth": int(
-            _uniform(config.get("transformer_layers_per_block", 1), "transformer_layers_per_block")
-        ),
-        "context_dim": int(_uniform(config.get("cross_attention_dim", 1280), "cross_attention_dim")),
-        "use_checkpoint": False,
-        "legacy": False,
-        "use_flash_attention": use_flash_attention,
-        "dropout": float(config.get("dropout", 0.0)),
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": int(size_embed_dim),
+        "projection_class_embeddings_input_dim": int(c["adm_in_channels"]),
     }
 
 
-def unet_config_to_diffusers(unet_config: dict[str, Any]) -> dict[str, Any]:
-    """NeMo `unet_config` -> diffusers UNet2DConditionModel config dict (what config.json holds)."""
-    check_unet_config_keys(unet_config)
-    c = {**_unet_defaults(), **unet_config}
+def unet_config_to_diffusers(
+    unet_config: dict[str, Any], addition_time_embed_dim: int = SDXL_SIZE_EMBED_DIM
+) -> dict[str, Any]:
+    """NeMo/sgm `unet_config` -> diffusers UNet2DConditionModel config dict (what config.json holds).
+
+    `addition_time_embed_dim` is written for an ADM (SDXL) UNet: the width of each size embedding in y.
+    """
+    c = resolve_unet_config(unet_config)
     if not c["use_spatial_transformer"]:
         raise ConfigError(
             "model.unet_config.use_spatial_transformer: diffusers export needs true (got false)"
         )
     mc, mults = int(c["model_channels"]), [int(m) for m in c["channel_mult"]]
-    attn = [int(r) for r in c["attention_resolutions"]]
-    has_attn = [2**i in attn for i in range(len(mults))]
+    has_attn = attention_levels(c)
     heads = []
     for mult in mults:
         h, d = attention_heads(mc * mult, c["num_heads"], c["num_head_channels"], c["legacy"], True)
@@ -198,33 +310,19 @@ def unet_config_to_diffusers(unet_config: dict[str, Any]) -> dict[str, Any]:
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "layers_per_block": int(c["num_res_blocks"]),
-        "transformer_layers_per_block": int(c["transformer_depth"]),
+        "transformer_layers_per_block": _diffusers_layers_per_block(c, has_attn),
         "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,
         "cross_attention_dim": int(c["context_dim"]),
         "use_linear_projection": bool(c["use_linear_in_transformer"]),
+        **_adm_to_diffusers(c, addition_time_embed_dim),
         "dropout": float(c["dropout"]),
         "act_fn": "silu",
-        "norm_num_groups": 32,
+        "norm_num_groups": int(c["norm_num_groups"]),
         "norm_eps": 1e-5,
         "flip_sin_to_cos": True,
         "freq_shift": 0,
         "downsample_padding": 1,
         "center_input_sample": False,
-    }
-
-
-def _unet_defaults() -> dict[str, Any]:
-    return {
-        "channel_mult": (1, 2, 4, 8),
-        "num_heads": -1,
-        "num_head_channels": -1,
-        "use_spatial_transformer": False,
-        "use_linear_in_transformer": False,
-        "transformer_depth": 1,
-        "context_dim": None,
-        "legacy": True,
-        "dropout": 0.0,
-        "image_size": None,
     }
 
 
@@ -235,11 +333,10 @@ class _Layout:
     """Where each CompVis block lives in diffusers' down/mid/up structure."""
 
     def __init__(self, unet_config: dict[str, Any]):
-        c = {**_unet_defaults(), **unet_config}
+        c = resolve_unet_config(unet_config)
         self.per_level = int(c["num_res_blocks"]) + 1
         self.levels = len(c["channel_mult"])
-        attn = [int(r) for r in c["attention_resolutions"]]
-        self.has_attn = [2**i in attn for i in range(self.levels)]
+        self.has_attn = attention_levels(c)
 
     def input_block(self, index: int, sub: int) -> str:
         level, j = divmod(index - 1, self.per_level)
@@ -366,11 +463,15 @@ def load_unet_from_diffusers(
     return model.eval()
 
 
-def save_unet_as_diffusers(model: UNetModel, path: str | Path) -> Path:
-    """Write `model` as a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors)."""
+def save_unet_as_diffusers(
+    model: UNetModel, path: str | Path, addition_time_embed_dim: int = SDXL_SIZE_EMBED_DIM
+) -> Path:
+    """Write `model` as a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors).
+
+    `addition_time_embed_dim` goes into config.json for an ADM (SDXL) UNet; see unet_config_to_diffusers."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    config = unet_config_to_diffusers(model.unet_config)
+    config = unet_config_to_diffusers(model.unet_config, addition_time_embed_dim)
     state_dict = t2i_to_diffusers_state_dict(model.state_dict(), model.unet_config)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, folder / WEIGHTS_NAME)

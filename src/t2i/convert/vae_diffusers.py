@@ -10,16 +10,29 @@ Key correspondence (diffusers <-> CompVis):
   conv_norm_out <-> norm_out;  conv_shortcut <-> nin_shortcut (resnets only)
   attention: group_norm, to_q, to_k, to_v, to_out.0 (Linear, (C, C)) <-> norm, q, k, v, proj_out (1x1 conv, (C, C, 1, 1))
 Old diffusers files name attention `query`, `key`, `value`, `proj_attn`; they are read too.
+
+Config names (diffusers <-> ours): latent_channels <-> embed_dim and ddconfig.z_channels, norm_num_groups <->
+ddconfig.norm_num_groups, scaling_factor <-> scale_factor, shift_factor <-> shift_factor (FLUX.1: 0.1159),
+use_quant_conv / use_post_quant_conv <-> the same names, mid_block_add_attention <-> mid_attention.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from t2i.errors import ConfigError
+from t2i.models.autoencoder import (
+    AutoencoderKL,
+    is_diffusers_vae_config,
+    load_state_dict_strict,
+    read_safetensors,
+    resolve_vae_folder,
+)
 
 DOWN_PLAIN, DOWN_ATTN = "DownEncoderBlock2D", "AttnDownEncoderBlock2D"
 UP_PLAIN, UP_ATTN = "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
@@ -64,12 +77,6 @@ def config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
     """Map a diffusers AutoencoderKL config.json dict to our {embed_dim, ddconfig, ...} config."""
     if config.get("act_fn", "silu") != "silu":
         raise ConfigError(f"vae config act_fn: {config['act_fn']!r} not supported; expected 'silu'")
-    if config.get("norm_num_groups", 32) != 32:
-        raise ConfigError(
-            f"vae config norm_num_groups: {config['norm_num_groups']} not supported; expected 32"
-        )
-    if config.get("shift_factor") is not None:
-        raise ConfigError(f"vae config shift_factor: {config['shift_factor']} not supported; expected null")
     channels = list(config.get("block_out_channels", [64]))
     ch = channels[0]
     if any(c % ch for c in channels):
@@ -87,6 +94,10 @@ def config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
         "attn_resolutions": attn_resolutions_from_blocks({**config, "block_out_channels": channels}),
         "dropout": 0.0,
     }
+    groups = int(config.get("norm_num_groups", 32))
+    if groups != 32:  # absent means 32, as in NeMo/CompVis configs (which have no such key)
+        ddconfig["norm_num_groups"] = groups
+    shift = config.get("shift_factor")
     return {
         "embed_dim": latent,
         "ddconfig": ddconfig,
@@ -94,6 +105,7 @@ def config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
         "use_post_quant_conv": bool(config.get("use_post_quant_conv", True)),
         "mid_attention": bool(config.get("mid_block_add_attention", True)),
         "scale_factor": float(config.get("scaling_factor", 0.18215)),
+        "shift_factor": None if shift is None else float(shift),
     }
 
 
@@ -119,9 +131,10 @@ def config_to_diffusers(config: dict[str, Any]) -> dict[str, Any]:
         "layers_per_block": dd["num_res_blocks"],
         "act_fn": "silu",
         "latent_channels": config["embed_dim"],
-        "norm_num_groups": 32,
+        "norm_num_groups": dd.get("norm_num_groups", 32),
         "sample_size": dd["resolution"],
         "scaling_factor": config.get("scale_factor") or 0.18215,
+        "shift_factor": config.get("shift_factor"),
         "use_quant_conv": config.get("use_quant_conv", True),
         "use_post_quant_conv": config.get("use_post_quant_conv", True),
         "mid_block_add_attention": config.get("mid_attention", True),
@@ -200,6 +213,22 @@ def state_dict_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.T
             value = value[:, :, 0, 0]
         out[key_to_diffusers(key, n_up)] = value
     return out
+
+
+def load_vae(path: str | Path, **kwargs: Any) -> AutoencoderKL:
+    """Load a VAE folder in either format: diffusers (`config.json` + `diffusion_pytorch_model.safetensors`,
+    converted to CompVis names) or t2i's own; a pipeline root holding `vae/` works too.
+
+    Extra kwargs (e.g. gradient_checkpointing) override the stored config.
+    """
+    folder = resolve_vae_folder(Path(path))
+    config = json.loads((folder / "config.json").read_text())
+    if not is_diffusers_vae_config(config):
+        return AutoencoderKL.from_pretrained(folder, **kwargs)
+    model = AutoencoderKL.from_config({**config_from_diffusers(config), **kwargs})
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    load_state_dict_strict(model, state_dict_from_diffusers(read_safetensors(weights)), str(weights))
+    return model
 
 
 def save_diffusers_vae(model: Any, path: str) -> None:

@@ -1,8 +1,13 @@
-"""Adapters that turn a backbone into a denoiser `D(x, sigma, cond) -> x0_hat` on the VE scale `x = x0 + sigma eps`.
+"""Denoiser adapters: each turns a backbone into `D(x, sigma, cond) -> x0_hat` on the VE scale `x = x0 + sigma eps`,
+the one contract that samplers, guidance and the pipelines see.
 
-`DiscreteDenoiser` wraps a network trained on a discrete beta schedule (eps, v or x0 prediction), the way
-k-diffusion's `DiscreteEpsDDPMDenoiser` does: the network sees `x / sqrt(1 + sigma^2)` (its own VP-scaled input)
-and the (fractional) timestep whose sigma matches, found by interpolating log-sigma.
+- `DiscreteDenoiser`: a network trained on a discrete beta schedule (eps, v or x0 prediction), the way
+  k-diffusion's `DiscreteEpsDDPMDenoiser` does it: the network sees `x / sqrt(1 + sigma^2)` (its own VP-scaled
+  input) and the (fractional) timestep whose sigma matches, found by interpolating log-sigma.
+- `EDMDenoiser`: EDM preconditioning (Karras et al. 2022, Table 1) around any backbone.
+- `ContinuousDDPMDenoiser`: a continuous-time DDPM network on a log-SNR schedule (Imagen; NeMo's DDPM).
+
+Every denoiser exposes `sigma_min` and `sigma_max` and keeps its backbone as `.net`.
 """
 
 from __future__ import annotations
@@ -13,27 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2i.diffusion.schedules import sigmas_from_alphas_cumprod
+from t2i.diffusion.parameterization import normalize_prediction, x0_from_output
+from t2i.diffusion.schedules import DiscreteSchedule, LogSNRSchedule
+from t2i.diffusion.tensors import append_dims, batch_sigma, compute_dtype
 from t2i.errors import ConfigError
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-_PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample", "original_sample": "sample"}
-
-
-def normalize_prediction_type(prediction_type: str) -> str:
-    """Map config spellings (`eps`, `v`, `x0`, diffusers' names) to `epsilon | v_prediction | sample`."""
-    name = _PREDICTION_ALIASES.get(prediction_type, prediction_type)
-    if name not in PREDICTION_TYPES:
-        raise ConfigError(
-            f"prediction_type: unknown value {prediction_type!r}; expected one of "
-            f"{', '.join(PREDICTION_TYPES)} (or eps, v, x0)"
-        )
-    return name
-
-
-def _append_dims(values: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1) with `ndim` dimensions in all, for broadcasting against x."""
-    return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+TIME_CONDS = ("logsnr", "t")
 
 
 class DenoiserWrapper(nn.Module):
@@ -56,27 +46,27 @@ class DiscreteDenoiser(nn.Module):
     """Denoiser for a discrete-time eps / v / x0 network on a beta schedule.
 
     Args:
-        model: callable `model(x_in (B,C,H,W), t (B,) float, **cond) -> (B,C,H,W)`.
-        alphas_cumprod: (T,) alpha_bar of the training schedule.
-        prediction_type: `epsilon`, `v_prediction` or `sample` (aliases `eps`, `v`, `x0`).
-        quantize: round the timestep to the nearest integer instead of interpolating (what a model that only
-            accepts integer timesteps needs).
+        net: callable `net(x_in (B,C,H,W), t (B,) float, **cond) -> (B,C,H,W)`.
+        schedule: the training schedule.
+        prediction: `eps`, `v` or `x0` (any spelling `normalize_prediction` accepts).
+        quantize: round the timestep to the nearest integer instead of interpolating (what a sampling plan asks
+            for when diffusers feeds its model integer timesteps, e.g. DPM-Solver++ with Karras sigmas).
     """
 
     def __init__(
         self,
-        model: Callable[..., torch.Tensor],
-        alphas_cumprod: torch.Tensor,
-        prediction_type: str = "epsilon",
+        net: Callable[..., torch.Tensor],
+        schedule: DiscreteSchedule,
+        prediction: str = "eps",
         quantize: bool = False,
     ) -> None:
         super().__init__()
-        self.model = model
-        self.prediction_type = normalize_prediction_type(prediction_type)
+        self.net = net
+        self.schedule = schedule
+        self.prediction = normalize_prediction(prediction)
         self.quantize = quantize
-        sigmas = sigmas_from_alphas_cumprod(torch.as_tensor(alphas_cumprod))
-        self.register_buffer("sigmas", sigmas, persistent=False)
-        self.register_buffer("log_sigmas", sigmas.log(), persistent=False)
+        self.register_buffer("sigmas", schedule.sigmas, persistent=False)
+        self.register_buffer("log_sigmas", schedule.sigmas.log(), persistent=False)
 
     @property
     def sigma_min(self) -> float:
@@ -85,10 +75,6 @@ class DiscreteDenoiser(nn.Module):
     @property
     def sigma_max(self) -> float:
         return float(self.sigmas[-1])
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.sigmas.shape[0])
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional timestep (same shape as sigma, float64) by linear interpolation in log-sigma."""
@@ -107,24 +93,126 @@ class DiscreteDenoiser(nn.Module):
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[low + 1]).exp()
 
     def forward(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any] | None = None
+        self, x: torch.Tensor, sigma: torch.Tensor | float, cond: dict[str, Any] | None = None
     ) -> torch.Tensor:
-        """x (B,C,H,W) on the VE scale, sigma (B,) -> x0_hat (B,C,H,W)."""
+        """x (B,C,H,W) on the VE scale, sigma (B,) or scalar -> x0_hat (B,C,H,W)."""
         sigma = torch.as_tensor(sigma, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
-        s = _append_dims(sigma.to(x.dtype), x.ndim)
+        s = append_dims(sigma.to(x.dtype), x.ndim)
         c_in = 1 / (s**2 + 1).sqrt()
-        t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        t = self.sigma_to_t(sigma).to(device=x.device, dtype=t_dtype)
-        out = self.model(x * c_in, t, **(cond or {}))
-        return self.output_to_x0(out, x, s)
+        t = self.sigma_to_t(sigma).to(device=x.device, dtype=compute_dtype(x))
+        out = self.net(x * c_in, t, **(cond or {}))
+        return x0_from_output(out, x, s, self.prediction)
 
-    def output_to_x0(self, out: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """Convert the network output to x0 on the VE scale (s broadcastable to x)."""
-        if self.prediction_type == "epsilon":
-            return x - s * out
-        if self.prediction_type == "v_prediction":
-            # v = alpha eps - sigma_vp x0 with alpha = 1/sqrt(1+s^2) (Salimans & Ho 2022, sec. 4).
-            return x / (s**2 + 1) - out * s / (s**2 + 1).sqrt()
-        return out
+
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5) -> dict[str, torch.Tensor]:
+    """c_skip, c_out, c_in, c_noise (each shaped like sigma) of Karras et al. 2022, Table 1."""
+    total = sigma**2 + sigma_data**2
+    return {
+        "c_skip": sigma_data**2 / total,
+        "c_out": sigma * sigma_data / total.sqrt(),
+        "c_in": 1 / total.sqrt(),
+        "c_noise": sigma.log() / 4,
+    }
+
+
+class EDMDenoiser(nn.Module):
+    """EDM preconditioning around any backbone (Karras et al. 2022, Table 1, "Ours"):
+
+        D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma))
+
+    Args:
+        net: backbone called as `net(c_in * x (B,C,H,W), c_noise (B,), **cond) -> F (B,C,H,W)`.
+        sigma_data: expected standard deviation of the training data.
+        sigma_min, sigma_max: the noise range the model serves (the sampling defaults of the paper).
+    """
+
+    def __init__(
+        self,
+        net: Callable[..., torch.Tensor],
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.sigma_data = float(sigma_data)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor | float, cond: dict[str, Any] | None = None
+    ) -> torch.Tensor:
+        """x (B,C,H,W) on the VE scale, sigma (B,) or scalar -> x0_hat (B,C,H,W) in x's dtype."""
+        sigma = batch_sigma(sigma, x)
+        c = edm_coefficients(sigma, self.sigma_data)
+        c_skip, c_out, c_in = (append_dims(c[k], x.ndim) for k in ("c_skip", "c_out", "c_in"))
+        x_wide = x.to(sigma.dtype)
+        F_x = self.net((c_in * x_wide).to(x.dtype), c["c_noise"], **(cond or {}))
+        return (c_skip * x_wide + c_out * F_x.to(sigma.dtype)).to(x.dtype)
+
+
+class ContinuousDDPMDenoiser(nn.Module):
+    """A continuous-time DDPM network under the denoiser contract D(x, sigma, cond) -> x0.
+
+    The VP forward process is z_t = alpha x0 + sigma_vp eps with alpha^2 = sigmoid(lambda); on the VE scale
+    (x = z_t / alpha) sigma^2 = exp(-lambda), so sigma <-> lambda = -2 ln(sigma) <-> t = lambda^-1(lambda).
+
+    Args:
+        net: backbone `net(z_t (B,C,H,W), time_cond (B,), **cond) -> prediction (B,C,H,W)`, where z_t is the VP
+            sample x / sqrt(1 + sigma^2) and time_cond the log-SNR (default, NeMo) or t.
+        schedule: the log-SNR schedule.
+        prediction: what the network predicts: `eps`, `x0` or `v` (NeMo's noise / x_start / v accepted).
+        time_cond: `logsnr` (NeMo) or `t`.
+    """
+
+    def __init__(
+        self,
+        net: Callable[..., torch.Tensor],
+        schedule: LogSNRSchedule,
+        prediction: str = "eps",
+        time_cond: str = "logsnr",
+    ) -> None:
+        super().__init__()
+        if time_cond not in TIME_CONDS:
+            raise ConfigError(f"time_cond: {time_cond!r} is not one of {', '.join(TIME_CONDS)}")
+        self.net = net
+        self.schedule = schedule
+        self.prediction = normalize_prediction(prediction, "model.preconditioning.pred_objective")
+        self.time_cond = time_cond
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.schedule.sigma(torch.tensor(0.0)))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.schedule.sigma(torch.tensor(1.0)))
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Continuous time t in [0, 1] (float64) of a VE noise level."""
+        return self.schedule.t_from_sigma(torch.as_tensor(sigma))
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """VE noise level (float64) at time t."""
+        return self.schedule.sigma(torch.as_tensor(t, dtype=torch.float64))
+
+    def condition(self, logsnr: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """What the network is conditioned on: the log-SNR itself, or its time t."""
+        if self.time_cond == "logsnr":
+            return logsnr
+        return self.schedule.t_from_logsnr(logsnr) if t is None else t
+
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor | float, cond: dict[str, Any] | None = None
+    ) -> torch.Tensor:
+        """x (B,C,H,W) on the VE scale, sigma (B,) or scalar -> x0_hat (B,C,H,W) in x's dtype."""
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float64)
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        logsnr = -2 * sigma.log()
+        wide = compute_dtype(x)
+        s = append_dims(sigma, x.ndim).to(wide)
+        z_t = x.to(wide) / (1 + s**2).sqrt()
+        out = self.net(z_t.to(x.dtype), self.condition(logsnr).to(wide), **(cond or {}))
+        return x0_from_output(out.to(wide), x.to(wide), s, self.prediction).to(x.dtype)

@@ -9,16 +9,17 @@ import torch
 from t2i.diffusion.denoisers import DenoiserWrapper
 from t2i.errors import InvalidInputError
 
-_UNCOND_KEYS = {"context": "uncond_context", "context_mask": "uncond_context_mask"}
+UNCOND_PREFIX = "uncond_"
 
 
 class CFGDenoiser(DenoiserWrapper):
     """D_cfg(x, sigma) = D(x, sigma, uncond) + scale * (D(x, sigma, cond) - D(x, sigma, uncond)).
 
-    `cond` holds `context` (B, T, D) and `uncond_context` (B, T, D): the caller passes whatever text dropout put
-    in at training (the SD family: the encoding of ""; Imagen: zeros); zeros when absent.
-    Optionally `context_mask` / `uncond_context_mask` (B, T) bool. Both branches run in one batch of 2B; every
-    other tensor entry with a leading batch dimension (`x_low_res`, `aug_cond`, ...) is repeated.
+    Every cond entry `K` with an `uncond_K` twin is conditioning that differs between the branches: `context`
+    (B, T, D) with `uncond_context` (the caller passes whatever text dropout put in at training: the SD family the
+    encoding of "", Imagen zeros), SDXL's pooled vector `y` with `uncond_y`, ... `context` without a twin gets
+    zeros; a `context_mask` missing on one side means "attend to every token". Both branches run in one batch of
+    2B; every other tensor entry with a leading batch dimension (`x_low_res`, `aug_cond`, ...) is repeated.
     With scale == 1 the unconditional branch is skipped.
     """
 
@@ -41,13 +42,19 @@ class CFGDenoiser(DenoiserWrapper):
 
 
 def _without_uncond(cond: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cond.items() if k not in _UNCOND_KEYS.values()}
+    return {k: v for k, v in cond.items() if not k.startswith(UNCOND_PREFIX)}
 
 
-def _pair(
-    cond_value: torch.Tensor | None, uncond_value: torch.Tensor | None, key: str
-) -> torch.Tensor | None:
-    """cat([uncond, cond]) along the batch; a missing mask on one side means 'attend to every token'."""
+def _paired_keys(cond: dict[str, Any]) -> list[str]:
+    """The entries that differ between the branches: those with an `uncond_` twin, plus context and its mask."""
+    keys = [k for k in cond if not k.startswith(UNCOND_PREFIX) and UNCOND_PREFIX + k in cond]
+    keys += [k for k in ("context", "context_mask") if k not in keys and (k in cond or UNCOND_PREFIX + k in cond)]
+    return keys
+
+
+def _pair(cond_value: torch.Tensor | None, uncond_value: torch.Tensor | None, key: str) -> torch.Tensor | None:
+    """cat([uncond, cond]) along the batch; a missing mask on one side means 'attend to every token', a missing
+    unconditional context means zeros."""
     if cond_value is None and uncond_value is None:
         return None
     if key == "context_mask":
@@ -59,20 +66,21 @@ def _pair(
     if cond_value is None or uncond_value.shape != cond_value.shape:
         shape = None if cond_value is None else tuple(cond_value.shape)
         raise InvalidInputError(
-            f"cond.{_UNCOND_KEYS[key]}: shape {tuple(uncond_value.shape)} must match cond.{key} shape {shape}"
+            f"cond.{UNCOND_PREFIX}{key}: shape {tuple(uncond_value.shape)} must match cond.{key} shape {shape}"
         )
     return torch.cat([uncond_value, cond_value])
 
 
 def _doubled_cond(cond: dict[str, Any], batch: int) -> dict[str, Any]:
-    """The 2B-batch cond: (uncond, cond) pairs for context/mask, other batch tensors repeated."""
+    """The 2B-batch cond: (uncond, cond) pairs for the paired entries, other batch tensors repeated."""
+    paired = _paired_keys(cond)
     doubled: dict[str, Any] = {}
-    for key, uncond_key in _UNCOND_KEYS.items():
-        value = _pair(cond.get(key), cond.get(uncond_key), key)
+    for key in paired:
+        value = _pair(cond.get(key), cond.get(UNCOND_PREFIX + key), key)
         if value is not None:
             doubled[key] = value
     for key, value in _without_uncond(cond).items():
-        if key in _UNCOND_KEYS:
+        if key in paired:
             continue
         if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
             value = torch.cat([value, value])

@@ -16,15 +16,20 @@ EDM, t_aug = 0 under DDPM unless a stage sets another).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from t2i.diffusion.continuous import TIME_CONDS, LogSNRSchedule, get_schedule, vp_coefficients
-from t2i.diffusion.edm import append_dims, noise_like, sample_lognormal_sigmas
+from t2i.diffusion.denoisers import TIME_CONDS
+from t2i.diffusion.losses import sample_lognormal_sigmas
+from t2i.diffusion.schedules import LogSNRSchedule, vp_coefficients
+from t2i.diffusion.tensors import append_dims, noise_like
 from t2i.errors import ConfigError, InvalidInputError
 
 AUG_KINDS = ("EDM", "DDPM")
 DEFAULT_SAMPLE_LEVEL = {"EDM": 0.002, "DDPM": 0.0}
+COSINE = LogSNRSchedule("cosine")
 
 
 def _kind(kind: str) -> str:
@@ -41,7 +46,7 @@ def noise_low_res(
     generator: torch.Generator | None = None,
     *,
     sigma_data: float = 0.5,
-    noise_schedule: str | LogSNRSchedule = "cosine",
+    noise_schedule: LogSNRSchedule = COSINE,
     time_cond: str = "logsnr",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise x_low (B, C, h, w) at per-sample levels (B,) (sigma_aug for EDM, t_aug for DDPM).
@@ -57,7 +62,7 @@ def noise_low_res(
         return (c_in * (x_low + sigma * noise)).to(x_low.dtype), level.log() / 4
     if time_cond not in TIME_CONDS:
         raise ConfigError(f"time_cond: {time_cond!r} is not one of {', '.join(TIME_CONDS)}")
-    logsnr = get_schedule(noise_schedule).logsnr(level)
+    logsnr = noise_schedule.logsnr(level)
     alpha, sigma_vp = (append_dims(c, x_low.ndim) for c in vp_coefficients(logsnr))
     x_aug = (alpha * x_low + sigma_vp * noise).to(x_low.dtype)
     return x_aug, logsnr if time_cond == "logsnr" else level
@@ -91,33 +96,17 @@ def augment_low_res(
     generator: torch.Generator | None = None,
     per_sample: bool = True,
     *,
-    sigma_data: float = 0.5,
     p_mean: float = -1.2,
     p_std: float = 1.2,
-    noise_schedule: str | LogSNRSchedule = "cosine",
     max_level: float = 1.0,
-    time_cond: str = "logsnr",
+    **encoding: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-time augmentation at random levels. x_low (B, C, h, w) -> (x_aug (B, C, h, w), aug_cond (B,))."""
-    levels = sample_aug_levels(
-        x_low.shape[0],
-        kind,
-        generator,
-        per_sample,
-        p_mean=p_mean,
-        p_std=p_std,
-        max_level=max_level,
-        device=x_low.device,
-    )
-    return noise_low_res(
-        x_low,
-        levels,
-        kind,
-        generator,
-        sigma_data=sigma_data,
-        noise_schedule=noise_schedule,
-        time_cond=time_cond,
-    )
+    """Training-time augmentation at random levels. x_low (B, C, h, w) -> (x_aug (B, C, h, w), aug_cond (B,)).
+
+    `encoding`: the `noise_low_res` options (sigma_data, noise_schedule, time_cond)."""
+    levels = sample_aug_levels(x_low.shape[0], kind, generator, per_sample, p_mean=p_mean, p_std=p_std,
+                               max_level=max_level, device=x_low.device)  # fmt: skip
+    return noise_low_res(x_low, levels, kind, generator, **encoding)
 
 
 def fixed_augment(
@@ -125,13 +114,10 @@ def fixed_augment(
     level: float | None = None,
     kind: str = "EDM",
     generator: torch.Generator | None = None,
-    *,
-    sigma_data: float = 0.5,
-    noise_schedule: str | LogSNRSchedule = "cosine",
-    time_cond: str = "logsnr",
+    **encoding: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampling-time augmentation at one fixed level (default: sigma_aug 0.002 under EDM, t_aug 0 under DDPM).
-    x_low (B, C, h, w) -> (x_aug (B, C, h, w), aug_cond (B,))."""
+    x_low (B, C, h, w) -> (x_aug (B, C, h, w), aug_cond (B,)); `encoding` as for `augment_low_res`."""
     kind = _kind(kind)
     level = DEFAULT_SAMPLE_LEVEL[kind] if level is None else float(level)
     if kind == "EDM" and not level > 0:
@@ -139,15 +125,7 @@ def fixed_augment(
     if kind == "DDPM" and not 0 <= level <= 1:
         raise InvalidInputError(f"aug_level: {level!r}; expected a time t_aug in [0, 1] under DDPM")
     levels = torch.full((x_low.shape[0],), level, dtype=torch.float32)
-    return noise_low_res(
-        x_low,
-        levels,
-        kind,
-        generator,
-        sigma_data=sigma_data,
-        noise_schedule=noise_schedule,
-        time_cond=time_cond,
-    )
+    return noise_low_res(x_low, levels, kind, generator, **encoding)
 
 
 def upsample_low_res(x_low: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:

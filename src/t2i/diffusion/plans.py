@@ -21,13 +21,8 @@ import numpy as np
 import torch
 
 from t2i.diffusion.samplers import Callback, Denoiser, get_sampler
-from t2i.diffusion.schedules import (
-    interpolate_sigmas,
-    karras_sigmas,
-    make_alphas_cumprod,
-    sigmas_from_alphas_cumprod,
-    spaced_timesteps,
-)
+from t2i.diffusion.schedules import DiscreteSchedule, interpolate_sigmas, karras_sigmas, spaced_timesteps
+from t2i.diffusion.tensors import Generators
 from t2i.errors import ConfigError, UnknownSamplerError
 
 SCHEDULER_FOR_SAMPLER: dict[str, tuple[str, dict[str, Any]]] = {
@@ -90,8 +85,8 @@ class SamplingPlan:
     unit-variance initial latents to `sigmas[0]`, the scale taking the result back to diffusers' output scale, and
     sampler `options` (keyword arguments) that reproduce the matching diffusers scheduler.
 
-    `quantize_timesteps`: diffusers feeds this schedule's model integer (rounded) timesteps; build the
-    `DiscreteDenoiser` with `quantize=plan.quantize_timesteps` for an exact match (DPM-Solver with Karras sigmas).
+    `quantize_timesteps`: diffusers feeds this schedule's model integer (rounded) timesteps (DPM-Solver with Karras
+    sigmas); `denoiser_options()` carries it to the `DiscreteDenoiser` the plan samples with.
     """
 
     sampler: str
@@ -105,13 +100,17 @@ class SamplingPlan:
     def steps(self) -> int:
         return len(self.sigmas) - 1
 
+    def denoiser_options(self) -> dict[str, Any]:
+        """Keyword options of `DiscreteDenoiser` this plan needs to reproduce diffusers exactly."""
+        return {"quantize": self.quantize_timesteps}
+
     def sample(
         self,
         denoiser: Denoiser,
         latents: torch.Tensor,
         cond: dict[str, Any] | None = None,
         *,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         callback: Callback | None = None,
         progress: bool = False,
         **options: Any,
@@ -174,6 +173,7 @@ def make_plan(
     scheduler_config: Mapping[str, Any],
     steps: int,
     use_karras_sigmas: bool = False,
+    schedule: DiscreteSchedule | None = None,
 ) -> SamplingPlan:
     """The plan with which `sampler` reproduces diffusers' matching scheduler for `scheduler_config`.
 
@@ -183,13 +183,16 @@ def make_plan(
             `timestep_spacing`, `steps_offset`, `set_alpha_to_one`, ...); missing keys take that class's defaults.
         steps: number of inference steps.
         use_karras_sigmas: Karras et al. (rho = 7) sigmas between the grid's end points (also on if the config says).
+        schedule: the model's training schedule, when the caller holds it (else read from `scheduler_config`).
     """
     get_sampler(sampler)
+    if schedule is None:
+        schedule = DiscreteSchedule.from_scheduler_config(scheduler_config)
     if sampler not in SCHEDULER_FOR_SAMPLER:
-        return _generic_plan(sampler, scheduler_config, steps, use_karras_sigmas)
+        return _generic_plan(sampler, scheduler_config, steps, use_karras_sigmas, schedule.sigmas)
     config = resolve_scheduler_config(sampler, scheduler_config)
     karras = bool(use_karras_sigmas or config.get("use_karras_sigmas"))
-    sigma_table = sigmas_from_alphas_cumprod(_alphas_cumprod(config))
+    sigma_table = schedule.sigmas
     if sampler in ("euler", "euler_ancestral", "heun", "lms"):
         return _ve_plan(sampler, config, steps, karras, sigma_table)
     if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
@@ -197,20 +200,11 @@ def make_plan(
     return _vp_plan(sampler, config, steps, karras, sigma_table)
 
 
-def _alphas_cumprod(config: Mapping[str, Any]) -> torch.Tensor:
-    return make_alphas_cumprod(
-        config["beta_schedule"],
-        int(config["num_train_timesteps"]),
-        float(config["beta_start"]),
-        float(config["beta_end"]),
-        config.get("trained_betas"),
-    )
-
-
-def _generic_plan(sampler: str, config: Mapping[str, Any], steps: int, karras: bool) -> SamplingPlan:
+def _generic_plan(
+    sampler: str, config: Mapping[str, Any], steps: int, karras: bool, table: torch.Tensor
+) -> SamplingPlan:
     """Samplers with no diffusers counterpart: the Euler grid of the config, VE in and out."""
     resolved = {**_COMMON_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
-    table = sigmas_from_alphas_cumprod(_alphas_cumprod(resolved))
     plan = _ve_plan("euler", resolved, steps, karras, table)
     return SamplingPlan(sampler, plan.sigmas, plan.init_noise_scale, plan.final_scale)
 

@@ -1,4 +1,5 @@
-"""Discrete noise schedules: betas, alpha_bar, VE sigmas, inference timestep grids and Karras sigmas.
+"""Noise schedules: the discrete beta schedule (`DiscreteSchedule`), the continuous log-SNR schedules of Imagen's
+DDPM (`LogSNRSchedule`), inference timestep grids, and the Karras / EDM and log-SNR sampling sigmas.
 
 Conventions. A discrete model is trained on `x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps` for integer
 `t in [0, T)`. Samplers work in the variance-exploding scale `x = x_t / sqrt(alpha_bar_t) = x0 + sigma_t eps` with
@@ -11,13 +12,16 @@ CompVis) sees the same numbers here; derived sigmas are float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from t2i.errors import ConfigError
+from t2i.errors import ConfigError, InvalidInputError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -143,3 +147,152 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
 def append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     """Append a final sigma of 0 (the clean sample) to a (n,) schedule."""
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def edm_sigmas(
+    steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> torch.Tensor:
+    """(steps + 1,) float64: Karras et al. 2022 eq. 5, sigma_max down to sigma_min in rho-warped steps, then 0."""
+    if not isinstance(steps, int) or steps < 1:
+        raise InvalidInputError(f"steps: got {steps!r}; expected an integer >= 1")
+    if not 0 < sigma_min <= sigma_max:
+        raise InvalidInputError(
+            f"sigma_min, sigma_max: got {sigma_min}, {sigma_max}; expected 0 < min <= max"
+        )
+    return append_zero(karras_sigmas(steps, sigma_min, sigma_max, rho))
+
+
+# ------------------------------------------------------------------------------------------ discrete schedule
+
+
+@dataclass(frozen=True)
+class DiscreteSchedule:
+    """The training noise schedule of a discrete-time model, built once and shared by the training loss, the
+    denoiser and the sampling plan. Fields use diffusers' scheduler-config names.
+
+    `alphas_cumprod` (T,) float32 is computed exactly as diffusers does; `sigmas` (T,) float64 are its VE levels.
+    """
+
+    beta_schedule: str = "scaled_linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    trained_betas: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.beta_schedule not in BETA_SCHEDULES and self.trained_betas is None:
+            raise ConfigError(
+                f"beta_schedule: unknown value {self.beta_schedule!r}; expected one of {', '.join(BETA_SCHEDULES)}"
+            )
+        if self.num_train_timesteps < 1:
+            raise ConfigError(f"num_train_timesteps: {self.num_train_timesteps}; expected an integer >= 1")
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping[str, Any]) -> DiscreteSchedule:
+        """From a diffusers scheduler config; missing keys take diffusers' defaults (linear, 1e-4 to 0.02)."""
+        betas = config.get("trained_betas")
+        return cls(
+            beta_schedule=str(config.get("beta_schedule") or "linear"),
+            num_train_timesteps=int(config.get("num_train_timesteps") or 1000),
+            beta_start=float(config.get("beta_start", 0.0001)),
+            beta_end=float(config.get("beta_end", 0.02)),
+            trained_betas=tuple(float(b) for b in betas) if betas is not None else None,
+        )
+
+    @classmethod
+    def from_model_config(cls, model: Any) -> DiscreteSchedule:
+        """From a `model:` section with NeMo's names (beta_schedule, timesteps, linear_start, linear_end)."""
+        return cls(model.beta_schedule, int(model.timesteps), float(model.linear_start), float(model.linear_end))
+
+    def scheduler_config(self) -> dict[str, Any]:
+        """The schedule's keys of a diffusers scheduler config."""
+        return {
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "beta_schedule": self.beta_schedule,
+            "trained_betas": list(self.trained_betas) if self.trained_betas is not None else None,
+        }
+
+    @cached_property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return make_alphas_cumprod(
+            self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end, self.trained_betas
+        )
+
+    @cached_property
+    def sigmas(self) -> torch.Tensor:
+        return sigmas_from_alphas_cumprod(self.alphas_cumprod)
+
+
+# ------------------------------------------------------------------------------------------ log-SNR schedules
+
+LOGSNR_SCHEDULES = ("linear", "cosine")
+_COSINE_S = 0.008
+_COSINE_TAN2_FLOOR = 1e-5
+
+
+@dataclass(frozen=True)
+class LogSNRSchedule:
+    """A continuous-time schedule: time t in [0, 1] -> log-SNR lambda(t), decreasing in t (Kingma et al. 2021,
+    "Variational Diffusion Models"; the Imagen formulation of NeMo and imagen-pytorch). On the VE scale
+    sigma^2 = exp(-lambda). Evaluated in the dtype of t.
+
+    - `linear`: lambda(t) = -ln(expm1(1e-4 + 10 t^2)), the continuous limit of DDPM's linear betas 1e-4..0.02;
+    - `cosine`: lambda(t) = -ln(max(tan^2(theta), 1e-5)), theta = (t + s) / (1 + s) * pi / 2, s = 0.008 (the
+      alpha-cosine schedule of Nichol & Dhariwal; the floor caps the log-SNR at ln(1e5)).
+    """
+
+    name: str = "cosine"
+
+    def __post_init__(self) -> None:
+        if self.name not in LOGSNR_SCHEDULES:
+            raise ConfigError(
+                f"model.preconditioning.noise_schedule: {self.name!r} is not one of {', '.join(LOGSNR_SCHEDULES)}"
+            )
+
+    def logsnr(self, t: torch.Tensor) -> torch.Tensor:
+        """lambda(t), same shape and dtype as t (t is clamped to [0, 1])."""
+        t = t.clamp(0, 1)
+        if self.name == "linear":
+            return -torch.special.expm1(1e-4 + 10 * t**2).log()
+        theta = (t + _COSINE_S) / (1 + _COSINE_S) * (math.pi / 2)
+        tan2 = torch.cos(theta) ** -2 - 1
+        return -tan2.clamp(min=_COSINE_TAN2_FLOOR).log()
+
+    def t_from_logsnr(self, logsnr: torch.Tensor) -> torch.Tensor:
+        """Inverse of `logsnr`, clamped to [0, 1]; same shape and dtype as logsnr."""
+        if self.name == "linear":
+            # expm1(1e-4 + 10 t^2) = exp(-lambda)  <=>  1e-4 + 10 t^2 = softplus(-lambda)
+            return ((F.softplus(-logsnr) - 1e-4) / 10).clamp(min=0).sqrt().clamp(max=1)
+        theta = torch.atan((-logsnr / 2).exp())
+        return (theta * (2 / math.pi) * (1 + _COSINE_S) - _COSINE_S).clamp(0, 1)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """VE noise level sigma(t) = exp(-lambda(t) / 2), float64."""
+        return (-self.logsnr(t).double() / 2).exp()
+
+    def t_from_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """t (float64) whose VE noise level is sigma."""
+        return self.t_from_logsnr(-2 * sigma.double().log())
+
+
+def vp_coefficients(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma_vp) = (sqrt(sigmoid(lambda)), sqrt(sigmoid(-lambda))), shaped like logsnr."""
+    return logsnr.sigmoid().sqrt(), (-logsnr).sigmoid().sqrt()
+
+
+def continuous_sigmas(steps: int, schedule: LogSNRSchedule, *, final_zero: bool = True) -> torch.Tensor:
+    """(steps + 1,) float64 decreasing VE sigmas at t = 1, 1 - 1/steps, ..., 0 (NeMo's sampling grid).
+
+    The times are float32 as in NeMo, so the first level is the one NeMo's sampler starts from. With
+    `final_zero` the last level (t = 0, the schedule's sigma_min) is replaced by 0, so the sample ends clean after
+    the same `steps` model evaluations; without it the grid is exactly NeMo's, whose last step stops at t = 0.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise InvalidInputError(f"steps: got {steps!r}; expected an integer >= 1")
+    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)
+    sigmas = schedule.sigma(times)
+    if final_zero:
+        sigmas[-1] = 0.0
+    return sigmas

@@ -91,20 +91,28 @@ def unet_component(unet: nn.Module) -> Component:
     return Component("unet", unet, lambda path: path)
 
 
-def components_of(target: Any) -> list[Component]:
-    """LoRA-carrying components of a LatentPipeline (unet + text encoder), a CascadePipeline (every stage's
-    UNet), a dict {prefix: module} or a bare backbone (taken as `unet`)."""
+def adapter_slots(target: Any) -> list[dict[str, nn.Module]]:
+    """The places a LoRA file can land on: a pipeline's `adapter_slots()` (each slot a {prefix: module} dict; a
+    cascade has one per stage), a {prefix: module} dict, or a bare backbone (taken as `unet`)."""
     if isinstance(target, dict):
-        return [_component(prefix, module) for prefix, module in target.items()]
+        return [target]
     if isinstance(target, nn.Module):
-        return [unet_component(target)]
-    if hasattr(target, "stages"):
-        return [unet_component(stage.unet) for stage in target.stages]
-    found = [unet_component(target.unet)]
-    text = getattr(target, "text_encoder", None)
-    if text is not None:
-        found.append(Component("text_encoder", getattr(text, "model", text), lambda path: path))
-    return found
+        return [{"unet": target}]
+    if not hasattr(target, "adapter_slots"):
+        raise LoraError(
+            f"LoRA target: {type(target).__name__} has no adapter_slots(); expected a pipeline, a dict of "
+            "modules or a backbone"
+        )
+    return list(target.adapter_slots())
+
+
+def slot_components(slot: dict[str, nn.Module]) -> list[Component]:
+    return [_component(prefix, module) for prefix, module in slot.items()]
+
+
+def components_of(target: Any) -> list[Component]:
+    """Every LoRA-carrying component of `target` (see `adapter_slots`), over all its slots."""
+    return [component for slot in adapter_slots(target) for component in slot_components(slot)]
 
 
 def _component(prefix: str, module: nn.Module) -> Component:

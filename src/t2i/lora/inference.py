@@ -5,8 +5,9 @@
     fuse_lora(pipe)      # W <- W + sum_i scale_i * alpha_i / r_i * B_i A_i ; LoRA branches off
     unfuse_lora(pipe)    # W is the original tensor again (kept aside, not recomputed)
 
-`pipe` is a LatentPipeline (its UNet and text encoder carry the LoRAs), a CascadePipeline (a LoRA goes on the
-stage it fits, or on `stage=N`), a {prefix: module} dict or a bare backbone (an Imagen UNet, taken as `unet`).
+`pipe` is anything `t2i.lora.files.adapter_slots` accepts: a pipeline says which of its modules take adapters
+(`adapter_slots()`: the SD pipeline one slot, UNet and text encoder; a cascade one per stage, and a LoRA goes on
+the stage it fits, or on `stage=N`), or a {prefix: module} dict, or a bare backbone (taken as `unet`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from torch import nn
 from t2i.errors import LoraError
 from t2i.lora.files import (
     Component,
+    adapter_slots,
     components_of,
     match_to_modules,
     parse_lora_state_dict,
     read_lora_file,
     read_lora_metadata,
-    unet_component,
+    slot_components,
 )
 from t2i.lora.peft_lora import adapter_names, inject_lora, lora_layers, remove_adapter, set_adapter_scales
 
@@ -72,10 +74,7 @@ def load_lora(
     if any(_is_fused(c) for c in components_of(pipe)):
         raise LoraError(f"{path}: the pipeline's LoRAs are fused; call unfuse_lora(pipe) before loading more")
     pairs = parse_lora_state_dict(read_lora_file(path))
-    if hasattr(pipe, "stages"):
-        components = [cascade_stage_component(pipe, pairs, path, stage)]
-    else:
-        components = components_of(pipe)
+    components = choose_slot(pipe, pairs, path, stage)
     matched = match_to_modules(pairs, components, str(path))
     name = _unique_name(pipe, name, path)
     for component in components:
@@ -86,45 +85,42 @@ def load_lora(
     return name
 
 
-def cascade_stage_component(cascade: Any, pairs: dict[Any, Any], path: Path, stage: int | None) -> Component:
-    """The UNet component of the cascade stage that takes the LoRA: `stage`, or the only one it fits."""
-    stages = [unet_component(s.unet) for s in cascade.stages]
+def choose_slot(pipe: Any, pairs: dict[Any, Any], path: Path, stage: int | None) -> list[Component]:
+    """The components of the slot that takes the LoRA: `stage`, the only slot it fits, or among several that fit
+    the one whose recorded training metadata the pipeline says it matches (`adapter_slot_matches`)."""
+    slots = [slot_components(slot) for slot in adapter_slots(pipe)]
     if stage is not None:
-        if not 0 <= stage < len(stages):
-            raise LoraError(f"stage: {stage} is not a stage of this cascade; expected 0 to {len(stages) - 1}")
-        return stages[stage]
-    fitting = [i for i, component in enumerate(stages) if lora_fits(pairs, component)]
-    if len(fitting) > 1:  # stages of one architecture: the stage t2i recorded at export decides
+        if not 0 <= stage < len(slots):
+            raise LoraError(f"stage: {stage} is not a stage of this cascade; expected 0 to {len(slots) - 1}")
+        return slots[stage]
+    if len(slots) == 1:
+        return slots[0]
+    fitting = [i for i, slot in enumerate(slots) if lora_fits(pairs, slot)]
+    if len(fitting) > 1 and hasattr(pipe, "adapter_slot_matches"):
         meta = read_lora_metadata(path)
-        recorded = [i for i in fitting if stage_matches(cascade.stages[i], meta)]
+        recorded = [i for i in fitting if pipe.adapter_slot_matches(i, meta)]
         fitting = recorded if len(recorded) == 1 else fitting
     if len(fitting) == 1:
-        return stages[fitting[0]]
+        return slots[fitting[0]]
     if not fitting:
-        match_to_modules(pairs, stages[:1], f"{path} (on no stage of the cascade; stage 0's)")  # names keys
+        match_to_modules(pairs, slots[0], f"{path} (on no stage of the cascade; stage 0's)")  # names the keys
         raise LoraError(f"{path}: its weight shapes fit no stage of the cascade")
     raise LoraError(f"{path}: fits stages {fitting} of the cascade alike; pass stage=N to choose one")
 
 
-def stage_matches(stage: Any, meta: dict[str, Any]) -> bool:
-    """Whether `stage` is the kind of stage (unet_type, image_size) a t2i Imagen LoRA was trained on."""
-    settings = stage.settings
-    return (
-        meta.get("unet_type") == settings.unet_type and meta.get("image_size") == settings.image_size
-    )
-
-
-def lora_fits(pairs: dict[Any, Any], component: Component) -> bool:
-    """Whether every pair lands on a module of `component` whose weight has the pair's in/out sizes."""
+def lora_fits(pairs: dict[Any, Any], components: list[Component]) -> bool:
+    """Whether every pair lands on a module of `components` whose weight has the pair's in/out sizes."""
     try:
-        matched = match_to_modules(pairs, [component]).get(component.prefix, {})
+        matched = match_to_modules(pairs, components)
     except LoraError:
         return False
-    for module_path, pair in matched.items():
-        weight = component.module.get_submodule(module_path).weight
-        if weight.shape[0] != pair.up.shape[0] or weight.shape[1] != pair.down.shape[1]:
-            return False
-    return len(matched) == len(pairs)
+    by_prefix = {c.prefix: c for c in components}
+    for prefix, modules in matched.items():
+        for module_path, pair in modules.items():
+            weight = by_prefix[prefix].module.get_submodule(module_path).weight
+            if weight.shape[0] != pair.up.shape[0] or weight.shape[1] != pair.down.shape[1]:
+                return False
+    return sum(len(m) for m in matched.values()) == len(pairs)
 
 
 def attach_pairs(component: Component, pairs: dict[str, Any], name: str) -> None:

@@ -2,7 +2,12 @@
 
 Parameter names follow CompVis (`encoder.down.0.block.0.conv1.weight`, `encoder.mid.attn_1.q.weight`,
 `quant_conv.weight`, ...), so the `first_stage_model.*` part of an SD single file loads after stripping the prefix.
-Diffusers-format folders are converted on load by `t2i.convert.vae_diffusers`.
+`from_pretrained` reads t2i's own folders; `t2i.convert.vae_diffusers.load_vae` reads diffusers folders too.
+
+Options beyond the SD VAE, for the FLUX.1 VAE (16 latent channels) and diffusers' tiny test VAEs:
+`use_quant_conv` / `use_post_quant_conv` (false: no 1x1 convs around the latent, embed_dim = z_channels),
+`ddconfig.norm_num_groups` (GroupNorm groups, 32 when absent) and `shift_factor` next to `scale_factor`
+(diffusion latents = (z - shift_factor) * scale_factor).
 """
 
 from __future__ import annotations
@@ -34,12 +39,36 @@ DDCONFIG_KEYS = (
     "num_res_blocks",
     "attn_resolutions",
     "dropout",
+    "norm_num_groups",
 )
+OPTIONAL_DDCONFIG_KEYS = ("dropout", "attn_resolutions", "norm_num_groups")
+DEFAULT_NORM_GROUPS = 32
+
+FLUX_VAE: dict[str, Any] = {
+    "embed_dim": 16,
+    "ddconfig": {
+        "double_z": True,
+        "z_channels": 16,
+        "resolution": 1024,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 128,
+        "ch_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    },
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "scale_factor": 0.3611,
+    "shift_factor": 0.1159,
+}
+"""The FLUX.1 VAE (`AutoencoderKL.from_config(FLUX_VAE)`): BFL's `ae.safetensors` loads into it as it is."""
 
 
-def vae_norm(channels: int) -> nn.GroupNorm:
-    """The VAE's norm: 32 groups, eps 1e-6 (CompVis `Normalize`)."""
-    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+def vae_norm(channels: int, groups: int = DEFAULT_NORM_GROUPS) -> nn.GroupNorm:
+    """The VAE's norm: GroupNorm with eps 1e-6 (CompVis `Normalize`, 32 groups unless configured)."""
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
@@ -48,11 +77,13 @@ class ResnetBlock(nn.Module):
     (B, in_channels, H, W) -> (B, out_channels, H, W). The VAE has no timestep embedding.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(
+        self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = DEFAULT_NORM_GROUPS
+    ):
         super().__init__()
-        self.norm1 = vae_norm(in_channels)
+        self.norm1 = vae_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = vae_norm(out_channels)
+        self.norm2 = vae_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -70,9 +101,9 @@ class AttnBlock(nn.Module):
     (B, C, H, W) -> (B, C, H, W); attention runs over the H*W positions with scale 1/sqrt(C).
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = DEFAULT_NORM_GROUPS):
         super().__init__()
-        self.norm = vae_norm(channels)
+        self.norm = vae_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -116,11 +147,13 @@ class Upsample(nn.Module):
 class MidBlock(nn.Module):
     """block_1 -> attn_1 -> block_2 at the lowest resolution; the shape is unchanged."""
 
-    def __init__(self, channels: int, dropout: float, use_attention: bool = True):
+    def __init__(
+        self, channels: int, dropout: float, use_attention: bool = True, groups: int = DEFAULT_NORM_GROUPS
+    ):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels) if use_attention else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups) if use_attention else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -168,10 +201,12 @@ class Encoder(nn.Module):
         double_z: bool = True,
         dropout: float = 0.0,
         mid_attention: bool = True,
+        norm_num_groups: int = DEFAULT_NORM_GROUPS,
         **_: Any,
     ):
         super().__init__()
         self.use_checkpoint = False
+        groups = norm_num_groups
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         in_mult = (1, *ch_mult)
         curr_res = resolution
@@ -179,18 +214,18 @@ class Encoder(nn.Module):
         for i, mult in enumerate(ch_mult):
             block_in, block_out = ch * in_mult[i], ch * mult
             blocks = [
-                ResnetBlock(block_in if j == 0 else block_out, block_out, dropout)
+                ResnetBlock(block_in if j == 0 else block_out, block_out, dropout, groups)
                 for j in range(num_res_blocks)
             ]
-            attns = [AttnBlock(block_out) for _ in blocks] if curr_res in attn_resolutions else []
+            attns = [AttnBlock(block_out, groups) for _ in blocks] if curr_res in attn_resolutions else []
             level = Level(blocks, attns)
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(block_out)
                 curr_res //= 2
             self.down.append(level)
         block_in = ch * ch_mult[-1]
-        self.mid = MidBlock(block_in, dropout, mid_attention)
-        self.norm_out = vae_norm(block_in)
+        self.mid = MidBlock(block_in, dropout, mid_attention, groups)
+        self.norm_out = vae_norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,22 +253,24 @@ class Decoder(nn.Module):
         z_channels: int,
         dropout: float = 0.0,
         mid_attention: bool = True,
+        norm_num_groups: int = DEFAULT_NORM_GROUPS,
         **_: Any,
     ):
         super().__init__()
         self.use_checkpoint = False
+        groups = norm_num_groups
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = MidBlock(block_in, dropout, mid_attention)
+        self.mid = MidBlock(block_in, dropout, mid_attention, groups)
         levels: list[Level] = []
         for i in reversed(range(len(ch_mult))):
             block_out = ch * ch_mult[i]
             blocks = [
-                ResnetBlock(block_in if j == 0 else block_out, block_out, dropout)
+                ResnetBlock(block_in if j == 0 else block_out, block_out, dropout, groups)
                 for j in range(num_res_blocks + 1)
             ]
-            attns = [AttnBlock(block_out) for _ in blocks] if curr_res in attn_resolutions else []
+            attns = [AttnBlock(block_out, groups) for _ in blocks] if curr_res in attn_resolutions else []
             level = Level(blocks, attns)
             if i != 0:
                 level.upsample = Upsample(block_out)
@@ -241,7 +278,7 @@ class Decoder(nn.Module):
             levels.insert(0, level)
             block_in = block_out
         self.up = nn.ModuleList(levels)
-        self.norm_out = vae_norm(block_in)
+        self.norm_out = vae_norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -296,9 +333,12 @@ class DiagonalGaussian:
 
 
 def check_ddconfig(ddconfig: dict[str, Any]) -> dict[str, Any]:
-    """Return a plain dict copy of `ddconfig`, raising ConfigError for a missing or unknown key."""
+    """Return a plain dict copy of `ddconfig`, raising ConfigError for a missing or unknown key.
+
+    `norm_num_groups` is kept only when it is not the default 32, so SD configs stay as NeMo writes them.
+    """
     ddconfig = dict(ddconfig)
-    missing = [k for k in DDCONFIG_KEYS if k not in ddconfig and k not in ("dropout", "attn_resolutions")]
+    missing = [k for k in DDCONFIG_KEYS if k not in ddconfig and k not in OPTIONAL_DDCONFIG_KEYS]
     if missing:
         raise ConfigError(
             f"first_stage_config.ddconfig.{missing[0]}: missing; expected keys {list(DDCONFIG_KEYS)}"
@@ -312,6 +352,14 @@ def check_ddconfig(ddconfig: dict[str, Any]) -> dict[str, Any]:
     ddconfig.setdefault("attn_resolutions", [])
     ddconfig["ch_mult"] = list(ddconfig["ch_mult"])
     ddconfig["attn_resolutions"] = list(ddconfig["attn_resolutions"])
+    groups = int(ddconfig.pop("norm_num_groups", DEFAULT_NORM_GROUPS))
+    widths = sorted({ddconfig["ch"] * m for m in ddconfig["ch_mult"]})
+    if groups < 1 or any(w % groups for w in widths):
+        raise ConfigError(
+            f"first_stage_config.ddconfig.norm_num_groups: {groups} must divide every level width {widths}"
+        )
+    if groups != DEFAULT_NORM_GROUPS:
+        ddconfig["norm_num_groups"] = groups
     return ddconfig
 
 
@@ -332,11 +380,18 @@ class AutoencoderKL(nn.Module):
         mid_attention: bool = True,
         gradient_checkpointing: bool = False,
         scale_factor: float | None = None,
+        shift_factor: float | None = None,
     ):
         super().__init__()
         ddconfig = check_ddconfig(ddconfig)
-        if use_quant_conv and not ddconfig["double_z"]:
+        if not ddconfig["double_z"]:
             raise ConfigError("first_stage_config.ddconfig.double_z: must be true for a KL autoencoder")
+        for name, used in (("use_quant_conv", use_quant_conv), ("use_post_quant_conv", use_post_quant_conv)):
+            if not used and embed_dim != ddconfig["z_channels"]:
+                raise ConfigError(
+                    f"first_stage_config.embed_dim: {embed_dim} must equal ddconfig.z_channels "
+                    f"({ddconfig['z_channels']}) when {name} is false"
+                )
         self.embed_dim = embed_dim
         self.ddconfig = ddconfig
         self.extra_config = {
@@ -345,6 +400,7 @@ class AutoencoderKL(nn.Module):
             "mid_attention": mid_attention,
         }
         self.scale_factor = scale_factor
+        self.shift_factor = shift_factor
         self.encoder = Encoder(**ddconfig, mid_attention=mid_attention)
         self.decoder = Decoder(**ddconfig, mid_attention=mid_attention)
         z = ddconfig["z_channels"]
@@ -387,6 +443,8 @@ class AutoencoderKL(nn.Module):
         config = {"embed_dim": self.embed_dim, "ddconfig": dict(self.ddconfig), **self.extra_config}
         if self.scale_factor is not None:
             config["scale_factor"] = self.scale_factor
+        if self.shift_factor is not None:
+            config["shift_factor"] = self.shift_factor
         return config
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -408,24 +466,32 @@ class AutoencoderKL(nn.Module):
             "mid_attention",
             "gradient_checkpointing",
             "scale_factor",
+            "shift_factor",
         )
         kwargs = {k: config[k] for k in known if k in config}
         return cls(config["embed_dim"], config["ddconfig"], **kwargs)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> AutoencoderKL:
-        """Load a diffusers `vae/` folder (config.json + diffusion_pytorch_model.safetensors) or a t2i folder.
+        """Load a t2i VAE folder (config.json + model.safetensors, CompVis names), or a pipeline root's `vae/`.
 
-        A pipeline root holding a `vae/` subfolder is accepted too. Extra kwargs (e.g. gradient_checkpointing)
-        override the stored config.
+        Extra kwargs (e.g. gradient_checkpointing) override the stored config. Diffusers folders are read by
+        `t2i.convert.vae_diffusers.load_vae`, which accepts both formats.
         """
         folder = resolve_vae_folder(Path(path))
         config = json.loads((folder / T2I_CONFIG_NAME).read_text())
-        if "_class_name" in config or "block_out_channels" in config:
-            return load_diffusers_vae(folder, config, **kwargs)
+        if is_diffusers_vae_config(config):
+            raise PipelineLoadError(
+                f"{folder}: a diffusers VAE folder; load it with t2i.convert.vae_diffusers.load_vae"
+            )
         model = cls.from_config({**config, **kwargs})
         load_state_dict_strict(model, read_safetensors(folder / T2I_WEIGHTS_NAME), str(folder))
         return model
+
+
+def is_diffusers_vae_config(config: dict[str, Any]) -> bool:
+    """True for a diffusers AutoencoderKL config.json (t2i's own has `embed_dim` + `ddconfig` instead)."""
+    return "_class_name" in config or "block_out_channels" in config
 
 
 def resolve_vae_folder(path: Path) -> Path:
@@ -454,18 +520,6 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
             f"{source}: VAE weights do not match the config; missing {result.missing_keys[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}"
         )
-
-
-def load_diffusers_vae(folder: Path, config: dict[str, Any], **kwargs: Any) -> AutoencoderKL:
-    """Build our AutoencoderKL from a diffusers config and convert its weights to CompVis names."""
-    from t2i.convert.vae_diffusers import config_from_diffusers, state_dict_from_diffusers
-
-    ours = config_from_diffusers(config)
-    model = AutoencoderKL.from_config({**ours, **kwargs})
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    state = state_dict_from_diffusers(read_safetensors(weights))
-    load_state_dict_strict(model, state, str(weights))
-    return model
 
 
 def count_parameters(module: nn.Module) -> int:

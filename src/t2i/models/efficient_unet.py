@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from t2i.errors import ConfigError
+from t2i.models.imagen_attention import make_attention_block
 from t2i.models.imagen_blocks import (
     CondSequential,
     EfficientResBlock,
     ImagenUNetBase,
-    make_attention_block,
     per_level,
     reject_unknown_keys,
 )

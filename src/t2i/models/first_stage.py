@@ -14,15 +14,17 @@ from t2i.models.autoencoder import AutoencoderKL, DiagonalGaussian
 
 
 class LatentFirstStage(nn.Module):
-    """VAE first stage: z = scale_factor * sample(q(z|x)); decode divides the scale back out.
+    """VAE first stage: z = scale_factor * (sample(q(z|x)) - shift_factor); decode undoes both.
 
+    shift_factor is 0 for the SD family and 0.1159 for the FLUX.1 VAE (diffusers' `(z - shift) * scale`).
     The VAE is frozen here (eval mode, no grads); training the VAE itself uses AutoencoderKL directly.
     """
 
-    def __init__(self, vae: AutoencoderKL, scale_factor: float = 0.18215):
+    def __init__(self, vae: AutoencoderKL, scale_factor: float = 0.18215, shift_factor: float = 0.0):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         self.scale_factor = float(scale_factor)
+        self.shift_factor = float(shift_factor)
 
     @property
     def downsample_factor(self) -> int:
@@ -47,8 +49,8 @@ class LatentFirstStage(nn.Module):
     def z_from_moments(
         self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Sample from stored moments and scale: scale_factor * (mean + std * eps). (B, C, h, w)."""
-        return DiagonalGaussian(mean, logvar).sample(generator) * self.scale_factor
+        """Sample from stored moments, shift and scale: scale_factor * (mean + std * eps - shift_factor)."""
+        return (DiagonalGaussian(mean, logvar).sample(generator) - self.shift_factor) * self.scale_factor
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """images (B, C, H, W) in [-1, 1] -> sampled, scaled latents (B, latent_channels, H/f, W/f)."""
@@ -58,7 +60,7 @@ class LatentFirstStage(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, latent_channels, h, w) -> images (B, C, h*f, w*f), roughly in [-1, 1]."""
-        return self.vae.decode(z.to(self.vae_dtype) / self.scale_factor)
+        return self.vae.decode(z.to(self.vae_dtype) / self.scale_factor + self.shift_factor)
 
     @property
     def vae_dtype(self) -> torch.dtype:

@@ -23,18 +23,17 @@ from torch import nn
 
 from t2i.errors import ConfigError
 from t2i.models.efficient_unet import EfficientUNet
+from t2i.models.imagen_attention import make_attention_block
 from t2i.models.imagen_blocks import (
     CondSequential,
     ImagenUNetBase,
     ResBlock,
     dropout_rate,
-    group_norm,
-    make_attention_block,
     per_level,
     reject_unknown_keys,
     signature_keys,
-    zero_init,
 )
+from t2i.models.layers import fitted_normalization, zero_module
 
 __all__ = ["UNET_TYPES", "EfficientUNet", "ImagenUNet", "build_imagen_unet", "valid_unet_keys"]
 
@@ -120,9 +119,9 @@ class ImagenUNet(ImagenUNetBase):
         self.output_blocks = nn.ModuleList()
         ch = self._build_up(ch, skips, embed_dim, channel_mult)
         self.out = nn.Sequential(
-            group_norm(ch),
+            fitted_normalization(ch),
             nn.SiLU(),
-            zero_init(nn.Conv2d(init_dim, channels, init_conv_kernel_size, padding=pad)),
+            zero_module(nn.Conv2d(init_dim, channels, init_conv_kernel_size, padding=pad)),
         )
 
     # ---------------------------------------------------------------------------------------- construction

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the UNets: timestep embedding, norms, resampling, zero-init."""
+"""Small building blocks shared by the UNets: timestep and size embeddings, norms, resampling, zero-init."""
 
 from __future__ import annotations
 
@@ -26,6 +26,17 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
+def size_embedding(values: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """SDXL micro-conditioning: each of N scalars (sizes, crop offsets, aesthetic score) embedded like a timestep.
+
+    values: (B, N), e.g. [orig_h, orig_w, crop_top, crop_left, target_h, target_w]. Returns (B, N * dim) float32,
+    value by value with the cosine half first (sgm's ConcatTimestepEmbedderND; diffusers' `add_time_proj` on
+    `time_ids.flatten()`). The UNet's ADM vector is y = cat([pooled text, size_embedding(values)], dim=-1).
+    """
+    b, n = values.shape
+    return timestep_embedding(values.reshape(b * n), dim).reshape(b, n * dim)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype (openaimodel `normalization`), cast back."""
 
@@ -38,9 +49,14 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
-def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
-    """The UNet's standard norm: 32 groups over `channels`."""
-    return GroupNorm32(32, channels, eps=eps)
+def normalization(channels: int, groups: int = 32, eps: float = 1e-5) -> GroupNorm32:
+    """The UNets' norm: `groups` groups over `channels` (openaimodel uses 32; diffusers' `norm_num_groups`)."""
+    return GroupNorm32(groups, channels, eps=eps)
+
+
+def fitted_normalization(channels: int, max_groups: int = 32) -> GroupNorm32:
+    """GroupNorm32 with gcd(max_groups, channels) groups: 32 for real widths, fewer for tiny test models."""
+    return GroupNorm32(math.gcd(max_groups, channels), channels)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

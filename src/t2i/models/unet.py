@@ -1,13 +1,17 @@
 """Stable Diffusion UNet with CompVis `openaimodel` semantics and state-dict key names.
 
 The network is a stack of `input_blocks` (ResBlocks, SpatialTransformers, Downsamples), a `middle_block`, and
-`output_blocks` that concatenate the matching skip activation before each ResBlock. An original SD single file
+`output_blocks` that concatenate the matching skip activation before each ResBlock. An original SD or SDXL single file
 loads after stripping the `model.diffusion_model.` prefix.
+
+SDXL is configuration of the same network: `transformer_depth` per level (0 = no transformer at that level),
+`norm_num_groups`, and the ADM vector `y` (`num_classes: sequential`, `adm_in_channels`) whose embedding
+`label_emb` is added to the time embedding. Keys and defaults come from `t2i.config.UNetConfig`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,9 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from t2i.errors import ConfigError
+from t2i.errors import InvalidInputError
 from t2i.models.attention import CrossAttention, attention
 from t2i.models.layers import Downsample, Upsample, normalization, timestep_embedding, zero_module
+from t2i.models.unet_layout import (
+    attention_heads,
+    attention_levels,
+    level_depths,
+    middle_depth,
+    resolve_unet_config,
+    validate_unet_config,
+)
 
 
 def run_maybe_checkpointed(module: nn.Module, enabled: bool, fn: Callable[..., torch.Tensor], *args: Any):
@@ -40,16 +52,17 @@ class ResBlock(nn.Module):
         dropout: float = 0.0,
         out_channels: int | None = None,
         use_checkpoint: bool = False,
+        groups: int = 32,
     ):
         super().__init__()
         out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            normalization(channels, groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            normalization(out_channels),
+            normalization(out_channels, groups),
             nn.SiLU(),
             nn.Dropout(dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
@@ -152,11 +165,12 @@ class SpatialTransformer(nn.Module):
         use_linear: bool = False,
         use_sdpa: bool = True,
         use_checkpoint: bool = False,
+        groups: int = 32,
     ):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
-        self.norm = normalization(in_channels, eps=1e-6)
+        self.norm = normalization(in_channels, groups, eps=1e-6)
         if use_linear:
             self.proj_in: nn.Module = nn.Linear(in_channels, inner)
             self.proj_out: nn.Module = zero_module(nn.Linear(inner, in_channels))
@@ -198,12 +212,14 @@ class AttentionBlock(nn.Module):
     The fused `qkv` 1x1 conv output is split per head first, then into q, k, v. (B, C, H, W) -> same.
     """
 
-    def __init__(self, channels: int, heads: int, use_sdpa: bool = True, use_checkpoint: bool = False):
+    def __init__(
+        self, channels: int, heads: int, use_sdpa: bool = True, use_checkpoint: bool = False, groups: int = 32
+    ):
         super().__init__()
         self.heads = heads
         self.use_sdpa = use_sdpa
         self.use_checkpoint = use_checkpoint
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, groups)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
@@ -240,233 +256,110 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-UNET_CONFIG_KEYS = (
-    "in_channels",
-    "out_channels",
-    "model_channels",
-    "attention_resolutions",
-    "num_res_blocks",
-    "channel_mult",
-    "num_heads",
-    "num_head_channels",
-    "use_spatial_transformer",
-    "use_linear_in_transformer",
-    "transformer_depth",
-    "context_dim",
-    "use_checkpoint",
-    "legacy",
-    "use_flash_attention",
-    "dropout",
-    "image_size",
-)
-
-
-def check_unet_config_keys(config: dict[str, Any]) -> None:
-    """Raise ConfigError naming the first key of `config` that UNetModel does not take."""
-    for key in config:
-        if key not in UNET_CONFIG_KEYS:
-            raise ConfigError(
-                f"model.unet_config.{key}: unknown key; valid keys: {', '.join(UNET_CONFIG_KEYS)}"
-            )
-
-
-def attention_heads(
-    channels: int, num_heads: int, num_head_channels: int, legacy: bool, use_spatial_transformer: bool
-) -> tuple[int, int]:
-    """(heads, dim_head) at a level with `channels` channels, following openaimodel's rule (incl. `legacy`)."""
-    if num_head_channels == -1:
-        dim_head = channels // num_heads
-    else:
-        num_heads = channels // num_head_channels
-        dim_head = num_head_channels
-    if legacy:
-        dim_head = channels // num_heads if use_spatial_transformer else num_head_channels
-    return num_heads, dim_head
-
-
 class UNetModel(nn.Module):
-    """The SD denoising UNet. Takes the NeMo `unet_config` keys; see docs/CONTRACTS.md for forward().
+    """The SD / SDXL denoising UNet. Takes the NeMo/sgm `unet_config` keys of `t2i.config.UNetConfig` (its
+    defaults apply to keys left out); see docs/CONTRACTS.md for forward().
 
-    `attention_resolutions` lists downsampling factors (1, 2, 4, ...) whose levels get attention.
-    `use_flash_attention` routes attention through torch SDPA; `use_checkpoint` recomputes block activations
-    in backward while training. `image_size` is accepted for config compatibility and unused.
+    `attention_resolutions` lists downsampling factors (1, 2, 4, ...) whose levels get attention;
+    `transformer_depth` (an int or one per level) sets the SpatialTransformer depth there, 0 meaning none.
+    `num_classes: sequential` adds `label_emb`, an MLP from the ADM vector y (B, adm_in_channels) to the time
+    embedding width. `use_flash_attention` routes attention through torch SDPA; `use_checkpoint` recomputes
+    block activations in backward while training. `image_size` is accepted for config compatibility and unused.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        model_channels: int,
-        attention_resolutions: Sequence[int],
-        num_res_blocks: int,
-        channel_mult: Sequence[int] = (1, 2, 4, 8),
-        num_heads: int = -1,
-        num_head_channels: int = -1,
-        use_spatial_transformer: bool = False,
-        use_linear_in_transformer: bool = False,
-        transformer_depth: int = 1,
-        context_dim: int | None = None,
-        use_checkpoint: bool = False,
-        legacy: bool = True,
-        use_flash_attention: bool = False,
-        dropout: float = 0.0,
-        image_size: int | None = None,
-        **unknown: Any,
-    ):
+    def __init__(self, **unet_config: Any):
         super().__init__()
-        check_unet_config_keys(unknown)
-        self._validate(
-            model_channels,
-            channel_mult,
-            num_heads,
-            num_head_channels,
-            use_spatial_transformer,
-            context_dim,
-            num_res_blocks,
-        )
-        self.unet_config: dict[str, Any] = {
-            "in_channels": in_channels,
-            "out_channels": out_channels,
-            "model_channels": model_channels,
-            "attention_resolutions": [int(r) for r in attention_resolutions],
-            "num_res_blocks": num_res_blocks,
-            "channel_mult": [int(m) for m in channel_mult],
-            "num_heads": num_heads,
-            "num_head_channels": num_head_channels,
-            "use_spatial_transformer": use_spatial_transformer,
-            "use_linear_in_transformer": use_linear_in_transformer,
-            "transformer_depth": transformer_depth,
-            "context_dim": context_dim,
-            "use_checkpoint": use_checkpoint,
-            "legacy": legacy,
-            "use_flash_attention": use_flash_attention,
-            "dropout": dropout,
-            "image_size": image_size,
-        }
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.model_channels = model_channels
-        self.attention_resolutions = self.unet_config["attention_resolutions"]
-        self.num_res_blocks = num_res_blocks
-        self.channel_mult = self.unet_config["channel_mult"]
-        self.use_checkpoint = use_checkpoint
-        self._attn = {
-            "num_heads": num_heads,
-            "num_head_channels": num_head_channels,
-            "legacy": legacy,
-            "use_spatial_transformer": use_spatial_transformer,
-            "use_linear": use_linear_in_transformer,
-            "depth": int(transformer_depth),
-            "context_dim": context_dim,
-            "use_sdpa": use_flash_attention,
-            "dropout": dropout,
-        }
-        time_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
-        )
-        skip_channels = self._build_input_blocks(time_dim, dropout)
-        ch = self.channel_mult[-1] * model_channels
+        c = resolve_unet_config(unet_config)
+        validate_unet_config(c)
+        self.unet_config: dict[str, Any] = c
+        self.in_channels = c["in_channels"]
+        self.out_channels = c["out_channels"]
+        self.model_channels = mc = c["model_channels"]
+        self.attention_resolutions = c["attention_resolutions"]
+        self.num_res_blocks = c["num_res_blocks"]
+        self.channel_mult = c["channel_mult"]
+        self.use_checkpoint = c["use_checkpoint"]
+        self.groups = c["norm_num_groups"]
+        self.depths = level_depths(c)
+        self.has_attention = attention_levels(c)
+        time_dim = mc * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.label_emb = None if c["num_classes"] is None else adm_embedding(c["adm_in_channels"], time_dim)
+        skip_channels = self._build_input_blocks(time_dim)
+        ch = self.channel_mult[-1] * mc
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, time_dim, dropout, use_checkpoint=use_checkpoint),
-            self._attention_layer(ch),
-            ResBlock(ch, time_dim, dropout, use_checkpoint=use_checkpoint),
+            self._res_block(ch, ch, time_dim),
+            self._attention_layer(ch, middle_depth(c)),
+            self._res_block(ch, ch, time_dim),
         )
-        self._build_output_blocks(time_dim, dropout, skip_channels)
+        self._build_output_blocks(time_dim, skip_channels)
         self.out = nn.Sequential(
-            normalization(model_channels),
+            normalization(mc, self.groups),
             nn.SiLU(),
-            zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)),
+            zero_module(nn.Conv2d(mc, self.out_channels, 3, padding=1)),
         )
 
-    @staticmethod
-    def _validate(
-        model_channels,
-        channel_mult,
-        num_heads,
-        num_head_channels,
-        use_spatial_transformer,
-        context_dim,
-        num_res_blocks,
-    ) -> None:
-        if num_heads == -1 and num_head_channels == -1:
-            raise ConfigError("model.unet_config.num_heads: set num_heads or num_head_channels (both are -1)")
-        if use_spatial_transformer and context_dim is None:
-            raise ConfigError("model.unet_config.context_dim: required when use_spatial_transformer is true")
-        if context_dim is not None and not use_spatial_transformer:
-            raise ConfigError(
-                "model.unet_config.context_dim: needs use_spatial_transformer: true (got false)"
-            )
-        if not isinstance(num_res_blocks, int) or num_res_blocks < 1:
-            raise ConfigError(
-                f"model.unet_config.num_res_blocks: expected an int >= 1, got {num_res_blocks!r}"
-            )
-        for mult in channel_mult:
-            if (model_channels * mult) % 32:
-                raise ConfigError(
-                    f"model.unet_config.channel_mult: model_channels*mult must be a multiple of 32 "
-                    f"(GroupNorm), got {model_channels}*{mult}"
-                )
+    def _res_block(self, channels: int, out_channels: int, time_dim: int) -> ResBlock:
+        c = self.unet_config
+        return ResBlock(channels, time_dim, c["dropout"], out_channels, self.use_checkpoint, self.groups)
 
-    def _attention_layer(self, ch: int) -> nn.Module:
-        a = self._attn
-        heads, dim_head = attention_heads(
-            ch, a["num_heads"], a["num_head_channels"], a["legacy"], a["use_spatial_transformer"]
-        )
-        if not a["use_spatial_transformer"]:
+    def _attention_layer(self, ch: int, depth: int) -> nn.Module:
+        """The attention at a site with `ch` channels: a SpatialTransformer of `depth` blocks (Identity for
+        depth 0, which only the middle block asks for), or openaimodel's plain AttentionBlock."""
+        c = self.unet_config
+        spatial = c["use_spatial_transformer"]
+        heads, dim_head = attention_heads(ch, c["num_heads"], c["num_head_channels"], c["legacy"], spatial)
+        if not spatial:
             heads = heads if dim_head == -1 else ch // dim_head
-            return AttentionBlock(ch, heads, a["use_sdpa"], self.use_checkpoint)
+            return AttentionBlock(ch, heads, c["use_flash_attention"], self.use_checkpoint, self.groups)
+        if depth == 0:
+            return nn.Identity()  # keeps middle_block.2 at index 2, as sgm's disable_middle_transformer does
         return SpatialTransformer(
             ch,
             heads,
             dim_head,
-            a["depth"],
-            a["dropout"],
-            a["context_dim"],
-            a["use_linear"],
-            a["use_sdpa"],
+            depth,
+            c["dropout"],
+            c["context_dim"],
+            c["use_linear_in_transformer"],
+            c["use_flash_attention"],
             self.use_checkpoint,
+            self.groups,
         )
 
-    def _build_input_blocks(self, time_dim: int, dropout: float) -> list[int]:
+    def _build_input_blocks(self, time_dim: int) -> list[int]:
         """Build `input_blocks`; return the channel count of every skip activation in push order."""
         mc = self.model_channels
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(self.in_channels, mc, 3, padding=1))]
         )
-        skip_channels, ch, ds = [mc], mc, 1
+        skip_channels, ch = [mc], mc
         for level, mult in enumerate(self.channel_mult):
             for _ in range(self.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, time_dim, dropout, mult * mc, self.use_checkpoint)]
+                layers: list[nn.Module] = [self._res_block(ch, mult * mc, time_dim)]
                 ch = mult * mc
-                if ds in self.attention_resolutions:
-                    layers.append(self._attention_layer(ch))
+                if self.has_attention[level]:
+                    layers.append(self._attention_layer(ch, self.depths[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(self.channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, True, ch)))
                 skip_channels.append(ch)
-                ds *= 2
         return skip_channels
 
-    def _build_output_blocks(self, time_dim: int, dropout: float, skip_channels: list[int]) -> None:
+    def _build_output_blocks(self, time_dim: int, skip_channels: list[int]) -> None:
         mc = self.model_channels
         self.output_blocks = nn.ModuleList()
         ch = self.channel_mult[-1] * mc
-        ds = 2 ** (len(self.channel_mult) - 1)
         skip_channels = list(skip_channels)
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
-                skip = skip_channels.pop()
-                layers: list[nn.Module] = [
-                    ResBlock(ch + skip, time_dim, dropout, mc * mult, self.use_checkpoint)
-                ]
+                layers: list[nn.Module] = [self._res_block(ch + skip_channels.pop(), mc * mult, time_dim)]
                 ch = mc * mult
-                if ds in self.attention_resolutions:
-                    layers.append(self._attention_layer(ch))
+                if self.has_attention[level]:
+                    layers.append(self._attention_layer(ch, self.depths[level]))
                 if level and i == self.num_res_blocks:
                     layers.append(Upsample(ch, True, ch))
-                    ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
     def forward(
@@ -475,15 +368,17 @@ class UNetModel(nn.Module):
         timesteps: torch.Tensor,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, in_channels, H, W) with H, W divisible by 2**(levels-1); timesteps: (B,) or scalar;
-        context: (B, T, context_dim) | None; context_mask: (B, T) bool, True = real token | None.
-        Returns (B, out_channels, H, W)."""
+        context: (B, T, context_dim) | None; context_mask: (B, T) bool, True = real token | None;
+        y: (B, adm_in_channels), required exactly when num_classes is set. Returns (B, out_channels, H, W)."""
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         param_dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(param_dtype))
+        emb = self._add_label_embedding(emb, y, x.shape[0])
         if context is not None:
             context = context.to(param_dtype)
         h = x.to(param_dtype)
@@ -495,3 +390,24 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
         return self.out(h)
+
+    def _add_label_embedding(self, emb: torch.Tensor, y: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """emb + label_emb(y) for an ADM UNet; InvalidInputError when y is missing, unexpected or misshaped."""
+        if self.label_emb is None:
+            if y is not None:
+                raise InvalidInputError("y: given, but unet_config.num_classes is null; pass y=None")
+            return emb
+        expected = (batch, self.unet_config["adm_in_channels"])
+        if y is None or tuple(y.shape) != expected:
+            got = "missing" if y is None else f"shape {tuple(y.shape)}"
+            raise InvalidInputError(
+                f"y: {got}; this UNet (num_classes: sequential) needs y of shape {expected}"
+            )
+        return emb + self.label_emb(y.to(emb.dtype))
+
+
+def adm_embedding(adm_in_channels: int, time_dim: int) -> nn.Sequential:
+    """sgm's `label_emb` for `num_classes: sequential`: Sequential(Sequential(Linear, SiLU, Linear)), keys
+    `label_emb.0.0` / `label_emb.0.2` (diffusers' `add_embedding.linear_1` / `linear_2`)."""
+    mlp = nn.Sequential(nn.Linear(adm_in_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+    return nn.Sequential(mlp)

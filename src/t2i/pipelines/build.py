@@ -73,8 +73,9 @@ def build_unet(model_cfg: Any, device: str | torch.device | None = None) -> nn.M
     with _device_context(device):
         if cfg.kind == "imagen":
             from t2i.models.imagen_unet import build_imagen_unet
+            from t2i.pipelines.imagen_stage import unet_kwargs
 
-            return build_imagen_unet(cfg.unet_type, cfg.unet)
+            return build_imagen_unet(cfg.unet_type, unet_kwargs(cfg))
         _require_latent(cfg, "unet")
         from t2i.models.unet import UNetModel
 

@@ -16,7 +16,6 @@ per entry (see `t2i.pipelines.imagen_stage`).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -113,6 +112,15 @@ class CascadePipeline(LoraMethods):
     def device(self) -> torch.device:
         return self.stages[0].device
 
+    def adapter_slots(self) -> list[dict[str, nn.Module]]:
+        """Where LoRA files land (`t2i.lora`): one slot per stage, its UNet."""
+        return [{"unet": stage.unet} for stage in self.stages]
+
+    def adapter_slot_matches(self, index: int, metadata: dict[str, Any]) -> bool:
+        """Whether stage `index` is the kind of stage (unet_type, image_size) a t2i LoRA file records."""
+        s = self.stages[index].settings
+        return metadata.get("unet_type") == s.unet_type and metadata.get("image_size") == s.image_size
+
     def to(self, device: str | torch.device) -> CascadePipeline:
         for module in [*self.stages, *self.text_encoders]:
             module.to(device)
@@ -184,12 +192,9 @@ class CascadePipeline(LoraMethods):
         from t2i.diffusion.samplers import get_sampler
 
         s = stage.settings
-        cond = stage.text_cond(*text)
-        uncond = (
-            stage.text_cond(*negative)
-            if negative is not None
-            else {k: torch.zeros_like(v) for k, v in cond.items()}
-        )
+        embedder = stage.text_embedder(None)
+        cond = embedder.entries(*text, stage.device)
+        uncond = embedder.entries(*negative, stage.device) if negative is not None else embedder.null_like(cond)
         cond |= {"uncond_context": uncond["context"], "uncond_context_mask": uncond["context_mask"]}
         if s.is_sr and low_res is None:
             raise InvalidInputError(
@@ -206,7 +211,7 @@ class CascadePipeline(LoraMethods):
         sampler = get_sampler(sampler_name)
         sigmas = stage.sigmas(int(options.steps)).to(stage.device)
         batch = cond["context"].shape[0]
-        noise = torch.randn(batch, s.unet.get("channels", 3), s.image_size, s.image_size, generator=generator)
+        noise = torch.randn(batch, s.unet.channels, s.image_size, s.image_size, generator=generator)
         x = noise.to(stage.device) * sigmas[0]
         return sampler(denoiser, x, sigmas, cond, generator=sample_generator).clamp(-1, 1)
 
@@ -287,52 +292,3 @@ def load_cascade(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     folders = cascade_stage_folders(path) if isinstance(path, (str, Path)) else [Path(p) for p in path]
     return CascadePipeline.from_stages(folders, device)
-
-
-def reject_latent_only_options(args: argparse.Namespace) -> None:
-    """Options of `t2i sample` that only the SD pipeline honours: an error rather than silently ignored."""
-    given = {
-        "--init-image": getattr(args, "init_image", None),
-        "--height": getattr(args, "height", None),
-        "--width": getattr(args, "width", None),
-        "--karras": getattr(args, "karras", False) or None,
-        "--eta": getattr(args, "eta", 0.0) or None,
-        "--config": getattr(args, "config", None),
-    }
-    used = [flag for flag, value in given.items() if value is not None]
-    if used:
-        raise InvalidInputError(
-            f"{', '.join(used)}: not available for a cascade (each stage samples at its own size with its own "
-            "sampler); drop the option or sample an SD pipeline"
-        )
-
-
-def sample_cascade_cli(args: argparse.Namespace) -> int:
-    """`t2i sample --model CASCADE_DIR ...`: generate with a cascade and save PNGs (args as `t2i sample`);
-    `--lora` files go on the stages they fit, and options a cascade has no use for are an error."""
-    reject_latent_only_options(args)
-    cascade = load_cascade(args.model, getattr(args, "device", None))
-    if getattr(args, "lora", None):
-        from t2i.lora.inference import load_loras_from_specs
-
-        load_loras_from_specs(cascade, args.lora)
-    result = cascade.generate(
-        list(args.prompt),
-        negative_prompt=getattr(args, "negative_prompt", None),
-        steps=getattr(args, "steps", None),
-        sampler=getattr(args, "sampler", None),
-        guidance_scale=getattr(args, "guidance", None),
-        seed=getattr(args, "seed", 0) or 0,
-        num_images=getattr(args, "num_images", 1),
-    )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = (
-        [out]
-        if len(result.images) == 1
-        else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(result.images))]
-    )
-    for image, path in zip(result.images, paths):
-        image.save(path)
-        print(path)
-    return 0

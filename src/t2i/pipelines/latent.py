@@ -1,10 +1,11 @@
 """The Stable Diffusion (latent diffusion) text-to-image pipeline: prompt -> text encoder -> sampler over the
 UNet denoiser with classifier-free guidance -> VAE decode -> PIL images.
 
-The sampling schedule is a diffusers scheduler config (dict) kept on the pipeline: it fixes the training betas,
-the prediction type, the timestep spacing and `steps_offset`. Every sampler honours it through
-`t2i.diffusion.plans.make_plan(sampler, scheduler_config, steps)`, so `sampler="ddim"` on a diffusers folder
-reproduces diffusers' `DDIMScheduler.from_config(pipe.scheduler.config)`.
+The sampling schedule is a diffusers scheduler config (dict) kept on the pipeline: it fixes the training betas
+(built once into `pipe.schedule`, a `DiscreteSchedule`), the prediction type, the timestep spacing and
+`steps_offset`. Every sampler honours it through `t2i.diffusion.plans.make_plan(sampler, scheduler_config, steps,
+schedule=pipe.schedule)`, and the plan configures the denoiser it samples, so `sampler="ddim"` on a diffusers
+folder reproduces diffusers' `DDIMScheduler.from_config(pipe.scheduler.config)`.
 
 Classifier-free guidance (SD family, as diffusers): the unconditional branch is the encoding of
 `negative_prompt`, or of the empty string "" when none is given; guidance is off for `guidance_scale <= 1`.
@@ -14,6 +15,7 @@ Cross-attention is not masked (the text mask is only used inside BERT/T5 encoder
 from __future__ import annotations
 
 import inspect
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +25,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from t2i.diffusion.denoisers import DiscreteDenoiser, normalize_prediction_type
+from t2i.diffusion.denoisers import DiscreteDenoiser
 from t2i.diffusion.guidance import CFGDenoiser
+from t2i.diffusion.parameterization import normalize_prediction
 from t2i.diffusion.plans import SamplingPlan, make_plan
-from t2i.diffusion.samplers import Callback, Generators, draw_noise, get_sampler
-from t2i.diffusion.schedules import make_alphas_cumprod
+from t2i.diffusion.samplers import Callback, get_sampler
+from t2i.diffusion.schedules import DiscreteSchedule
+from t2i.diffusion.tensors import Generators, randn
 from t2i.errors import InvalidInputError
 from t2i.models.first_stage import LatentFirstStage
 from t2i.pipelines.lora_methods import LoraMethods
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
-PARAMETERIZATION_OF = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
 
 @dataclass
@@ -72,6 +75,14 @@ def negative_prompts(negative_prompt: str | list[str] | None, count: int) -> lis
     return negatives
 
 
+def check_guidance_scale(guidance_scale: Any) -> float:
+    """A finite guidance scale as a float; InvalidInputError for strings, booleans, NaN and inf."""
+    ok = isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
+    if not ok or not math.isfinite(guidance_scale):
+        raise InvalidInputError(f"guidance_scale: {guidance_scale!r}; expected a finite number (1 = no guidance)")
+    return float(guidance_scale)
+
+
 def to_pil(pixels: torch.Tensor) -> list[Any]:
     """(B, 3, H, W) in [0, 1] -> PIL RGB images, rounded like diffusers' `numpy_to_pil`."""
     from PIL import Image
@@ -87,7 +98,9 @@ def tail_plan(plan: SamplingPlan, start: int) -> SamplingPlan:
         options["sigmas_to"] = options["sigmas_to"][start:]
     if start > 0:
         options.pop("sigma_correct_from", None)  # corrects PLMS's warm-up from the full grid's first step
-    return SamplingPlan(plan.sampler, plan.sigmas[start:], 1.0, plan.final_scale, options)
+    return SamplingPlan(
+        plan.sampler, plan.sigmas[start:], 1.0, plan.final_scale, options, plan.quantize_timesteps
+    )
 
 
 class LatentPipeline(LoraMethods):
@@ -112,12 +125,26 @@ class LatentPipeline(LoraMethods):
         default_sampler: str,
         model_config: dict[str, Any] | None = None,
     ):
-        self.unet = unet.eval().requires_grad_(False)
-        self.first_stage = LatentFirstStage(vae, scale_factor)
+        self.unet = unet
+        self.first_stage = LatentFirstStage(vae, scale_factor, getattr(vae, "shift_factor", None) or 0.0)
         self.text_encoder = text_encoder
         self.scheduler_config = dict(scheduler_config)
+        self.schedule = DiscreteSchedule.from_scheduler_config(self.scheduler_config)
+        self.prediction = normalize_prediction(
+            self.scheduler_config.get("prediction_type") or "epsilon", "scheduler.prediction_type"
+        )
         self.default_sampler = default_sampler
         self.model_config = model_config
+
+    def adapter_slots(self) -> list[dict[str, nn.Module]]:
+        """Where LoRA files land (`t2i.lora`): one slot, the UNet and the text encoder's transformer."""
+        return [{"unet": self.unet, "text_encoder": getattr(self.text_encoder, "model", self.text_encoder)}]
+
+    def freeze(self) -> LatentPipeline:
+        """Eval mode and no gradients for every component (what a loaded pipeline is)."""
+        for module in (self.unet, self.first_stage, self.text_encoder):
+            module.eval().requires_grad_(False)
+        return self
 
     # ------------------------------------------------------------------------------------ properties
 
@@ -136,10 +163,6 @@ class LatentPipeline(LoraMethods):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
-
-    @property
-    def prediction_type(self) -> str:
-        return normalize_prediction_type(self.scheduler_config.get("prediction_type", "epsilon"))
 
     @property
     def size_multiple(self) -> int:
@@ -166,20 +189,11 @@ class LatentPipeline(LoraMethods):
 
     # ------------------------------------------------------------------------------------ building blocks
 
-    def alphas_cumprod(self) -> torch.Tensor:
-        """alpha_bar (T,) of the training schedule named by the scheduler config."""
-        c = self.scheduler_config
-        return make_alphas_cumprod(
-            c.get("beta_schedule", "linear"),
-            int(c.get("num_train_timesteps", 1000)),
-            float(c.get("beta_start", 0.0001)),
-            float(c.get("beta_end", 0.02)),
-            c.get("trained_betas"),
-        )
-
-    def denoiser(self, guidance_scale: float) -> nn.Module:
-        """The UNet as `D(x, sigma, cond) -> x0`, wrapped in classifier-free guidance when scale > 1."""
-        inner = DiscreteDenoiser(self.unet, self.alphas_cumprod(), self.prediction_type).to(self.device)
+    def denoiser(self, guidance_scale: float, plan: SamplingPlan | None = None) -> nn.Module:
+        """The UNet as `D(x, sigma, cond) -> x0` as `plan` needs it, wrapped in classifier-free guidance when
+        scale > 1."""
+        options = plan.denoiser_options() if plan is not None else {}
+        inner = DiscreteDenoiser(self.unet, self.schedule, self.prediction, **options).to(self.device)
         return CFGDenoiser(inner, guidance_scale) if guidance_scale > 1 else inner
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -204,7 +218,9 @@ class LatentPipeline(LoraMethods):
         """The sampling plan of `sampler` (default: the scheduler config's) for `steps` steps."""
         if not isinstance(steps, int) or steps < 1:
             raise InvalidInputError(f"steps: expected an integer >= 1, got {steps!r}")
-        return make_plan(sampler or self.default_sampler, self.scheduler_config, steps, use_karras_sigmas)
+        return make_plan(
+            sampler or self.default_sampler, self.scheduler_config, steps, use_karras_sigmas, self.schedule
+        )
 
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) with defaults filled; InvalidInputError unless both are multiples of `size_multiple`."""
@@ -220,28 +236,39 @@ class LatentPipeline(LoraMethods):
         return height, width
 
     @staticmethod
-    def make_generator(seed: int | None, generator: Generators | None, rows: int | None = None) -> Generators:
-        """`generator` as given (a list must hold one generator per output image, `rows` of them), else a CPU
-        generator seeded with `seed` (random when None)."""
-        if isinstance(generator, (list, tuple)):
+    def make_generator(
+        seed: int | None, generator: Generators, rows: int | None = None
+    ) -> torch.Generator | list[torch.Generator]:
+        """`generator` (one, or a list with one per output image, `rows` of them) when given, else one seeded by
+        `seed`."""
+        if isinstance(generator, torch.Generator):
+            return generator
+        if generator is not None:
+            generator = list(generator)
             if rows is not None and len(generator) != rows:
                 raise InvalidInputError(
                     f"generator: {len(generator)} generators for {rows} images; expected one per image"
                 )
-            return list(generator)
-        if generator is not None:
             return generator
-        seed = random.randrange(2**63) if seed is None else int(seed)
+        if seed is None:
+            seed = random.randrange(2**63)
+        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise InvalidInputError(f"seed: {seed!r}; expected an integer in [0, 2**64)")
         return torch.Generator("cpu").manual_seed(seed)
 
     @staticmethod
-    def sampler_options(sampler: str, eta: float) -> dict[str, Any]:
-        """`eta` for the samplers that take it; a non-zero eta elsewhere is an error."""
+    def sampler_options(sampler: str, eta: float | None) -> dict[str, Any]:
+        """`eta` for the samplers that take it (None: the sampler's own default); eta elsewhere is an error."""
+        if eta is None:
+            return {}
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < float("inf"):
+            raise InvalidInputError(f"eta: {eta!r}; expected a finite number >= 0")
         if "eta" in inspect.signature(get_sampler(sampler)).parameters:
             return {"eta": float(eta)}
         if eta:
             raise InvalidInputError(
-                f"eta: {eta} is not used by sampler {sampler!r}; expected 0 (ddim takes eta)"
+                f"eta: {eta} is not used by sampler {sampler!r}; expected 0 or unset (ddim, euler_ancestral, "
+                "dpmpp_2m_sde take eta)"
             )
         return {}
 
@@ -267,18 +294,18 @@ class LatentPipeline(LoraMethods):
         num_images: int = 1,
         latents: torch.Tensor | None = None,
         use_karras_sigmas: bool = False,
-        eta: float = 0.0,
+        eta: float | None = None,
         progress: bool = True,
-        generator: Generators | None = None,
+        generator: Generators = None,
         callback: Callback | None = None,
     ) -> GenerationOutput:
         """Text-to-image. `latents` (B, C, h, w) are unit-variance initial noise (diffusers' `latents=`), with
-        B = len(prompts) * num_images; when None they are drawn from `generator` (or `seed`).
-
-        `generator` may be a list of B generators, one per output image: image i's initial and sampler noise
-        then come from generator i alone, so it does not depend on the images batched with it.
+        B = len(prompts) * num_images; when None they are drawn from `generator` (or `seed`). `generator` may be a
+        list of B generators: each image then draws all its noise from its own, so it is the same whatever else
+        shares its batch. `eta` None keeps the sampler's default (ancestral samplers: 1, DDIM: 0).
         `callback(i, sigma, x, x0)` runs after each step's model evaluation (see `t2i.diffusion.samplers`)."""
         prompts = normalize_prompts(prompt)
+        guidance_scale = check_guidance_scale(guidance_scale)
         if not isinstance(num_images, int) or num_images < 1:
             raise InvalidInputError(f"num_images: expected an integer >= 1, got {num_images!r}")
         height, width = self.check_size(height, width)
@@ -288,12 +315,12 @@ class LatentPipeline(LoraMethods):
         shape = (len(prompts) * num_images, self.first_stage.latent_channels, height // f, width // f)
         generator = self.make_generator(seed, generator, shape[0])
         if latents is None:
-            latents = draw_noise(shape, generator)
+            latents = randn(shape, generator)
         elif tuple(latents.shape) != shape:
             raise InvalidInputError(f"latents: shape {tuple(latents.shape)}; expected {shape}")
         cond = self.conditioning(prompts, negative_prompt, num_images, guidance_scale)
         x = plan.sample(
-            self.denoiser(guidance_scale),
+            self.denoiser(guidance_scale, plan),
             latents.to(self.device, torch.float32),
             cond,
             generator=generator,
@@ -318,9 +345,9 @@ class LatentPipeline(LoraMethods):
         sampler: str | None = None,
         seed: int | None = None,
         use_karras_sigmas: bool = False,
-        eta: float = 0.0,
+        eta: float | None = None,
         progress: bool = True,
-        generator: Generators | None = None,
+        generator: Generators = None,
         callback: Callback | None = None,
     ) -> GenerationOutput:
         """Image-to-image (SDEdit): encode `image`, noise it to the sigma `strength` of the way into the plan
@@ -330,7 +357,8 @@ class LatentPipeline(LoraMethods):
         `generator` and `callback` as in `generate` (a list: one generator per prompt).
         """
         prompts = normalize_prompts(prompt)
-        if not 0 < strength <= 1:
+        guidance_scale = check_guidance_scale(guidance_scale)
+        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise InvalidInputError(f"strength: {strength!r}; expected a number in (0, 1]")
         plan = self.plan(sampler, steps, use_karras_sigmas)
         denoise_steps = min(int(steps * strength), steps)
@@ -343,11 +371,11 @@ class LatentPipeline(LoraMethods):
         pixels = self.prepare_images(image, len(prompts), height, width)
         z0 = self.encode_images(pixels.to(self.device) * 2 - 1, generator).float()
         tail = tail_plan(plan, steps - denoise_steps)
-        noise = draw_noise(z0.shape, generator)
+        noise = randn(z0.shape, generator)
         x = z0 + float(tail.sigmas[0]) * noise.to(z0.device)
         cond = self.conditioning(prompts, negative_prompt, 1, guidance_scale)
         x = tail.sample(
-            self.denoiser(guidance_scale),
+            self.denoiser(guidance_scale, tail),
             x,
             cond,
             generator=generator,
@@ -414,6 +442,6 @@ class LatentPipeline(LoraMethods):
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write a t2i pipeline folder: the diffusers layout (loads in `StableDiffusionPipeline`) + `t2i.yaml`."""
-        from t2i.pipelines.loading import save_pipeline
+        from t2i.pipelines.sd_folder import save_pipeline
 
         return save_pipeline(self, path)

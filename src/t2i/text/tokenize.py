@@ -30,13 +30,17 @@ def model_folder(path: str | Path | None, subfolder: str, what: str) -> Path:
 def tokenizer_folder(path: str | Path | None, model_dir: Path | None, subfolder: str = "tokenizer") -> Path:
     """Where to read the tokenizer: an explicit `path` (or its `tokenizer/`), else beside the model.
 
-    For a model under `root/text_encoder`, `root/tokenizer` is tried first (the diffusers layout).
+    For a model under `root/text_encoder`, `root/tokenizer` is tried first (the diffusers layout); for
+    `root/text_encoder_2` (SDXL), `root/tokenizer_2`, never the first encoder's tokenizer.
     """
     candidates: list[Path] = []
     if path is not None:
         candidates += [Path(path) / subfolder, Path(path)]
     elif model_dir is not None:
-        candidates += [model_dir.parent / subfolder, model_dir]
+        sibling = model_dir.name.replace("text_encoder", "tokenizer", 1)
+        if sibling == model_dir.name:
+            sibling = subfolder
+        candidates += [model_dir.parent / sibling, model_dir]
     for folder in candidates:
         if any((folder / name).is_file() for name in TOKENIZER_FILES):
             return folder

@@ -27,10 +27,11 @@ from t2i.train.tasks import ObservedLoader
 
 def build_autoencoder(m: AutoencoderConfig) -> nn.Module:
     """AutoencoderKL from `ddconfig`, or loaded from `from_pretrained` (a VAE or pipeline folder)."""
+    from t2i.convert.vae_diffusers import load_vae
     from t2i.models.autoencoder import AutoencoderKL
 
     if m.from_pretrained is not None:
-        return AutoencoderKL.from_pretrained(m.from_pretrained)
+        return load_vae(m.from_pretrained)
     return AutoencoderKL(m.embed_dim, dataclasses.asdict(m.ddconfig))
 
 
@@ -120,7 +121,7 @@ class AutoencoderTask(DiffusionTask):
     def export(self, out_dir: str | Path, use_ema: bool = True) -> Path:
         """Write a diffusers-format VAE folder (config.json + diffusion_pytorch_model.safetensors).
 
-        Both `AutoencoderKL.from_pretrained` (t2i) and diffusers' `AutoencoderKL.from_pretrained` read it.
+        Both `t2i.convert.vae_diffusers.load_vae` and diffusers' `AutoencoderKL.from_pretrained` read it.
         """
         from t2i.convert.vae_diffusers import save_diffusers_vae
 

@@ -10,11 +10,14 @@ Two data paths, chosen by the config:
   exporting.
 
 Classifier-free guidance: with probability `text_drop_rate` a sample's text embedding is replaced by the encoding
-of the empty prompt "", and `sample_images` uses that same encoding as the unconditional branch, as
-`LatentPipeline.generate` and diffusers' StableDiffusionPipeline do with an exported model, so training and every
-sampler agree. Precached runs read the "" encoding from `uncond.safetensors` next to the shards (written by
-`t2i precache`), or encode it once with the text encoder when the file is absent. Cross-attention sees every token
-(no mask), as the SD pipelines do at inference.
+of the empty prompt "" (the conditioner's dropout step), which is what `LatentPipeline.generate` and diffusers'
+StableDiffusionPipeline use as the unconditional branch. Precached runs read the "" encoding from
+`uncond.safetensors` next to the shards (written by `t2i precache`), or encode it once when the file is absent.
+Cross-attention sees every token (no mask), as the SD pipelines do at inference.
+
+The task's schedule (`DiscreteSchedule`, from the `model:` keys or from a base pipeline's scheduler) is built
+once and shared by the loss, the denoiser and the sampling plan of its previews, which run through
+`LatentPipeline` itself.
 """
 
 from __future__ import annotations
@@ -28,15 +31,17 @@ import torch
 from torch import nn
 
 from t2i.config import LatentDiffusionConfig, RunConfig
-from t2i.diffusion.objectives import DiffusionObjective
-from t2i.diffusion.schedules import make_alphas_cumprod
+from t2i.diffusion.denoisers import DiscreteDenoiser
+from t2i.diffusion.losses import DiscreteDiffusionLoss
+from t2i.diffusion.parameterization import normalize_prediction
+from t2i.diffusion.schedules import DiscreteSchedule
 from t2i.errors import ConfigError
-from t2i.train.task import DiffusionTask, register_task
-from t2i.train.tasks import ObservedLoader
+from t2i.text.conditioner import Conditioner, TextEmbedder
+from t2i.train.task import register_task
+from t2i.train.tasks.denoising import DenoisingTask, _uncompiled
 
 DEFAULT_SAMPLER = "ddim"
-DEFAULT_SAMPLE_STEPS = 25
-DEFAULT_GUIDANCE = 4.0
+UNCOND_FILE = "uncond.safetensors"
 
 
 def _check_keys(m: LatentDiffusionConfig) -> None:
@@ -45,9 +50,6 @@ def _check_keys(m: LatentDiffusionConfig) -> None:
             f"model.first_stage_key / model.cond_stage_key: {m.first_stage_key!r} / {m.cond_stage_key!r}; "
             "expected images + captions (online) or image_encoded + captions_encoded (precached shards)"
         )
-    if m.lora is not None:
-        raise ConfigError("model.lora: set; LatentDiffusionTask trains the full UNet, build the task with "
-                          "build_task(cfg) to get the LoRA task")
 
 
 def load_unet(m: LatentDiffusionConfig) -> nn.Module:
@@ -86,214 +88,13 @@ def load_unet(m: LatentDiffusionConfig) -> nn.Module:
 
 def load_vae(m: LatentDiffusionConfig) -> nn.Module:
     """The frozen AutoencoderKL: `first_stage_config.from_pretrained` if set, else random weights (tests)."""
+    from t2i.convert.vae_diffusers import load_vae as load_vae_folder
     from t2i.models.autoencoder import AutoencoderKL
 
     first = m.first_stage_config
     if first.from_pretrained is not None:
-        return AutoencoderKL.from_pretrained(first.from_pretrained)
+        return load_vae_folder(first.from_pretrained)
     return AutoencoderKL(first.embed_dim, dataclasses.asdict(first.ddconfig))
-
-
-class LatentDiffusionTask(DiffusionTask):
-    """UNet + frozen first stage + frozen text encoder, trained with `DiffusionObjective`.
-
-    Batches: `{"images" (B, 3, H, W), "captions": list[str]}` online, or `{"image_encoded": {"mean", "logvar"}
-    (B, C, h, w), "captions_encoded": {"embeddings" (B, T, D), "mask"}}` precached.
-    """
-
-    def __init__(self, cfg: RunConfig, sampler: str = DEFAULT_SAMPLER, sample_steps: int = DEFAULT_SAMPLE_STEPS,
-                 guidance_scale: float = DEFAULT_GUIDANCE) -> None:
-        super().__init__()
-        m = cfg.model
-        _check_keys(m)
-        self.cfg = cfg
-        self.precached = m.first_stage_key == "image_encoded"
-        self.unet = load_unet(m)
-        self.alphas_cumprod = make_alphas_cumprod(m.beta_schedule, m.timesteps, m.linear_start, m.linear_end)
-        self.objective = DiffusionObjective(self.alphas_cumprod, m.parameterization, m.min_snr_gamma, m.offset_noise)
-        self.sampler, self.sample_steps, self.guidance_scale = sampler, sample_steps, guidance_scale
-        self._lazy: dict[str, nn.Module] = {}  # first stage / text encoder loaded for sampling only
-        if not self.precached:
-            from t2i.models.first_stage import LatentFirstStage
-            from t2i.pipelines.build import build_text_encoder
-
-            self.first_stage = LatentFirstStage(load_vae(m), m.scale_factor)
-            self.text_encoder = build_text_encoder(m)
-        self._data: ObservedLoader | None = None
-        self._uncond: torch.Tensor | None = None  # (1, T, D) encoding of "", cached on first use
-
-    # ------------------------------------------------------------------------------------ frozen parts
-
-    def frozen_first_stage(self) -> nn.Module:
-        """The LatentFirstStage (built on first use in precached mode)."""
-        if not self.precached:
-            return self.first_stage
-        if "first_stage" not in self._lazy:
-            m = self.cfg.model
-            if m.first_stage_config.from_pretrained is None:
-                raise ConfigError("model.first_stage_config.from_pretrained: missing; precached training needs "
-                                  "the VAE folder to decode samples and to export")
-            from t2i.models.first_stage import LatentFirstStage
-
-            self._lazy["first_stage"] = LatentFirstStage(load_vae(m), m.scale_factor).to(self.device)
-        return self._lazy["first_stage"]
-
-    def frozen_text_encoder(self) -> nn.Module:
-        """The text encoder (built on first use in precached mode)."""
-        if not self.precached:
-            return self.text_encoder
-        if "text_encoder" not in self._lazy:
-            from t2i.pipelines.build import build_text_encoder
-
-            self._lazy["text_encoder"] = build_text_encoder(self.cfg.model).to(self.device)
-        return self._lazy["text_encoder"]
-
-    def uncond_embedding(self) -> torch.Tensor:
-        """The text encoding of "" (1, T, D), float32 on the UNet's device: the CFG unconditional input."""
-        if self._uncond is None:
-            stored = find_stored_uncond(self.cfg.data.train) if self.precached else None
-            if stored is not None:
-                from safetensors.torch import load_file
-
-                self._uncond = load_file(str(stored))["embeddings"].float().unsqueeze(0)
-            else:
-                self._uncond = self.frozen_text_encoder().encode([""]).embeddings.detach().float().cpu()[:1]
-        return self._uncond.to(self.device)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    # ------------------------------------------------------------------------------------ the loop's API
-
-    def build_dataloader(self, cfg: RunConfig, rank: int, world_size: int) -> ObservedLoader:
-        """Endless batches of this rank's share of `data.train` (image shards or precached shards)."""
-        d = cfg.data
-        common = {"seed": cfg.seed, "rank": rank, "world_size": world_size, "shuffle_buffer": d.shuffle_buffer,
-                  "repeat": True}
-        if self.precached:
-            from t2i.data.precached import build_precached_dataset
-
-            dataset = build_precached_dataset(d.train, **common)
-        else:
-            from t2i.data.readers import build_dataset
-
-            dataset = build_dataset(d.train, d.resolution, d.center_crop, d.random_flip, **common)
-        self._data = ObservedLoader(dataset, d.batch_size, d.num_workers, cfg.seed)
-        return self._data
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: t.detach() for name, t in self.unet.state_dict().items()}
-
-    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from t2i.models.autoencoder import load_state_dict_strict
-
-        load_state_dict_strict(self.unet, dict(state), "UNet state")
-
-    def compile_targets(self) -> list[nn.Module]:
-        return [self.unet]
-
-    def data_stats(self) -> dict[str, int | float]:
-        return self._data.data_stats() if self._data is not None else {}
-
-    def latents_and_context(self, batch: dict[str, Any], generator: torch.Generator
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled latents z (B, C, h, w) and text embeddings (B, T, D) of a batch (either data path)."""
-        device = self.device
-        if self.precached:
-            from t2i.models.autoencoder import DiagonalGaussian
-
-            moments = batch["image_encoded"]
-            mean, logvar = moments["mean"].to(device).float(), moments["logvar"].to(device).float()
-            # what LatentFirstStage.z_from_moments does, without loading the VAE
-            z = DiagonalGaussian(mean, logvar).sample(generator) * self.cfg.model.scale_factor
-            context = batch["captions_encoded"]["embeddings"].to(device).float()
-            return z, context
-        images = batch["images"].to(device)
-        z = self.first_stage.encode(images, generator)
-        context = self.text_encoder.encode(list(batch["captions"])).embeddings.to(device).float()
-        return z, context
-
-    def drop_text(self, context: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Replace each sample's text embedding (B, T, D) by the encoding of "" with probability `text_drop_rate`."""
-        rate = self.cfg.model.text_drop_rate
-        if rate <= 0:
-            return context
-        keep = torch.rand(context.shape[0], generator=generator, device=context.device) >= rate
-        uncond = self.uncond_embedding().to(context.device, context.dtype)
-        if uncond.shape[1:] != context.shape[1:]:
-            raise ConfigError(f"uncond.safetensors: \"\" encoding has shape {tuple(uncond.shape[1:])}, captions "
-                              f"{tuple(context.shape[1:])}; re-run t2i precache with this config's text encoder")
-        return torch.where(keep.view(-1, 1, 1), context, uncond)
-
-    def training_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        """Scalar diffusion loss of one batch; randomness order: latent sample, text drop, t, noise."""
-        z, context = self.latents_and_context(batch, generator)
-        context = self.drop_text(context, generator)
-        if self.cfg.model.channels_last:
-            z = z.contiguous(memory_format=torch.channels_last)
-        return self.objective.loss(self.unet, z, {"context": context}, generator)
-
-    # ------------------------------------------------------------------------------------ sampling, export
-
-    def scheduler_config(self) -> dict[str, Any]:
-        from t2i.pipelines.loading import scheduler_config_from_model
-
-        return scheduler_config_from_model(self.cfg.model, self.sampler)
-
-    @torch.no_grad()
-    def sample_latents(self, prompts: list[str], seed: int, guidance_scale: float | None = None,
-                       steps: int | None = None, batch_size: int = 64) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) for `prompts`; CFG against the encoding of "". Seeded, batched."""
-        from t2i.diffusion.denoisers import DiscreteDenoiser
-        from t2i.diffusion.guidance import CFGDenoiser
-        from t2i.diffusion.plans import make_plan
-
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        plan = make_plan(self.sampler, self.scheduler_config(), steps or self.sample_steps)
-        inner = DiscreteDenoiser(self.unet, self.alphas_cumprod, self.cfg.model.parameterization).to(self.device)
-        denoiser = CFGDenoiser(inner, scale) if scale > 1 else inner
-        generator = torch.Generator("cpu").manual_seed(seed)
-        first_stage = self.frozen_first_stage()
-        side = self.cfg.data.resolution // first_stage.downsample_factor
-        noise = torch.randn(len(prompts), first_stage.latent_channels, side, side, generator=generator)
-        outputs = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            context = self.frozen_text_encoder().encode(chunk).embeddings.to(self.device).float()
-            x = noise[start:start + batch_size].to(self.device)
-            cond = {"context": context, "uncond_context": self.uncond_embedding().expand_as(context)}
-            outputs.append(plan.sample(denoiser, x, cond, generator=generator))
-        return torch.cat(outputs)
-
-    @torch.no_grad()
-    def sample_images(self, prompts: list[str], seed: int, guidance_scale: float | None = None,
-                      steps: int | None = None) -> list[Any]:
-        """One PIL image per prompt (the loop calls this under EMA weights, in eval mode)."""
-        from t2i.data.transforms import to_pil
-
-        latents = self.sample_latents(list(prompts), seed, guidance_scale, steps)
-        return to_pil(self.frozen_first_stage().decode(latents).float())
-
-    def export(self, out_dir: str | Path, use_ema: bool = True) -> Path:
-        """Write a t2i pipeline folder (diffusers layout + t2i.yaml) with the (EMA) UNet."""
-        from t2i.config import config_to_dict
-        from t2i.pipelines.latent import LatentPipeline
-
-        first_stage, text_encoder = self.frozen_first_stage(), self.frozen_text_encoder()
-        with self.ema_weights(use_ema):
-            unet = copy.deepcopy(_uncompiled(self.unet)).float().cpu()
-        pipe = LatentPipeline(unet, copy.deepcopy(first_stage.vae).cpu(), text_encoder.cpu(), self.scheduler_config(),
-                              first_stage.scale_factor, self.sampler, model_config=config_to_dict(self.cfg.model))
-        path = pipe.save_pretrained(out_dir)
-        text_encoder.to(self.device)
-        return Path(path)
-
-
-UNCOND_FILE = "uncond.safetensors"
 
 
 def find_stored_uncond(train: list[str]) -> Path | None:
@@ -306,15 +107,184 @@ def find_stored_uncond(train: list[str]) -> Path | None:
     return path if path.is_file() else None
 
 
-def _uncompiled(module: nn.Module) -> nn.Module:
-    return getattr(module, "_orig_mod", module)
+def read_stored_uncond(path: Path) -> torch.Tensor:
+    """The encoding of "" (1, T, D) that `t2i precache` stored."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["embeddings"].float().unsqueeze(0)
+
+
+class LatentDiffusionTask(DenoisingTask):
+    """UNet + frozen first stage + frozen text encoder, trained with `DiscreteDiffusionLoss`.
+
+    Built from the config (`LatentDiffusionTask(cfg)`), or around the components of a loaded base pipeline
+    (`LatentDiffusionTask(cfg, pipe=...)`: its UNet, VAE, text encoder, schedule and prediction type; what LoRA
+    fine-tuning of a diffusers folder or single file uses).
+
+    Batches: `{"images" (B, 3, H, W), "captions": list[str]}` online, or `{"image_encoded": {"mean", "logvar"}
+    (B, C, h, w), "captions_encoded": {"embeddings" (B, T, D), "mask"}}` precached.
+    """
+
+    def __init__(self, cfg: RunConfig, pipe: Any = None) -> None:
+        super().__init__()
+        m = cfg.model
+        _check_keys(m)
+        self.cfg = cfg
+        self.precached = m.first_stage_key == "image_encoded"
+        self._lazy: dict[str, nn.Module] = {}  # first stage / text encoder loaded for sampling only
+        if pipe is not None:
+            self._adopt(pipe)
+        else:
+            self.unet = load_unet(m)
+            self.schedule = DiscreteSchedule.from_model_config(m)
+            self.prediction = normalize_prediction(m.parameterization)
+            self.scale_factor, self.shift_factor, self.sampler = m.scale_factor, m.shift_factor, DEFAULT_SAMPLER
+            if not self.precached:
+                from t2i.models.first_stage import LatentFirstStage
+                from t2i.pipelines.build import build_text_encoder
+
+                self.first_stage = LatentFirstStage(load_vae(m), m.scale_factor, m.shift_factor)
+                self.text_encoder = build_text_encoder(m)
+        self.loss = DiscreteDiffusionLoss(m.min_snr_gamma, m.offset_noise)
+        self.conditioner = Conditioner([self._text_embedder()])
+
+    def _adopt(self, pipe: Any) -> None:
+        """Train on a loaded pipeline's own modules and schedule (its parts stay frozen until a wrapper says)."""
+        self.unet, self.first_stage, self.text_encoder = pipe.unet, pipe.first_stage, pipe.text_encoder
+        self.first_stage.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
+        self.unet.requires_grad_(True)
+        self.schedule, self.prediction = pipe.schedule, pipe.prediction
+        self.scale_factor, self.sampler = pipe.scale_factor, pipe.default_sampler
+        self.shift_factor = pipe.first_stage.shift_factor
+        self._base_scheduler_config = dict(pipe.scheduler_config)
+
+    def _text_embedder(self) -> TextEmbedder:
+        stored = find_stored_uncond(self.cfg.data.train) if self.precached else None
+        return TextEmbedder(
+            self.frozen_text_encoder,
+            drop_rate=self.cfg.model.text_drop_rate,
+            null="empty_prompt",
+            empty=(lambda: read_stored_uncond(stored)) if stored is not None else None,
+        )
+
+    # ------------------------------------------------------------------------------------ modules
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.unet
+
+    def frozen_first_stage(self) -> nn.Module:
+        """The LatentFirstStage (built on first use in precached mode)."""
+        if hasattr(self, "first_stage"):
+            return self.first_stage
+        if "first_stage" not in self._lazy:
+            m = self.cfg.model
+            if m.first_stage_config.from_pretrained is None:
+                raise ConfigError("model.first_stage_config.from_pretrained: missing; precached training needs "
+                                  "the VAE folder to decode samples and to export")
+            from t2i.models.first_stage import LatentFirstStage
+
+            self._lazy["first_stage"] = LatentFirstStage(load_vae(m), m.scale_factor, m.shift_factor).to(self.device)
+        return self._lazy["first_stage"]
+
+    def frozen_text_encoder(self) -> nn.Module:
+        """The text encoder (built on first use in precached mode)."""
+        if hasattr(self, "text_encoder"):
+            return self.text_encoder
+        if "text_encoder" not in self._lazy:
+            from t2i.pipelines.build import build_text_encoder
+
+            self._lazy["text_encoder"] = build_text_encoder(self.cfg.model).to(self.device)
+        return self._lazy["text_encoder"]
+
+    def adapter_components(self) -> dict[str, nn.Module]:
+        return {"unet": _uncompiled(self.unet), "text_encoder": self.frozen_text_encoder()}
+
+    def denoiser(self, net: nn.Module | None = None, **options: Any) -> DiscreteDenoiser:
+        return DiscreteDenoiser(self.unet if net is None else net, self.schedule, self.prediction, **options)
+
+    def train(self, mode: bool = True) -> LatentDiffusionTask:
+        super().train(mode)
+        if hasattr(self, "first_stage"):
+            self.first_stage.eval()  # frozen parts never run dropout
+        return self
+
+    # ------------------------------------------------------------------------------------ data
+
+    def encode_batch(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Scaled latents z (B, C, h, w) and the cond after text dropout; randomness: latent sample, text drop."""
+        device = self.device
+        if self.precached:
+            from t2i.models.autoencoder import DiagonalGaussian
+
+            moments = batch["image_encoded"]
+            mean, logvar = moments["mean"].to(device).float(), moments["logvar"].to(device).float()
+            # what LatentFirstStage.z_from_moments does, without loading the VAE
+            z = (DiagonalGaussian(mean, logvar).sample(generator) - self.shift_factor) * self.scale_factor
+        else:
+            z = self.first_stage.encode(batch["images"].to(device), generator)
+        return z, self.conditioner(batch, generator, device)
+
+    # ------------------------------------------------------------------------------------ sampling, export
+
+    def scheduler_config(self) -> dict[str, Any]:
+        """The diffusers scheduler config of the task's schedule for its default sampler."""
+        if hasattr(self, "_base_scheduler_config"):
+            return dict(self._base_scheduler_config)
+        from t2i.pipelines.sd_folder import scheduler_config_from_model
+
+        return scheduler_config_from_model(self.cfg.model, self.sampler)
+
+    def pipeline(self, unet: nn.Module | None = None) -> Any:
+        """A `LatentPipeline` over the task's own modules (the live UNet unless `unet` is given)."""
+        from t2i.config import config_to_dict
+        from t2i.pipelines.latent import LatentPipeline
+
+        first_stage = self.frozen_first_stage()
+        return LatentPipeline(
+            self.unet if unet is None else unet, first_stage.vae, self.frozen_text_encoder(),
+            self.scheduler_config(), first_stage.scale_factor, self.sampler, config_to_dict(self.cfg.model),
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int, num_images: int = 1, **settings: Any) -> Any:
+        """The pipeline's GenerationOutput for `prompts` at the training resolution (`trainer.sample` defaults)."""
+        size = self.cfg.data.resolution
+        options = {**self.sample_settings(), **{k: v for k, v in settings.items() if v is not None}}
+        return self.pipeline().generate(
+            list(prompts), num_images=num_images, seed=seed, height=size, width=size, progress=False, **options
+        )
+
+    def sample_images(self, prompts: list[str], seed: int, **settings: Any) -> list[Any]:
+        """One PIL image per prompt (the loop calls this under EMA weights, in eval mode)."""
+        return self.generate(prompts, seed, **settings).images
+
+    def sample_model_space(
+        self, prompts: list[str], seed: int, num_images: int, steps: int, guidance_scale: float
+    ) -> torch.Tensor:
+        out = self.generate(prompts, seed, num_images, steps=steps, guidance_scale=guidance_scale)
+        return out.latents.to(self.device)
+
+    def export(self, out_dir: str | Path, use_ema: bool = True) -> Path:
+        """Write a t2i pipeline folder (diffusers layout + t2i.yaml) with the (EMA) UNet."""
+        first_stage, text_encoder = self.frozen_first_stage(), self.frozen_text_encoder()
+        with self.ema_weights(use_ema):
+            unet = copy.deepcopy(_uncompiled(self.unet)).float().cpu()
+        pipe = self.pipeline(unet)
+        pipe.first_stage = copy.deepcopy(first_stage).cpu()
+        pipe.text_encoder = text_encoder.cpu()
+        path = pipe.save_pretrained(out_dir)
+        text_encoder.to(self.device)
+        return Path(path)
 
 
 @register_task("latent_diffusion")
-def build_latent_task(cfg: RunConfig) -> DiffusionTask:
-    """Factory registered for `model.kind: latent_diffusion`: the LoRA task when `model.lora` is set."""
-    if cfg.model.lora is not None:
-        from t2i.train.tasks.lora import build_lora_task
+def build_latent_task(cfg: RunConfig) -> DenoisingTask:
+    """Factory registered for `model.kind: latent_diffusion`; with `model.lora` the base is the pipeline named by
+    `model.unet_config.from_pretrained`, wrapped in LoRA (and prior preservation when configured)."""
+    if cfg.model.lora is None:
+        return LatentDiffusionTask(cfg)
+    from t2i.train.tasks.adapters import load_base_pipeline, wrap_with_adapters
 
-        return build_lora_task(cfg)
-    return LatentDiffusionTask(cfg)
+    return wrap_with_adapters(LatentDiffusionTask(cfg, pipe=load_base_pipeline(cfg)), cfg)

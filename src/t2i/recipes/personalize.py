@@ -2,9 +2,9 @@
 
 1. `write_concept_folder`: <= 50 images of the new colour (every shape, random positions), drawn with the shapes
    module's own drawing code and recoloured, with captions "a teal square in the top left";
-2. LoRA training (`t2i.train.tasks.lora.LoraTask`) with prior preservation on base-model samples of old
-   prompts, so the old colours are not forgotten (distillation: the LoRA model must predict what the frozen base
-   predicts on them);
+2. LoRA training (`t2i.train.tasks.adapters`: the SD task wrapped in LoRA and prior preservation) on base-model
+   samples of old prompts, so the old colours are not forgotten (distillation: the LoRA model must predict what
+   the frozen base predicts on them);
 3. `evaluate`: the analytic judge, its palette extended by the new colour, scores the new prompts; the standard
    judge scores old (held-out) prompts for the base and the LoRA model.
 """
@@ -195,12 +195,18 @@ def old_prompts(count: int, seed: int) -> list[str]:
 def lora_run_config(settings: PersonalizeSettings, data: Path, out: Path, size: int) -> Any:
     from t2i.config import build_config
 
+    prior = None
+    if settings.prior_prompts > 0:  # class images made by the base model (prior preservation)
+        prior = {"class_prompts": old_prompts(settings.prior_prompts, settings.seed),
+                 "num_images": settings.prior_images, "loss_weight": settings.prior_weight,
+                 "loss": settings.prior_loss, "steps": settings.sample_steps,
+                 "guidance_scale": settings.guidance_scale, "unconditional_share": settings.prior_unconditional}
     return build_config({
         "name": "shapes-lora", "seed": settings.seed,
         "model": {"kind": "latent_diffusion", "text_drop_rate": 0.0,
                   "lora": {"rank": settings.rank,
                            "alpha": float(settings.alpha if settings.alpha is not None else settings.rank),
-                           "target_modules": settings.target_modules},
+                           "target_modules": settings.target_modules, "prior": prior},
                   "optim": {"lr": settings.lr, "weight_decay": 0.0}},
         "data": {"train": [str(data)], "resolution": size, "batch_size": settings.batch_size,
                  "shuffle_buffer": 64},
@@ -221,7 +227,8 @@ def personalize(
     from t2i.lora.inference import load_lora
     from t2i.pipelines.loading import load_pipeline
     from t2i.train.task import seed_everything
-    from t2i.train.tasks.lora import LoraTask, PriorPreservation, resolve_base
+    from t2i.train.tasks.adapters import LoraTask, PriorPreservationTask, resolve_base
+    from t2i.train.tasks.latent import LatentDiffusionTask
     from t2i.train.trainer import train
 
     settings, out = settings or PersonalizeSettings(), Path(out)
@@ -238,20 +245,12 @@ def personalize(
 
     data = write_concept_folder(out / "data", settings.colour, settings.num_images, size, settings.seed)
     cfg = lora_run_config(settings, data, out, size)
-    prior = None
-    if settings.prior_prompts > 0:  # class images made by the base model (DreamBooth prior preservation)
-        prior = PriorPreservation(
-            old_prompts(settings.prior_prompts, settings.seed),
-            settings.prior_images,
-            settings.prior_weight,
-            settings.sample_steps,
-            settings.guidance_scale,
-            loss=settings.prior_loss,
-            unconditional_share=settings.prior_unconditional,
-        )
     start = time.perf_counter()
     seed_everything(cfg.seed)  # lora_A's random initialisation
-    task = LoraTask(cfg, pipe, prior=prior)
+    task = LoraTask(LatentDiffusionTask(cfg, pipe=pipe), cfg.model.lora)
+    if cfg.model.lora.prior is not None:
+        # class images drawn with seed 0 whatever the training seed (docs/LORA.md measured it so)
+        task = PriorPreservationTask(task, cfg.model.lora.prior, seed=0)
     train(cfg, task)
     seconds = time.perf_counter() - start
     lora_path = task.export(out)

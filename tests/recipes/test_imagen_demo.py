@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import yaml
 from PIL import Image
 
-from t2i.cli.demo_imagen import TARGETS, format_summary, run_imagen_demo
+from t2i.recipes.demo_common import TARGETS, format_summary
+from t2i.recipes.imagen_demo import run_imagen_demo
 
 
 def test_quick_imagen_demo_runs_end_to_end(tmp_path):
@@ -20,4 +22,8 @@ def test_quick_imagen_demo_runs_end_to_end(tmp_path):
     assert Image.open(tmp_path / "grid.png").width > 11 * 32
     cascade = t2i.load_cascade(tmp_path / "cascade", device="cpu")
     assert [s.settings.image_size for s in cascade.stages] == [16, 32]
-    assert "held-out prompts: 22 samples" in format_summary(results)
+    assert "held-out prompts: 22 samples" in format_summary(results, "")
+    config = yaml.safe_load((tmp_path / "cascade" / "sr" / "config.yaml").read_text())
+    assert config["trainer"]["sample"]["sampler"] == "euler_ancestral"  # the recipe reached build_task as config
+    stage = json.loads((tmp_path / "cascade" / "sr" / "stage.json").read_text())
+    assert stage["sampling"]["sampler"] == "euler_ancestral" and stage["sampling"]["steps"] == 2

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from t2i.data.shapes import COLOURS, POSITIONS, SHAPES
-from t2i.lora.personalize import (
+from t2i.recipes.personalize import (
     NEW_COLOURS,
     PersonalizeSettings,
     concept_caption,

@@ -1,0 +1,84 @@
+"""What the CPU demos of every family share: the shapes data, phase timing, the judge's scoring of held-out
+prompts, the sample grid, the results file and the summary printed at the end."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Held-out accuracy every demo is measured against (colour, shape, position of prompts never trained on).
+TARGETS = {"colour": 0.90, "shape": 0.80, "position": 0.70}
+
+
+class PhaseTimer:
+    """Wall time per phase, printed as each one ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def run(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        print(f"== demo: {name} ...", flush=True)
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        print(f"== demo: {name} done in {self.seconds[name]:.1f} s", flush=True)
+        return result
+
+    @property
+    def total(self) -> float:
+        return round(time.perf_counter() - self.started, 1)
+
+
+def make_shapes_data(folder: Path, num_images: int, image_size: int) -> str:
+    """The captioned-shapes training split as webdataset shards; returns their brace pattern."""
+    from t2i.data.shapes import write_shapes_dataset
+
+    paths = write_shapes_dataset(folder, num_images, image_size, seed=0, shard_size=2000)
+    return str(folder / f"shapes-{{00000..{len(paths) - 1:05d}}}.tar")
+
+
+def score_heldout(
+    sample: Callable[[list[str], int], list[Any]], seeds: int, grid: Path
+) -> dict[str, float]:
+    """Judge `sample(prompts, seed)` on every held-out prompt for `seeds` seeds; write the first seed's grid."""
+    from t2i.data import judge
+    from t2i.data.grid import make_grid
+    from t2i.data.shapes import heldout_prompts
+
+    prompts = heldout_prompts()
+    images: list[Any] = []
+    for seed in range(seeds):
+        images += sample(prompts, 1000 + seed)
+    scores = judge.score(images, prompts * seeds)
+    shown = [im.resize((im.width * 2, im.height * 2), 0) for im in images[: len(prompts)]]
+    make_grid(shown, prompts, ncols=11).save(grid, optimize=True)
+    return scores
+
+
+def write_results(out: Path, scores: dict[str, float], timer: PhaseTimer, settings: dict, **paths: Path) -> dict:
+    """results.json: accuracy, targets, phase times and settings; returns what it wrote."""
+    results = {"accuracy": scores, "targets": TARGETS, "seconds": timer.seconds, "total_seconds": timer.total,
+               "settings": {k: v for k, v in settings.items() if not k.endswith("overrides")},
+               **{name: str(path) for name, path in paths.items()}}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def format_summary(results: dict[str, Any], outputs: str) -> str:
+    """Accuracy per attribute against the targets, the wall time per phase, and where the outputs are."""
+    acc, seconds = results["accuracy"], results["seconds"]
+    marks = {k: "ok" if acc[k] >= v else "BELOW TARGET" for k, v in TARGETS.items()}
+    return "\n".join(
+        [
+            f"held-out prompts: {int(acc['n'])} samples",
+            *(f"  {k:<9}{acc[k]:6.1%}  (target >= {TARGETS[k]:.0%}, {marks[k]})" for k in TARGETS),
+            f"  all three{acc['all']:6.1%}",
+            "wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
+            + f"; total {results['total_seconds']:.0f}s",
+            outputs,
+        ]
+    )

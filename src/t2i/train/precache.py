@@ -1,0 +1,169 @@
+"""Precaching: run the frozen encoders over a dataset once and write shards the training loop reads instead.
+
+- `precache(cfg, out)` (latent diffusion): `image_encoded` = VAE mean + logvar, `captions_encoded` = per-token
+  embeddings + mask, `txt` = caption; `stats.json` with the latent statistics and the `scale_factor` that gives
+  the latents unit variance (what SD's 0.18215 is for its VAE); and `uncond.safetensors` (`embeddings` (T, D),
+  the encoding of "") that the training task substitutes for dropped captions without loading the text encoder.
+  A run reads them with `model.first_stage_key=image_encoded model.cond_stage_key=captions_encoded
+  data.train=DIR`.
+- `precache_imagen(cfg, out)` (Imagen): pixels (the identity first stage's moments) at `data.resolution` and the
+  stage's text embeddings, read with `model.conditioning.precached_key=embeddings
+  model.conditioning.online_encoding=false data.train=DIR`. One precache at the largest stage's size serves every
+  stage: each shrinks the pixels to its own size.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from t2i.errors import ConfigError
+
+
+class CaptionCache:
+    """Text encodings keyed by caption: each distinct caption runs through the encoder once."""
+
+    def __init__(self, encoder: Any, max_entries: int = 100_000) -> None:
+        self.encoder, self.max_entries = encoder, max_entries
+        self.entries: dict[str, tuple[Any, Any]] = {}
+
+    def encode(self, captions: list[str]) -> list[tuple[Any, Any]]:
+        """(embeddings (T, D), mask (T,)) per caption, on the CPU."""
+        missing = sorted({c for c in captions if c not in self.entries})
+        if missing:
+            encoding = self.encoder.encode(missing)
+            if len(self.entries) + len(missing) > self.max_entries:
+                self.entries.clear()
+            for i, caption in enumerate(missing):
+                self.entries[caption] = (encoding.embeddings[i].cpu(), encoding.mask[i].cpu())
+        return [self.entries[c] for c in captions]
+
+
+def precache(cfg: Any, out: str | Path, batch_size: int = 64, shard_size: int = 2000,
+             dtype: str = "float32") -> dict[str, Any]:
+    """Encode `cfg.data.train` into precached shards under `out`; returns the statistics written to stats.json."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from t2i.data.precached import PrecachedShardWriter
+    from t2i.data.readers import build_dataset
+    from t2i.models.first_stage import LatentFirstStage
+    from t2i.pipelines.build import build_text_encoder
+    from t2i.train.tasks.latent import load_vae
+
+    if cfg.model.kind != "latent_diffusion":
+        raise ConfigError(f"model.kind: {cfg.model.kind!r}; precache needs latent_diffusion")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    first_stage = LatentFirstStage(load_vae(cfg.model), cfg.model.scale_factor, cfg.model.shift_factor).to(device)
+    captions = CaptionCache(build_text_encoder(cfg.model).to(device))
+    d = cfg.data
+    dataset = build_dataset(d.train, d.resolution, d.center_crop, False, shuffle=False, rank=0, world_size=1)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=d.num_workers)
+    text_dtype = getattr(torch, dtype)
+    moments_sum = torch.zeros(()), torch.zeros(())
+    count, started = 0, time.perf_counter()
+    with PrecachedShardWriter(out, shard_size) as writer, torch.no_grad():
+        bar = tqdm(loader, desc="precache", unit="batch", dynamic_ncols=True)
+        for batch in bar:
+            mean, logvar = first_stage.encode_moments(batch["images"].to(device))
+            mean, logvar = mean.float().cpu(), logvar.float().cpu()
+            texts = captions.encode(list(batch["captions"]))
+            for i, key in enumerate(batch["__key__"]):
+                embeddings, mask = texts[i]
+                writer.write(key, mean=mean[i], logvar=logvar[i], embeddings=embeddings.to(text_dtype), mask=mask,
+                             caption=batch["captions"][i])
+            moments_sum = (moments_sum[0] + mean.sum(), moments_sum[1] + mean.pow(2).sum())
+            count += mean.shape[0]
+            bar.set_postfix(samples_per_s=f"{count / (time.perf_counter() - started):.1f}", refresh=False)
+        paths = list(writer.paths)
+    if count == 0:
+        raise ConfigError(f"data.train: {list(d.train)} yielded no samples to precache")
+    elements = count * mean[0].numel()
+    latent_mean = float(moments_sum[0] / elements)
+    latent_std = float((moments_sum[1] / elements - latent_mean**2).clamp(min=1e-12).sqrt())
+    stats = {
+        "num_samples": count,
+        "num_shards": len(paths),
+        "shards": [p.name for p in paths],
+        "latent_mean": latent_mean,
+        "latent_std": latent_std,
+        "scale_factor": 1.0 / latent_std,
+        "distinct_captions": len(captions.entries),
+        "seconds": time.perf_counter() - started,
+    }
+    stats["samples_per_s"] = count / max(stats["seconds"], 1e-9)
+    (Path(out) / "stats.json").write_text(json.dumps(stats, indent=2))
+    write_uncond(captions, Path(out), text_dtype)
+    return stats
+
+
+def write_uncond(captions: CaptionCache, out: Path, dtype: Any) -> Path:
+    """Save the encoding of "" (T, D) as `out/uncond.safetensors` (key `embeddings`), in the shards' text dtype."""
+    from safetensors.torch import save_file
+
+    from t2i.train.tasks.latent import UNCOND_FILE
+
+    embeddings, _ = captions.encode([""])[0]
+    path = out / UNCOND_FILE
+    save_file({"embeddings": embeddings.to(dtype).contiguous()}, str(path))
+    return path
+
+
+def precache_imagen(
+    cfg: Any, out: str | Path, batch_size: int = 64, shard_size: int = 2000, dtype: str = "float16"
+) -> dict[str, Any]:
+    """Encode `cfg.data.train` into precached shards under `out`; returns the statistics written to stats.json.
+
+    `dtype` is the storage type of pixels and embeddings (float16 halves the shards; pixels keep 8-bit accuracy).
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from t2i.data.precached import PrecachedShardWriter
+    from t2i.data.readers import build_dataset
+    from t2i.models.first_stage import IdentityFirstStage
+    from t2i.pipelines.imagen_stage import stage_config
+    from t2i.text.encoders import build_text_encoder
+
+    if cfg.model.kind != "imagen":
+        raise ConfigError(f"model.kind: {cfg.model.kind!r}; precache_imagen needs imagen")
+    c = stage_config(cfg.model).conditioning
+    encoder = build_text_encoder(c.encoder_kind, c.encoder_path, max_length=c.token_length)
+    captions, first_stage = CaptionCache(encoder), IdentityFirstStage()
+    d = cfg.data
+    dataset = build_dataset(d.train, d.resolution, d.center_crop, False, shuffle=False, rank=0, world_size=1)
+    store = getattr(torch, dtype)
+    count, started = 0, time.perf_counter()
+    with PrecachedShardWriter(out, shard_size) as writer, torch.no_grad():
+        for batch in DataLoader(dataset, batch_size=batch_size, num_workers=d.num_workers):
+            mean, logvar = first_stage.encode_moments(batch["images"])
+            texts = captions.encode(list(batch["captions"]))
+            for i, key in enumerate(batch["__key__"]):
+                embeddings, mask = texts[i]
+                writer.write(
+                    key,
+                    mean=mean[i].to(store),
+                    logvar=logvar[i].to(store),
+                    embeddings=embeddings.to(store),
+                    mask=mask,
+                    caption=batch["captions"][i],
+                )
+            count += mean.shape[0]
+        paths = list(writer.paths)
+    if count == 0:
+        raise ConfigError(f"data.train: {list(d.train)} yielded no samples to precache")
+    seconds = time.perf_counter() - started
+    stats = {
+        "num_samples": count,
+        "num_shards": len(paths),
+        "shards": [p.name for p in paths],
+        "resolution": d.resolution,
+        "distinct_captions": len(captions.entries),
+        "seconds": seconds,
+        "samples_per_s": count / max(seconds, 1e-9),
+    }
+    (Path(out) / "stats.json").write_text(json.dumps(stats, indent=2))
+    return stats
