@@ -11,12 +11,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from t2i.cli.common import add_command
+
 API_KEY_ENV = "T2I_API_KEY"
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "serve",
+        run,
         help="serve models over an OpenAI-compatible HTTP API with a web page",
         description="Serve pipelines (SD folders or files, Imagen cascades) at /v1/images/generations and "
         "/v1/images/edits, batching concurrent requests; GET / is a page to try them.",
@@ -43,7 +47,6 @@ def register(subparsers: Any) -> None:
                         help="override a --config key (repeatable)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    parser.set_defaults(func=run)
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
