@@ -25,6 +25,7 @@ COMMANDS = {
     "eval": "t2i.cli.eval",
     "demo": "t2i.cli.demo",
     "lora": "t2i.cli.lora",
+    "serve": "t2i.cli.serve",
 }
 
 
