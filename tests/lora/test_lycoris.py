@@ -214,8 +214,8 @@ def test_every_kind_on_one_module_adds_up_fuses_and_rescales(tmp_path):
     save_file({f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up,
                f"unet.{name}.lora_magnitude_vector": magnitude}, str(tmp_path / "pdora.safetensors"))  # fmt: skip
     scales = {"loha": 0.8, "lokr": -0.5, "kdora": 0.6, "pdora": 0.9}
-    for which in scales:  # the LyCORIS layers go first, so the DoRA LoRA must slide in under them
-        load_lora(unet, tmp_path / f"{which}.safetensors", scale=scales[which])
+    for which, scale in scales.items():  # the LyCORIS layers go first, so the DoRA LoRA must slide in under them
+        load_lora(unet, tmp_path / f"{which}.safetensors", scale=scale)
 
     def expected(s):
         merged = weight + s["pdora"] * up @ down  # peft's DoRA: the magnitude rescales W + s B A, row by row
