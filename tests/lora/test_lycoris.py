@@ -130,7 +130,7 @@ def reference_output(unet, path, weight, x):
 
 
 def assert_module_weight(unet, path, expected):
-    """The module computes with `expected` as its weight (unfused), and fusing puts exactly that weight in."""
+    """The (unfused) module computes with `expected` as its weight."""
     out, x = layer_output(unet, path)
     torch.testing.assert_close(out, reference_output(unet, path, expected, x), rtol=1e-4, atol=1e-5)
 
