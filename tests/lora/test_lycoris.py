@@ -4,6 +4,7 @@ Each file is built from a hand-written key map of the tiny UNet's modules; the r
 computed here from the formulas (not from t2i or peft):
     LoHa  dW = alpha / r * (w1_a @ w1_b) * (w2_a @ w2_b)       (Tucker: einsum of the cores with w_a, w_b)
     LoKr  dW = alpha / r * w1 (x) w2, r from w2_b (else w1_b); both factors full: no factor
+    LoCon with a Tucker core (`lora_mid`): the 1x1 down, k x k mid and 1x1 up convolutions run in a row
     DoRA  W' = dora_scale * (W + dW) / ||W + dW||, the norm per output row for dora_scale (out, 1, ...) and per
           input column for (1, in, ...); at scale s the update is s * (W' - W) (A1111 / ComfyUI strength)
 """
@@ -94,6 +95,15 @@ def lora(gen, shape, rank, alpha):
     return {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(alpha)}, alpha / rank * delta
 
 
+def locon_tucker(gen, shape, rank, alpha):
+    """LyCORIS' Tucker LoCon: down (r, in, 1, 1), mid (r, r, k, k), up (out, r, 1, 1) applied one after another."""
+    out, inp, *kernel = shape
+    down, mid, up = rand(gen, rank, inp, 1, 1), rand(gen, rank, rank, *kernel), rand(gen, out, rank, 1, 1)
+    delta = torch.einsum("oa,abkl,bi->oikl", up.flatten(1), mid, down.flatten(1))
+    parts = {"lora_down.weight": down, "lora_mid.weight": mid, "lora_up.weight": up, "alpha": torch.tensor(alpha)}
+    return parts, alpha / rank * delta
+
+
 def dora_scale(gen, weight, axis):
     """A LyCORIS dora_scale near the norm of `weight` over the other axes: (out, 1, ...) or (1, in, ...)."""
     dims = tuple(d for d in range(weight.ndim) if d != axis)
@@ -146,6 +156,7 @@ CASES = {
     "lokr-conv3": ("conv3", lambda g, s: lokr(g, s, 3, 2.0, (8, 4), "w2-decomposed")),
     "lokr-conv3-tucker": ("conv3", lambda g, s: lokr(g, s, 2, 3.0, (4, 4), "tucker")),
     "lokr-conv3-full": ("conv3", lambda g, s: lokr(g, s, 4, 1.0, (2, 2), "full")),
+    "locon-tucker-conv3": ("conv3", lambda g, s: locon_tucker(g, s, 3, 1.5)),
 }
 
 
@@ -172,6 +183,7 @@ DORA_CASES = {
     "lora-conv1-out": ("conv1", lambda g, s: lora(g, s, 2, 2.0), 0),
     "loha-conv3-in": ("conv3", lambda g, s: loha(g, s, 3, 6.0), 1),
     "lokr-linear-out": ("linear", lambda g, s: lokr(g, s, 2, 1.0, (8, 4), "w2-decomposed"), 0),
+    "locon-tucker-out": ("conv3", lambda g, s: locon_tucker(g, s, 2, 4.0), 0),
 }
 
 
@@ -240,7 +252,9 @@ def test_every_kind_on_one_module_adds_up_fuses_and_rescales(tmp_path):
     assert_module_weight(unet, path, weight)
 
 
-@pytest.mark.parametrize("case", ["loha-conv3-tucker", "lokr-linear-both", "lokr-linear-full", "lokr-conv3"])
+@pytest.mark.parametrize(
+    "case", ["loha-conv3-tucker", "lokr-linear-both", "lokr-linear-full", "lokr-conv3", "locon-tucker-conv3"]
+)
 def test_lycoris_files_written_by_t2i_load_back_to_the_same_weights(tmp_path, case):
     module, make = CASES[case]
     path, flat = MODULES[module]

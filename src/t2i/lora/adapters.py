@@ -3,7 +3,8 @@
 `out` and `in` are the module weight's first two sizes; for a conv weight (out, in, k, k) a flattened factor
 spans in*k*k ("in_flat"). The update each kind adds to W (alpha None means alpha = r, i.e. factor 1):
 
-- LoRA: down (r, in[, k, k]), up (out, r[, 1, 1]); delta W = alpha / r * up @ down. DoRA (Liu et al. 2024)
+- LoRA: down (r, in[, k, k]), up (out, r[, 1, 1]); delta W = alpha / r * up @ down; LyCORIS' Tucker LoCon
+  adds a core `mid` (r, r, k, k) between down (r, in, 1, 1) and up: einsum(mid, up, down). DoRA (Liu et al. 2024)
   rescales W + delta W by a learnt magnitude over one axis: peft's `lora_magnitude_vector` (one value per output
   row) or LyCORIS' `dora_scale`, (out, 1[, 1, 1]) on the output axis or (1, in[, 1, 1]) on the input axis.
 - LoHa (LyCORIS `hada_`, Hyeon-Woo et al. 2022): delta W = alpha / r * (w1_a @ w1_b) * (w2_a @ w2_b) with
@@ -71,7 +72,8 @@ class AdapterWeights:
 
 @dataclass
 class LoraPair(AdapterWeights):
-    """down = A (r, in[, k, k]), up = B (out, r[, 1, 1]), alpha (None: = r); DoRA magnitude or dora_scale."""
+    """down = A (r, in[, k, k]), up = B (out, r[, 1, 1]), alpha (None: = r); a Tucker core `mid`; DoRA
+    magnitude or dora_scale."""
 
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
@@ -79,24 +81,28 @@ class LoraPair(AdapterWeights):
     magnitude: torch.Tensor | None = None
     dora_scale: torch.Tensor | None = None
     factor: float | None = None
+    mid: torch.Tensor | None = None
 
     kind: ClassVar[str] = "lora"
-    MATRICES: ClassVar[tuple[str, ...]] = ("down", "up")
+    MATRICES: ClassVar[tuple[str, ...]] = ("down", "up", "mid")
 
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
 
     def out_in(self) -> tuple[int, int]:
-        return int(self.up.shape[0]), math.prod(self.down.shape[1:])
+        kernel = 1 if self.mid is None else math.prod(self.mid.shape[2:])
+        return int(self.up.shape[0]), math.prod(self.down.shape[1:]) * kernel
 
     def check(self, name: str) -> None:
         if self.down is None or self.up is None:
             raise LoraError(f"LoRA modules missing their down/A or up/B weight: {name}")
-        if self.up.shape[1] != self.down.shape[0]:
-            raise LoraError(
-                f"{name}: up/B {tuple(self.up.shape)} and down/A {tuple(self.down.shape)} disagree on the rank"
-            )
+        ranks = {int(self.up.shape[1]), int(self.down.shape[0])}
+        if self.mid is not None:
+            ranks |= {int(self.mid.shape[0]), int(self.mid.shape[1])}
+        if len(ranks) != 1:
+            shapes = {p: tuple(t.shape) for p, t in self.matrices().items()}
+            raise LoraError(f"{name}: LoRA weights of inconsistent ranks {shapes}")
 
 
 @dataclass

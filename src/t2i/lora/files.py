@@ -14,7 +14,7 @@ their own module paths under `unet.`.
 
 kohya-ss / LyCORIS naming (sd-scripts, what A1111 and ComfyUI read): `lora_unet_<diffusers path with _>.<part>`,
 `lora_te_...` for the text encoder, with the parts
-    LoRA / LoCon  lora_down.weight (A), lora_up.weight (B)
+    LoRA / LoCon  lora_down.weight (A), lora_up.weight (B) (+ lora_mid.weight: LyCORIS' Tucker core)
     LoHa          hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b (+ hada_t1, hada_t2: Tucker cores of k x k convs)
     LoKr          lokr_w1 or lokr_w1_a/_b, lokr_w2 or lokr_w2_a/_b (+ lokr_t2)
     any           alpha (scalar; 0 or absent means alpha = r), dora_scale (LyCORIS' DoRA)
@@ -56,8 +56,8 @@ PEFT_PARTS = {
     **LYCORIS_PARTS,
 }  # fmt: skip
 KOHYA_PARTS = {
-    "lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale",
-    **LYCORIS_PARTS,
+    "lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha",
+    "dora_scale": "dora_scale", **LYCORIS_PARTS,
 }  # fmt: skip
 # longest first, so that `lora_magnitude_vector.weight` wins over shorter endings
 PEFT_SUFFIXES = sorted(PEFT_PARTS, key=len, reverse=True)
@@ -277,6 +277,13 @@ def read_lora_metadata(path: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ writing
 
 
+def kind_of(adapter: AdapterWeights) -> str:
+    """Where an adapter goes: `lora` (a peft LoRA/DoRA layer) or `lycoris` (a peft LoHa/LoKr layer: LoHa, LoKr,
+    and LoRAs with a dora_scale or a Tucker core)."""
+    plain = isinstance(adapter, LoraPair) and adapter.dora_scale is None and adapter.mid is None
+    return "lora" if plain else "lycoris"
+
+
 def adapter_weights(module: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, AdapterWeights]:
     """{module path: weights} of one adapter over every layer kind, on the CPU in float32."""
     from t2i.lora.lycoris import lycoris_weights
@@ -304,12 +311,16 @@ def file_parts(adapter: AdapterWeights, naming: str) -> dict[str, torch.Tensor]:
     """
     decomposition = adapter.decomposition()
     if isinstance(adapter, LoraPair) and naming == "peft":
+        if adapter.mid is not None:
+            raise LoraError("a Tucker LoCon (lora_mid) has no PEFT spelling; save it with naming='kohya'")
         parts = {"lora_A.weight": adapter.down, "lora_B.weight": adapter.up * adapter.ratio}
         if decomposition is not None:
             parts["lora_magnitude_vector"] = _peft_magnitude(*decomposition, adapter, adapter.up.ndim)
         return {k: v.contiguous() for k, v in parts.items()}
     if isinstance(adapter, LoraPair):
         parts = {"lora_down.weight": adapter.down, "lora_up.weight": adapter.up}
+        if adapter.mid is not None:
+            parts["lora_mid.weight"] = adapter.mid
     else:
         parts = adapter.matrices()
     if adapter.rank is not None:
@@ -360,7 +371,7 @@ def _state_and_modules(
     for component in components:
         for path, adapter in adapter_weights(component.module, adapter_name).items():
             name = component.to_file(path)
-            chosen = naming or ("peft" if isinstance(adapter, LoraPair) and adapter.dora_scale is None else "kohya")
+            chosen = naming or ("peft" if kind_of(adapter) == "lora" else "kohya")
             for suffix, tensor in file_parts(adapter, chosen).items():
                 state[_file_key(component.prefix, name, chosen, suffix)] = tensor
             if chosen == "peft":

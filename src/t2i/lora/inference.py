@@ -27,13 +27,14 @@ from t2i.lora.files import (
     Component,
     adapter_slots,
     components_of,
+    kind_of,
     match_to_modules,
     parse_lora_state_dict,
     read_lora_file,
     read_lora_metadata,
     slot_components,
 )
-from t2i.lora.lycoris import attach_lycoris, kind_of
+from t2i.lora.lycoris import attach_lycoris
 from t2i.lora.metadata import read_adapter_metadata
 from t2i.lora.peft_lora import (
     ORIGINAL_ATTR,

@@ -16,7 +16,7 @@ per output row when dora_scale is (out, 1, ...) ("wd_on_out", LyCORIS >= 3.1.1 o
 when it is (1, in, ...) (sd-scripts' LyCORIS default). At s = 1 this is LyCORIS' merged weight. In s it is linear,
 as A1111 and ComfyUI apply a strength (LyCORIS' own multiplier and peft's DoRA scale otherwise differ away from
 1). A LoRA with dora_scale rides on a LoKr layer with w1 = [[1]] (kron(1, up @ down) = up @ down), so every
-decomposed kind takes this one path.
+decomposed kind takes this one path; so does LyCORIS' Tucker LoCon (`lora_mid`), as LoKr's Tucker w2.
 """
 
 from __future__ import annotations
@@ -105,9 +105,15 @@ def decompose_adapter(layer: nn.Module, adapter_name: str, dora_scale: torch.Ten
 
 def lycoris_parts(adapter: AdapterWeights, weight_shape: torch.Size) -> tuple[str, dict[str, torch.Tensor]]:
     """(peft kind, {peft container: tensor}) that compose `adapter`'s update on a weight of `weight_shape`."""
-    if isinstance(adapter, LoraPair):  # 1 x (up @ down): a LoKr with a 1 x 1 first factor
-        ones = torch.ones(1, 1, dtype=adapter.up.dtype)
-        return "lokr", {"lokr_w1": ones, "lokr_w2_a": adapter.up.flatten(1), "lokr_w2_b": adapter.down.flatten(1)}
+    if isinstance(adapter, LoraPair):  # kron(1, up @ down): a LoKr with a 1 x 1 first factor
+        parts = {"lokr_w1": torch.ones(1, 1, dtype=adapter.up.dtype)}
+        if adapter.mid is None:
+            return "lokr", parts | {"lokr_w2_a": adapter.up.flatten(1), "lokr_w2_b": adapter.down.flatten(1)}
+        # Tucker LoCon: W[o, i] = sum_ab mid[a, b] up[o, a] down[b, i], LoKr's Tucker w2 with w2_a = up^T
+        if tuple(adapter.mid.shape[2:]) != tuple(weight_shape[2:]):
+            raise LoraError(f"lora_mid of shape {tuple(adapter.mid.shape)}: expected kernel {tuple(weight_shape[2:])}")
+        tucker = {"lokr_t2": adapter.mid, "lokr_w2_a": adapter.up.flatten(1).T, "lokr_w2_b": adapter.down.flatten(1)}
+        return "lokr", parts | tucker
     parts = adapter.matrices()
     kernel = tuple(weight_shape[2:])
     tucker = adapter.hada_t1 is not None if isinstance(adapter, LohaWeights) else adapter.lokr_t2 is not None
@@ -187,14 +193,27 @@ def lycoris_weights(module: nn.Module, adapter_name: str) -> dict[str, AdapterWe
     return out
 
 
+def _lora_from_lokr_parts(
+    parts: dict[str, torch.Tensor], shape: torch.Size, ratio: float, dora_scale: torch.Tensor | None
+) -> LoraPair:
+    """The LoRA (or Tucker LoCon) that `lycoris_parts` put on a LoKr layer, in kohya's shapes."""
+    ones = [1] * (len(shape) - 2)
+    up = parts["lokr_w2_a"] * parts["lokr_w1"].reshape(())
+    mid = parts.get("lokr_t2")
+    if mid is None:
+        down = parts["lokr_w2_b"].reshape(-1, *shape[1:])
+    else:
+        up, down = up.T, parts["lokr_w2_b"].reshape(-1, shape[1], *ones)
+    up = up.reshape(shape[0], -1, *ones)
+    return LoraPair(down=down, up=up, alpha=ratio * down.shape[0], dora_scale=dora_scale, mid=mid)
+
+
 def _weights_from_parts(
     layer: nn.Module, name: str, parts: dict[str, torch.Tensor], ratio: float, dora_scale: torch.Tensor | None
 ) -> AdapterWeights:
     shape = layer.get_base_layer().weight.shape
     if name in getattr(layer, LORA_ON_LOKR_ATTR, ()):
-        up = (parts["lokr_w2_a"] * parts["lokr_w1"].reshape(())).reshape(shape[0], -1, *[1] * (len(shape) - 2))
-        down = parts["lokr_w2_b"].reshape(-1, *shape[1:])
-        return LoraPair(down=down, up=up, alpha=ratio * down.shape[0], dora_scale=dora_scale)
+        return _lora_from_lokr_parts(parts, shape, ratio, dora_scale)
     cls = LohaWeights if "hada_w1_a" in parts else LokrWeights
     weights = cls(**parts, dora_scale=dora_scale)
     rank = weights.rank
@@ -203,9 +222,4 @@ def _weights_from_parts(
     else:
         weights.alpha = ratio * rank
     return weights
-
-
-def kind_of(adapter: AdapterWeights) -> str:
-    """Where a file's adapter goes: `lora` (peft LoRA/DoRA layer) or `lycoris` (a LoHa/LoKr layer)."""
-    return "lora" if isinstance(adapter, LoraPair) and adapter.dora_scale is None else "lycoris"
 
