@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from safetensors.torch import save_file
 
@@ -63,3 +65,23 @@ def kohya_file(path, seed: int, rank: int, alpha: float) -> dict[str, tuple[torc
         weights[ours] = (down, up)
     save_file(state, str(path))
     return weights
+
+
+def lora_train_yaml(tmp_path: Path, base: Path, lora: str, lr: float = 1e-3, steps: int = 2) -> Path:
+    """A `t2i lora train` config on `base` with `model.lora: {lora}`, training on 4 teal-shape images."""
+    from t2i.recipes.personalize import write_concept_folder
+
+    data = write_concept_folder(tmp_path / "data", "teal", 4, 32, seed=0)
+    path = tmp_path / "lora.yaml"
+    path.write_text(f"""
+seed: 0
+model:
+  kind: latent_diffusion
+  unet_config: {{from_pretrained: {base}}}
+  lora: {{{lora}}}
+  optim: {{lr: {lr}}}
+data: {{train: [{data}], resolution: 32, batch_size: 2, shuffle_buffer: 4}}
+trainer: {{max_steps: {steps}, log_every: 1, sample_every: 0, checkpoint_every: {steps}, out_dir: {tmp_path / "run"},
+          ema: {{enabled: false}}}}
+""")
+    return path

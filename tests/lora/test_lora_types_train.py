@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_helpers import lora_train_yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -19,22 +20,7 @@ from t2i.lora.peft_lora import ADAPTER_PARAMETER_PARTS
 
 
 def train_yaml(tmp_path: Path, base: Path) -> Path:
-    from t2i.recipes.personalize import write_concept_folder
-
-    data = write_concept_folder(tmp_path / "data", "teal", 4, 32, seed=0)
-    path = tmp_path / "lora.yaml"
-    path.write_text(f"""
-seed: 0
-model:
-  kind: latent_diffusion
-  unet_config: {{from_pretrained: {base}}}
-  lora: {{rank: 2, alpha: 4.0, target_modules: [attention, conv]}}
-  optim: {{lr: 2.0e-2}}
-data: {{train: [{data}], resolution: 32, batch_size: 2, shuffle_buffer: 4}}
-trainer: {{max_steps: 3, log_every: 1, sample_every: 0, checkpoint_every: 3, out_dir: {tmp_path / "run"},
-          ema: {{enabled: false}}}}
-""")
-    return path
+    return lora_train_yaml(tmp_path, base, "rank: 2, alpha: 4.0, target_modules: [attention, conv]", lr=2e-2, steps=3)
 
 
 def unet_output(unet: torch.nn.Module) -> torch.Tensor:
