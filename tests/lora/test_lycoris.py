@@ -300,3 +300,38 @@ def test_lycoris_algorithms_t2i_does_not_read_are_named(tmp_path):
     write(tmp_path / "oft.safetensors", {flat: {"oft_blocks": torch.zeros(4, 16, 16), "alpha": torch.tensor(1.0)}})
     with pytest.raises(LoraError, match=f"unknown LoRA keys .*{flat}.oft_blocks"):
         load_lora(tiny_unet(), tmp_path / "oft.safetensors")
+
+
+@pytest.mark.gpu
+def test_lycoris_kinds_run_on_cuda_in_float16_as_on_the_cpu(tmp_path):
+    """Factors and dora_scale follow the module's device and dtype, loaded there or moved there afterwards."""
+    gen = torch.Generator().manual_seed(5)
+    files = {}
+    for module, make in (("conv3", lambda g, s: loha(g, s, 3, 6.0)), ("square", lambda g, s: lora(g, s, 2, 2.0)),
+                         ("linear", lambda g, s: lokr(g, s, 2, 1.0, (8, 4), "w2-decomposed"))):  # fmt: skip
+        path, flat = MODULES[module]
+        weight = tiny_unet().get_submodule(path).weight.detach()
+        parts, _ = make(gen, weight.shape)
+        files[module] = tmp_path / f"{module}.safetensors"
+        write(files[module], {flat: parts | {"dora_scale": dora_scale(gen, weight, 1 if module == "square" else 0)}})
+
+    def outputs(unet, device, dtype):
+        g = torch.Generator().manual_seed(1)
+        x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+        with torch.no_grad():
+            out = unet(x.to(device, dtype), torch.tensor([10, 500], device=device), ctx.to(device, dtype))
+        return out.float().cpu()
+
+    cpu = tiny_unet()
+    for i, path in enumerate(files.values()):
+        load_lora(cpu, path, scale=0.5 + 0.25 * i)
+    expected = outputs(cpu, "cpu", torch.float32)
+    loaded_there = tiny_unet().to("cuda", torch.float16)
+    for i, path in enumerate(files.values()):
+        load_lora(loaded_there, path, scale=0.5 + 0.25 * i)
+    moved = cpu.to("cuda", torch.float16)
+    for unet in (loaded_there, moved):
+        torch.testing.assert_close(outputs(unet, "cuda", torch.float16), expected, rtol=2e-2, atol=2e-2)
+        fuse_lora(unet)
+        torch.testing.assert_close(outputs(unet, "cuda", torch.float16), expected, rtol=2e-2, atol=2e-2)
+        unfuse_lora(unet)

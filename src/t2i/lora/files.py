@@ -396,7 +396,9 @@ def save_lora_file(
     state, peft_modules = _state_and_modules(components_of(target), adapter_name, naming)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = {"format": "pt", METADATA_KEY: json.dumps({"naming": naming or "auto", **(metadata or {})})}
+    peft_prefixes = tuple(f"{prefix}." for prefix in PREFIXES)
+    namings = sorted({"peft" if key.startswith(peft_prefixes) else "kohya" for key in state})
+    header = {"format": "pt", METADATA_KEY: json.dumps({"naming": "+".join(namings), **(metadata or {})})}
     diffusers_header = adapter_metadata(peft_modules)
     if diffusers_header:
         header[HEADER_KEY] = json.dumps(diffusers_header, sort_keys=True)
