@@ -214,3 +214,26 @@ def test_header_rank_that_disagrees_with_the_weights_is_an_error(tmp_path):
     save_file(state, str(tmp_path / "bad.safetensors"), metadata={"lora_adapter_metadata": json.dumps(header)})
     with pytest.raises(LoraError, match=f"unet.{name} has rank 2 but its lora_adapter_metadata says r=4"):
         load_lora(unet, tmp_path / "bad.safetensors")
+
+
+def test_dora_fuses_and_unfuses_on_linear_and_conv_layers(tmp_path):
+    from lora_helpers import tiny_unet, unet_output
+
+    from t2i.lora import fuse_lora, unfuse_lora
+
+    source = tiny_unet()
+    torch.manual_seed(4)
+    apply_lora(source, rank=3, alpha=6.0, target_modules=["attention", "conv"], dora=True)
+    randomize_adapters(source, seed=8)
+    path = save_lora_file(source, tmp_path / "dora.safetensors")
+    unet = tiny_unet()
+    base = unet_output(unet)
+    load_lora(unet, path, scale=0.7)
+    load_lora(unet, path, scale=0.4, name="again")  # two DoRAs on every module
+    output = unet_output(unet)
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    assert (output - base).abs().max() > 1e-2
+    fuse_lora(unet)
+    torch.testing.assert_close(unet_output(unet), output, rtol=1e-4, atol=1e-5)
+    unfuse_lora(unet)
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in state.items())
