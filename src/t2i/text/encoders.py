@@ -420,6 +420,9 @@ def build_text_encoder(kind: str, path: str | Path | None = None, **opts: Any) -
     kind: clip | openclip | t5 | minilm. opts (the cond_stage_config keys): layer, max_length, arch, version,
     tokenizer_path. None-valued opts fall back to defaults; an unknown kind raises ConfigError.
     """
+    max_length = opts.get("max_length")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ConfigError(f"max_length: {max_length!r}; expected null (the encoder's own) or an integer >= 1")
     opts = {k: v for k, v in opts.items() if v is not None}
     max_length = opts.get("max_length")
     if kind == "clip":

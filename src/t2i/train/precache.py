@@ -60,7 +60,8 @@ def precache(cfg: Any, out: str | Path, batch_size: int = 64, shard_size: int = 
     first_stage = LatentFirstStage(load_vae(cfg.model), cfg.model.scale_factor, cfg.model.shift_factor).to(device)
     captions = CaptionCache(build_text_encoder(cfg.model).to(device))
     d = cfg.data
-    dataset = build_dataset(d.train, d.resolution, d.center_crop, False, shuffle=False, rank=0, world_size=1)
+    dataset = build_dataset(d.train, d.resolution, d.center_crop, False, caption_keys=d.caption_key,
+                            max_image_pixels=d.max_image_pixels, shuffle=False, rank=0, world_size=1)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=d.num_workers)
     text_dtype = getattr(torch, dtype)
     moments_sum = torch.zeros(()), torch.zeros(())
@@ -134,7 +135,8 @@ def precache_imagen(
     encoder = build_text_encoder(c.encoder_kind, c.encoder_path, max_length=c.token_length)
     captions, first_stage = CaptionCache(encoder), IdentityFirstStage()
     d = cfg.data
-    dataset = build_dataset(d.train, d.resolution, d.center_crop, False, shuffle=False, rank=0, world_size=1)
+    dataset = build_dataset(d.train, d.resolution, d.center_crop, False, caption_keys=d.caption_key,
+                            max_image_pixels=d.max_image_pixels, shuffle=False, rank=0, world_size=1)
     store = getattr(torch, dtype)
     count, started = 0, time.perf_counter()
     with PrecachedShardWriter(out, shard_size) as writer, torch.no_grad():

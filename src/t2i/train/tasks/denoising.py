@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from t2i.config import RunConfig
+from t2i.errors import ConfigError
 from t2i.train.task import DiffusionTask
 from t2i.train.tasks import ObservedLoader
 
@@ -87,6 +88,15 @@ class DenoisingTask(DiffusionTask):
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def check_resolution(self, multiple: int, why: str) -> None:
+        """ConfigError unless `data.resolution` is a multiple of `multiple` (the model's total downsampling)."""
+        resolution = self.cfg.data.resolution
+        if resolution % multiple:
+            lower, upper = max(multiple, resolution // multiple * multiple), (resolution // multiple + 1) * multiple
+            raise ConfigError(
+                f"data.resolution: {resolution} is not a multiple of {multiple} ({why}); use {lower} or {upper}"
+            )
+
     def sample_settings(self) -> dict[str, Any]:
         """`trainer.sample` with the family's defaults filled in: {sampler, steps, guidance_scale}."""
         s = self.cfg.trainer.sample
@@ -108,7 +118,8 @@ class DenoisingTask(DiffusionTask):
         else:
             from t2i.data.readers import build_dataset
 
-            dataset = build_dataset(d.train, d.resolution, d.center_crop, d.random_flip, **common)
+            dataset = build_dataset(d.train, d.resolution, d.center_crop, d.random_flip, caption_keys=d.caption_key,
+                                    max_image_pixels=d.max_image_pixels, **common)
         self._data = ObservedLoader(dataset, d.batch_size, d.num_workers, cfg.seed)
         return self._data
 

@@ -147,6 +147,10 @@ class LatentDiffusionTask(DenoisingTask):
                 self.text_encoder = build_text_encoder(m)
         self.loss = DiscreteDiffusionLoss(m.min_snr_gamma, m.offset_noise)
         self.conditioner = Conditioner([self._text_embedder()])
+        vae_factor = (self.first_stage.downsample_factor if hasattr(self, "first_stage")
+                      else 2 ** (len(m.first_stage_config.ddconfig.ch_mult) - 1))  # fmt: skip
+        unet_factor = 2 ** (len(self.unet.channel_mult) - 1)
+        self.check_resolution(vae_factor * unet_factor, f"first stage x{vae_factor} * UNet x{unet_factor}")
 
     def _adopt(self, pipe: Any) -> None:
         """Train on a loaded pipeline's own modules and schedule (its parts stay frozen until a wrapper says)."""
