@@ -42,6 +42,7 @@ from t2i.config.loading import (
 )
 from t2i.config.run import (
     MODEL_SCHEMAS,
+    BucketConfig,
     DataConfig,
     EMAConfig,
     ModelConfig,
@@ -56,6 +57,7 @@ __all__ = [
     "PRIOR_LOSSES",
     "AutoencoderConfig",
     "AutoencoderLossConfig",
+    "BucketConfig",
     "CondStageConfig",
     "ContinuousDDPMConfig",
     "DDConfig",

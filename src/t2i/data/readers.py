@@ -42,6 +42,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,7 +75,7 @@ def caption_of(raw: dict, caption_keys: Sequence[str] = CAPTION_KEYS) -> str:
 class ImageDecoder:
     """Raw sample -> ``{"images": (3, R, R) in [-1, 1], "captions": str}``, or BadSample."""
 
-    transform: ImageTransform
+    transform: Callable[..., Any]  # (PIL image, rng) -> tensor (ImageTransform) or dict (BucketTransform)
     image_keys: tuple[str, ...] = IMAGE_KEYS
     caption_keys: tuple[str, ...] = CAPTION_KEYS
 
@@ -98,7 +99,8 @@ class ImageDecoder:
             image = decode_image(data)
         except Exception as exn:  # noqa: BLE001 -- PIL raises many exception types for bad bytes
             raise BadSample("undecodable", f"{raw['__url__']}: {raw['__key__']}: {exn}") from None
-        return {"images": self.transform(image, rng), "captions": caption}
+        out = self.transform(image, rng)  # a tensor, or a dict with "images" (+ micro-conditioning)
+        return (out if isinstance(out, dict) else {"images": out}) | {"captions": caption}
 
 
 def _shuffled(items: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -154,6 +156,8 @@ class ShardDataset(IterableDataset):
         self._num_workers: int | None = None
         self._next_worker = 0  # the DataLoader asks workers round-robin; resume starts at this one
         self._resume: dict | None = None
+        # (worker, epoch, index) -> True: pass over that raw sample without decoding it (bucket resume)
+        self.skip_sample: Callable[[int, int, int], bool] | None = None
 
     # ---- bookkeeping the trainer uses -------------------------------------------------------------
     @property
@@ -273,7 +277,7 @@ class ShardDataset(IterableDataset):
         if self.shuffle:
             raw = _shuffled(raw, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, gid]))
         for index, item in enumerate(raw, start=1):
-            if index <= skip:
+            if index <= skip or (self.skip_sample is not None and self.skip_sample(worker, epoch, index)):
                 continue
             try:
                 if "__bad__" in item:
@@ -325,18 +329,19 @@ def build_dataset(
     shuffle: bool = True,
     shuffle_buffer: int = 1000,
     repeat: bool = False,
+    transform: Callable[..., Any] | None = None,
 ) -> ShardDataset:
     """Image-caption dataset over webdataset shards and/or image folders.
 
     Yields ``{"images": (3, resolution, resolution) float in [-1, 1], "captions": str, "__key__": str, ...}``.
     rank/world_size default to torch.distributed's when it is initialized, else 0/1. Raises DataError when
-    a source matches nothing.
+    a source matches nothing. `transform` replaces the square `ImageTransform(resolution, center_crop, random_flip)`
+    (e.g. a `t2i.data.buckets.BucketTransform`, whose extra entries join the sample).
     """
     stats = DataStats()
     units = resolve_sources(sources, stats)
-    decoder = ImageDecoder(
-        ImageTransform(resolution, center_crop, random_flip), tuple(image_keys), tuple(caption_keys)
-    )
+    transform = transform or ImageTransform(resolution, center_crop, random_flip)
+    decoder = ImageDecoder(transform, tuple(image_keys), tuple(caption_keys))
     rank, world_size = default_rank(rank, world_size)
     return ShardDataset(
         units, decoder, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from t2i.data.buckets import MICRO_CONDITIONING
 from t2i.errors import ConfigError
 
 
@@ -43,13 +44,16 @@ class CaptionCache:
 
 def precache(cfg: Any, out: str | Path, batch_size: int = 64, shard_size: int = 2000,
              dtype: str = "float32") -> dict[str, Any]:
-    """Encode `cfg.data.train` into precached shards under `out`; returns the statistics written to stats.json."""
+    """Encode `cfg.data.train` into precached shards under `out`; returns the statistics written to stats.json.
+
+    Every sample also stores its micro-conditioning (original size, crop top-left, target size). With
+    `data.buckets` each image is encoded at its bucket's size (batches of one bucket; the last partial batch of
+    each bucket too) and stats.json counts the samples per bucket (`buckets`: {"WxH": n}).
+    """
     import torch
-    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     from t2i.data.precached import PrecachedShardWriter
-    from t2i.data.readers import build_dataset
     from t2i.models.first_stage import LatentFirstStage
     from t2i.pipelines.build import build_text_encoder
     from t2i.train.tasks.latent import load_vae
@@ -59,31 +63,33 @@ def precache(cfg: Any, out: str | Path, batch_size: int = 64, shard_size: int = 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     first_stage = LatentFirstStage(load_vae(cfg.model), cfg.model.scale_factor, cfg.model.shift_factor).to(device)
     captions = CaptionCache(build_text_encoder(cfg.model).to(device))
-    d = cfg.data
-    dataset = build_dataset(d.train, d.resolution, d.center_crop, False, shuffle=False, rank=0, world_size=1)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=d.num_workers)
     text_dtype = getattr(torch, dtype)
-    moments_sum = torch.zeros(()), torch.zeros(())
+    totals = {"sum": 0.0, "squares": 0.0, "elements": 0}
+    buckets: dict[str, int] = {}
     count, started = 0, time.perf_counter()
     with PrecachedShardWriter(out, shard_size) as writer, torch.no_grad():
-        bar = tqdm(loader, desc="precache", unit="batch", dynamic_ncols=True)
+        bar = tqdm(_precache_batches(cfg.data, batch_size), desc="precache", unit="batch", dynamic_ncols=True)
         for batch in bar:
             mean, logvar = first_stage.encode_moments(batch["images"].to(device))
             mean, logvar = mean.float().cpu(), logvar.float().cpu()
             texts = captions.encode(list(batch["captions"]))
             for i, key in enumerate(batch["__key__"]):
                 embeddings, mask = texts[i]
+                micro = {k: batch[k][i] for k in MICRO_CONDITIONING}
                 writer.write(key, mean=mean[i], logvar=logvar[i], embeddings=embeddings.to(text_dtype), mask=mask,
-                             caption=batch["captions"][i])
-            moments_sum = (moments_sum[0] + mean.sum(), moments_sum[1] + mean.pow(2).sum())
+                             caption=batch["captions"][i], micro=micro)
+            height, width = batch["images"].shape[-2:]
+            buckets[f"{width}x{height}"] = buckets.get(f"{width}x{height}", 0) + mean.shape[0]
+            totals["sum"] += float(mean.double().sum())
+            totals["squares"] += float(mean.double().pow(2).sum())
+            totals["elements"] += mean.numel()
             count += mean.shape[0]
             bar.set_postfix(samples_per_s=f"{count / (time.perf_counter() - started):.1f}", refresh=False)
         paths = list(writer.paths)
     if count == 0:
-        raise ConfigError(f"data.train: {list(d.train)} yielded no samples to precache")
-    elements = count * mean[0].numel()
-    latent_mean = float(moments_sum[0] / elements)
-    latent_std = float((moments_sum[1] / elements - latent_mean**2).clamp(min=1e-12).sqrt())
+        raise ConfigError(f"data.train: {list(cfg.data.train)} yielded no samples to precache")
+    latent_mean = totals["sum"] / totals["elements"]
+    latent_std = max(totals["squares"] / totals["elements"] - latent_mean**2, 1e-12) ** 0.5
     stats = {
         "num_samples": count,
         "num_shards": len(paths),
@@ -92,12 +98,37 @@ def precache(cfg: Any, out: str | Path, batch_size: int = 64, shard_size: int = 
         "latent_std": latent_std,
         "scale_factor": 1.0 / latent_std,
         "distinct_captions": len(captions.entries),
+        "buckets": dict(sorted(buckets.items(), key=lambda kv: _aspect(kv[0]))),
         "seconds": time.perf_counter() - started,
     }
     stats["samples_per_s"] = count / max(stats["seconds"], 1e-9)
     (Path(out) / "stats.json").write_text(json.dumps(stats, indent=2))
     write_uncond(captions, Path(out), text_dtype)
     return stats
+
+
+def _aspect(size: str) -> float:
+    width, height = size.split("x")
+    return int(width) / int(height)
+
+
+def _precache_batches(d: Any, batch_size: int) -> Any:
+    """Batches of `data.train` in file order: images with their micro-conditioning, one bucket per batch."""
+    import dataclasses
+
+    from torch.utils.data import DataLoader
+
+    from t2i.data.bucket_batches import BucketBatcher
+    from t2i.data.readers import build_dataset
+    from t2i.train.bucketing import image_transform
+
+    transform = image_transform(dataclasses.replace(d, random_flip=False), micro_conditioning=True)  # one pass
+    dataset = build_dataset(d.train, d.resolution, d.center_crop, False, shuffle=False, rank=0, world_size=1,
+                            transform=transform)  # fmt: skip
+    if d.buckets is None:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=d.num_workers)
+    return DataLoader(BucketBatcher(dataset, batch_size, flush_partial=True), batch_size=None,
+                      num_workers=d.num_workers)  # fmt: skip
 
 
 def write_uncond(captions: CaptionCache, out: Path, dtype: Any) -> Path:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from t2i.config import RunConfig
+from t2i.errors import ConfigError
 from t2i.train.task import DiffusionTask
 from t2i.train.tasks import ObservedLoader
 
@@ -34,6 +35,11 @@ class DenoisingTask(DiffusionTask):
     loss: Any
     conditioner: Any
     precached: bool = False
+    # data.buckets: aspect-ratio bucketing (latent families); micro_conditioning: batches carry original_size /
+    # crop_top_left / target_size even without buckets (SDXL); latent_factor: pixels per latent cell
+    supports_buckets: bool = False
+    micro_conditioning: bool = False
+    latent_factor: int = 1
     # sampling defaults of the family, used where `trainer.sample` leaves a field null
     default_sample_steps: int = 25
     default_guidance_scale: float = 4.0
@@ -101,6 +107,10 @@ class DenoisingTask(DiffusionTask):
         d = cfg.data
         common = {"seed": cfg.seed, "rank": rank, "world_size": world_size, "shuffle_buffer": d.shuffle_buffer,
                   "repeat": True}  # fmt: skip
+        from t2i.train import bucketing
+
+        if d.buckets is not None and not self.supports_buckets:
+            raise ConfigError(f"data.buckets: {type(self).__name__} trains at one square resolution; expected null")
         if self.precached:
             from t2i.data.precached import build_precached_dataset
 
@@ -108,8 +118,15 @@ class DenoisingTask(DiffusionTask):
         else:
             from t2i.data.readers import build_dataset
 
-            dataset = build_dataset(d.train, d.resolution, d.center_crop, d.random_flip, **common)
-        self._data = ObservedLoader(dataset, d.batch_size, d.num_workers, cfg.seed)
+            transform = bucketing.image_transform(d, self.micro_conditioning)
+            dataset = build_dataset(d.train, d.resolution, d.center_crop, d.random_flip, transform=transform, **common)
+        batches = bucketing.batched(dataset, d)
+        if batches is not None and rank == 0:
+            bucketing.print_census(dataset, d, self.precached, self.latent_factor)
+        if batches is None:
+            self._data = ObservedLoader(dataset, d.batch_size, d.num_workers, cfg.seed)
+        else:  # the batcher collates its own single-bucket batches
+            self._data = ObservedLoader(batches, None, d.num_workers, cfg.seed)
         return self._data
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -37,6 +37,7 @@ from t2i.diffusion.parameterization import normalize_prediction
 from t2i.diffusion.schedules import DiscreteSchedule
 from t2i.errors import ConfigError
 from t2i.text.conditioner import Conditioner, TextEmbedder
+from t2i.train.bucketing import check_bucket_step
 from t2i.train.task import register_task
 from t2i.train.tasks.denoising import DenoisingTask, _uncompiled
 
@@ -114,6 +115,18 @@ def read_stored_uncond(path: Path) -> torch.Tensor:
     return load_file(str(path))["embeddings"].float().unsqueeze(0)
 
 
+def vae_factor(m: LatentDiffusionConfig) -> int:
+    """Pixels per latent cell of the configured VAE (8 for SD's)."""
+    return 2 ** (len(m.first_stage_config.ddconfig.ch_mult) - 1)
+
+
+def unet_factor(unet: nn.Module) -> int:
+    """Latent cells per cell of the UNet's lowest level (its input sides must be multiples of this)."""
+    from t2i.models.layers import Downsample
+
+    return 2 ** sum(isinstance(module, Downsample) for module in unet.modules())
+
+
 class LatentDiffusionTask(DenoisingTask):
     """UNet + frozen first stage + frozen text encoder, trained with `DiscreteDiffusionLoss`.
 
@@ -122,8 +135,12 @@ class LatentDiffusionTask(DenoisingTask):
     fine-tuning of a diffusers folder or single file uses).
 
     Batches: `{"images" (B, 3, H, W), "captions": list[str]}` online, or `{"image_encoded": {"mean", "logvar"}
-    (B, C, h, w), "captions_encoded": {"embeddings" (B, T, D), "mask"}}` precached.
+    (B, C, h, w), "captions_encoded": {"embeddings" (B, T, D), "mask"}}` precached. With `data.buckets` every
+    batch is one bucket (H, W vary between batches) and carries `original_size` / `crop_top_left` /
+    `target_size` (B, 2).
     """
+
+    supports_buckets = True
 
     def __init__(self, cfg: RunConfig, pipe: Any = None) -> None:
         super().__init__()
@@ -147,6 +164,8 @@ class LatentDiffusionTask(DenoisingTask):
                 self.text_encoder = build_text_encoder(m)
         self.loss = DiscreteDiffusionLoss(m.min_snr_gamma, m.offset_noise)
         self.conditioner = Conditioner([self._text_embedder()])
+        self.latent_factor = pipe.first_stage.downsample_factor if pipe is not None else vae_factor(m)
+        check_bucket_step(cfg.data, self.latent_factor * unet_factor(self.unet))
 
     def _adopt(self, pipe: Any) -> None:
         """Train on a loaded pipeline's own modules and schedule (its parts stay frozen until a wrapper says)."""
@@ -249,11 +268,13 @@ class LatentDiffusionTask(DenoisingTask):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int, num_images: int = 1, **settings: Any) -> Any:
-        """The pipeline's GenerationOutput for `prompts` at the training resolution (`trainer.sample` defaults)."""
-        size = self.cfg.data.resolution
+        """The pipeline's GenerationOutput for `prompts` at `trainer.sample.height` x `width` (null: the training
+        resolution), with the `trainer.sample` defaults."""
+        s, size = self.cfg.trainer.sample, self.cfg.data.resolution
+        height, width = s.height or size, s.width or size
         options = {**self.sample_settings(), **{k: v for k, v in settings.items() if v is not None}}
         return self.pipeline().generate(
-            list(prompts), num_images=num_images, seed=seed, height=size, width=size, progress=False, **options
+            list(prompts), num_images=num_images, seed=seed, height=height, width=width, progress=False, **options
         )
 
     def sample_images(self, prompts: list[str], seed: int, **settings: Any) -> list[Any]:
