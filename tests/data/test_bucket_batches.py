@@ -53,8 +53,8 @@ def test_every_batch_is_one_bucket_and_a_pass_keeps_every_sample(shards):
     for batch in batches:
         height, width = batch["images"].shape[-2:]
         assert (width, height) in BUCKETS
-        assert batch["target_size"].tolist() == [[height, width]] * len(batch["__key__"])
-        assert batch["original_size"].shape == (len(batch["__key__"]), 2)
+        assert batch["target_size_as_tuple"].tolist() == [[height, width]] * len(batch["__key__"])
+        assert batch["original_size_as_tuple"].shape == (len(batch["__key__"]), 2)
     full = [b for b in batches if len(b["__key__"]) == 3]
     assert len(batches) - len(full) <= len(BUCKETS)  # at most one partial batch per bucket, at the end
     sizes = Counter((b["images"].shape[-1], b["images"].shape[-2]) for b in batches for _ in b["__key__"])
@@ -91,7 +91,7 @@ def test_resume_continues_with_the_batches_of_the_uninterrupted_run(shards, num_
     for got, want in zip(consumed + rest, reference, strict=True):
         assert got["__key__"] == want["__key__"]
         assert torch.equal(got["images"], want["images"])  # random crops and flips replay too
-        assert torch.equal(got["crop_top_left"], want["crop_top_left"])
+        assert torch.equal(got["crop_coords_top_left"], want["crop_coords_top_left"])
 
 
 def test_resume_decodes_only_the_pending_samples(shards):

@@ -75,8 +75,10 @@ def test_bucket_transform_resizes_crops_and_records_the_crop(center_crop, random
     for seed in range(12):
         out = transform(image, np.random.default_rng(seed))
         assert out["images"].shape == (3, 32, 64)
-        assert out["original_size"].tolist() == [70, 150] and out["target_size"].tolist() == [32, 64]
-        top, left = out["crop_top_left"].tolist()
+        assert out["original_size_as_tuple"].tolist() == [70, 150] and out[
+            "target_size_as_tuple"
+        ].tolist() == [32, 64]
+        top, left = out["crop_coords_top_left"].tolist()
         resized = resize_to_cover(image, 64, 32)
         assert resized.size == (69, 32) and top == 0 and 0 <= left <= 5
         if center_crop:
@@ -102,4 +104,6 @@ def test_one_square_bucket_equals_image_transform(center_crop, random_flip):
         image = _coordinate_image(*size)
         out = square(image, np.random.default_rng(i))
         assert torch.equal(out["images"], reference(image, np.random.default_rng(i))), size
-        assert out["original_size"].tolist() == [size[1], size[0]] and out["target_size"].tolist() == [24, 24]
+        assert out["original_size_as_tuple"].tolist() == [size[1], size[0]] and out[
+            "target_size_as_tuple"
+        ].tolist() == [24, 24]

@@ -120,7 +120,7 @@ def test_bucketed_precache_and_training_on_it(aspect_data, tmp_path):
         with torch.no_grad():
             mean, _ = task.first_stage.encode_moments(image["images"][None])
         torch.testing.assert_close(blob["mean"], mean[0], rtol=1e-4, atol=1e-5)
-        for key in ("original_size", "crop_top_left", "target_size"):
+        for key in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"):
             assert torch.equal(blob[key], image[key]), key
 
     pre_cfg = bucketed_config(root, str(tmp_path / "latents"), tmp_path / "pre", precached=True, max_steps=4)
@@ -128,7 +128,7 @@ def test_bucketed_precache_and_training_on_it(aspect_data, tmp_path):
     pre_task = LatentDiffusionTask(pre_cfg)
     original = pre_task.encode_batch
     pre_task.encode_batch = lambda batch, gen: (
-        shapes.append(batch["original_size"].shape) or original(batch, gen)
+        shapes.append(batch["original_size_as_tuple"].shape) or original(batch, gen)
     )
     result = train(pre_cfg, pre_task)
     assert len(result.losses) == 4 and all(torch.isfinite(torch.tensor(result.losses)))

@@ -11,9 +11,11 @@ from 1:1), is resized (bicubic, antialiased) to the smallest size that covers th
 (centred, or at a random offset). `BucketTransform` returns the image and, in the pixel units and (height, width) /
 (top, left) order of SDXL's size conditioning:
 
-    original_size  (2,) int64  the decoded image's (height, width) before resizing
-    crop_top_left  (2,) int64  the crop's (top, left) in the resized image (of the flipped image when flipped)
-    target_size    (2,) int64  the bucket's (height, width)
+    original_size_as_tuple  (2,) int64  the decoded image's (height, width) before resizing
+    crop_coords_top_left    (2,) int64  the crop's (top, left) in the resized image (the flipped one if flipped)
+    target_size_as_tuple    (2,) int64  the bucket's (height, width)
+
+(NeMo's / sgm's batch keys, which SDXL's size embedders read.)
 
 SD 1/2 ignore these entries; SDXL's size embedders read them. With one square bucket (R, R) the transform gives
 exactly `ImageTransform(R)`'s pixels, so it also serves unbucketed SDXL runs. Grouping samples into single-bucket
@@ -34,7 +36,11 @@ from t2i.data.transforms import to_tensor
 from t2i.errors import InvalidInputError
 
 Bucket = tuple[int, int]  # (width, height) in pixels
-MICRO_CONDITIONING: tuple[str, ...] = ("original_size", "crop_top_left", "target_size")
+MICRO_CONDITIONING: tuple[str, ...] = (
+    "original_size_as_tuple",
+    "crop_coords_top_left",
+    "target_size_as_tuple",
+)
 
 
 def make_buckets(
@@ -98,16 +104,16 @@ def resize_to_cover(image: Image.Image, width: int, height: int) -> Image.Image:
 def micro_conditioning(original: Bucket, crop: tuple[int, int], target: Bucket) -> dict[str, torch.Tensor]:
     """The micro-conditioning entries of one sample from (width, height) sizes and the crop's (left, top)."""
     return {
-        "original_size": torch.tensor([original[1], original[0]]),
-        "crop_top_left": torch.tensor([crop[1], crop[0]]),
-        "target_size": torch.tensor([target[1], target[0]]),
+        "original_size_as_tuple": torch.tensor([original[1], original[0]]),
+        "crop_coords_top_left": torch.tensor([crop[1], crop[0]]),
+        "target_size_as_tuple": torch.tensor([target[1], target[0]]),
     }
 
 
 @dataclass(frozen=True)
 class BucketTransform:
-    """PIL image -> ``{"images": (3, h, w) in [-1, 1], "original_size", "crop_top_left", "target_size"}`` with
-    (w, h) the image's nearest bucket (see the module docstring). Random crop and flip draw from the `rng`
+    """PIL image -> ``{"images": (3, h, w) in [-1, 1]}`` plus the `MICRO_CONDITIONING` entries, with (w, h) the
+    image's nearest bucket (see the module docstring). Random crop and flip draw from the `rng`
     passed in, in `ImageTransform`'s order (left, top, flip), so one square bucket reproduces it exactly."""
 
     buckets: tuple[Bucket, ...]

@@ -35,8 +35,9 @@ class DenoisingTask(DiffusionTask):
     loss: Any
     conditioner: Any
     precached: bool = False
-    # data.buckets: aspect-ratio bucketing (latent families); micro_conditioning: batches carry original_size /
-    # crop_top_left / target_size even without buckets (SDXL); latent_factor: pixels per latent cell
+    # data.buckets: aspect-ratio bucketing (latent families); micro_conditioning: batches carry the recorded
+    # sizes and crop (`t2i.data.buckets.MICRO_CONDITIONING`) even without buckets (SDXL); latent_factor: pixels
+    # per latent cell
     supports_buckets: bool = False
     micro_conditioning: bool = False
     latent_factor: int = 1

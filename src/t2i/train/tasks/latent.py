@@ -136,8 +136,8 @@ class LatentDiffusionTask(DenoisingTask):
 
     Batches: `{"images" (B, 3, H, W), "captions": list[str]}` online, or `{"image_encoded": {"mean", "logvar"}
     (B, C, h, w), "captions_encoded": {"embeddings" (B, T, D), "mask"}}` precached. With `data.buckets` every
-    batch is one bucket (H, W vary between batches) and carries `original_size` / `crop_top_left` /
-    `target_size` (B, 2).
+    batch is one bucket (H, W vary between batches) and carries `original_size_as_tuple` /
+    `crop_coords_top_left` / `target_size_as_tuple` (B, 2).
     """
 
     supports_buckets = True
