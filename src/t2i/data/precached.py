@@ -10,9 +10,9 @@ Format (one webdataset sample per image; every tensor blob is safetensors bytes,
 
 The ``image_encoded`` blob may also hold the image's micro-conditioning (``original_size_as_tuple``,
 ``crop_coords_top_left``, ``target_size_as_tuple``, each (2,) int64; `t2i.data.buckets`), which readers return as
-top-level entries like online batches. Readers yield ``{"image_encoded": {"mean", "logvar"}, "captions_encoded": {"embeddings", "mask"[,
-"pooled"]}, "captions": str[, "original_size_as_tuple", ...]}``; the DataLoader's default collate stacks
-the inner tensors to (B, ...).
+top-level entries like online batches. Readers yield ``{"image_encoded": {"mean", "logvar"},
+"captions_encoded": {"embeddings", "mask"[, "pooled"]}, "captions": str[, "original_size_as_tuple", ...]}``;
+the DataLoader's default collate stacks the inner tensors to (B, ...).
 """
 
 from __future__ import annotations
