@@ -46,12 +46,14 @@ def encode_precached_sample(
     caption: str | None = None,
     pooled: torch.Tensor | None = None,
     micro: dict[str, torch.Tensor] | None = None,
+    more_text: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Tar members of one precached sample, ready for ``webdataset.TarWriter.write``.
 
     Shapes: mean/logvar (C, h, w), embeddings (T, D), mask (T,), pooled (D,); `micro` = the image's
-    micro-conditioning (`t2i.data.buckets.MICRO_CONDITIONING`, each (2,)), stored beside the moments. Tensors are
-    stored as given (dtype kept), made contiguous and moved to CPU.
+    micro-conditioning (`t2i.data.buckets.MICRO_CONDITIONING`, each (2,)), stored beside the moments; `more_text` =
+    more text tensors stored beside the embeddings (SDXL's second encoder: `embeddings_1`, `mask_1`, `pooled_1`).
+    Tensors are stored as given (dtype kept), made contiguous and moved to CPU.
     """
     if mean.shape != logvar.shape or embeddings.shape[0] != mask.shape[0]:
         raise InvalidInputError(
@@ -59,9 +61,8 @@ def encode_precached_sample(
             f"{tuple(embeddings.shape)} / mask {tuple(mask.shape)} must agree"
         )
     moments = {"mean": mean, "logvar": logvar} | (micro or {})
-    text = {"embeddings": embeddings, "mask": mask.bool()} | (
-        {"pooled": pooled} if pooled is not None else {}
-    )
+    extra = {k: v.bool() if k.startswith("mask") else v for k, v in (more_text or {}).items()}
+    text = {"embeddings": embeddings, "mask": mask.bool()} | ({"pooled": pooled} if pooled is not None else {}) | extra
     sample = {
         "__key__": key,
         IMAGE_ENCODED: save_tensors({k: v.detach().cpu().contiguous() for k, v in moments.items()}),

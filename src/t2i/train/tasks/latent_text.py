@@ -60,12 +60,16 @@ def read_stored_uncond(path: Path, index: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def task_conditioner(m: Any, encoder: Callable[[str], nn.Module], unet: nn.Module, stored: Path | None) -> Conditioner:
+def task_conditioner(
+    m: Any, encoder: Callable[[str], nn.Module], unet: nn.Module, stored: Path | None
+) -> Conditioner:
     """The conditioner of `m.embedders()`, its text embedders reading `encoder(name)` on first use and, with a
     stored `uncond.safetensors`, their encoding of "" from it; widths checked against the `unet` actually
     trained (a base pipeline's may differ from `m.unet_config`)."""
     names = text_encoder_names_of(m)
-    empty = [None if stored is None else (lambda i=i: read_stored_uncond(stored, i)) for i in range(len(names))]
+    empty = [
+        None if stored is None else (lambda i=i: read_stored_uncond(stored, i)) for i in range(len(names))
+    ]
     conditioner = build_conditioner(m, [lambda name=name: encoder(name) for name in names], empty)
     config = getattr(unet, "unet_config", None)
     if config is not None:
