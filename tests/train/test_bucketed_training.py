@@ -70,6 +70,7 @@ class RecordingTask(LatentDiffusionTask):
 
     def training_loss(self, batch, generator):
         self.__dict__.setdefault("sizes", []).append(tuple(batch["images"].shape[-2:]))
+        self.__dict__.setdefault("keys", []).append(list(batch["__key__"]))
         return super().training_loss(batch, generator)
 
 
@@ -165,3 +166,36 @@ def test_stats_json_census_is_used_for_precached_runs(tmp_path):
     (tmp_path / "stats.json").write_text(json.dumps({"buckets": {"16x32": 5, "32x16": 2}}))
     assert stored_census([str(tmp_path / "precached-{00000..00001}.tar")]) == {(16, 32): 5, (32, 16): 2}
     assert stored_census([str(tmp_path / "missing" / "x.tar")]) is None
+
+
+def _torchrun(root: Path, shards: str, out: Path, resume: str = "none") -> list[dict]:
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import SRC, _free_port
+
+    worker = Path(__file__).with_name("bucket_ddp_worker.py")
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(worker), str(root), shards, str(out),
+           resume]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_ddp_ranks_bucket_their_own_shares_and_resume_exactly(aspect_data, tmp_path):
+    root, shards = aspect_data
+    full = _torchrun(root, shards, tmp_path / "full")
+    first_epoch = [k for rank in full for keys in rank["keys"][:2] for k in keys]
+    assert len(first_epoch) == len(set(first_epoch)) == 12  # ranks read disjoint shards (one each)
+    for rank in full:
+        assert all(len(set(keys)) <= 3 for keys in rank["keys"]) and len(rank["losses"]) == 4
+    resumed = _torchrun(root, shards, tmp_path / "resumed", str(tmp_path / "full" / "ckpt-000002"))
+    assert resumed[0]["losses"] == full[0]["losses"]  # the checkpoint's history is rank 0's
+    for before, after in zip(full, resumed, strict=True):
+        assert after["losses"][2:] == before["losses"][2:]
+        assert after["sizes"] == before["sizes"][2:] and after["keys"] == before["keys"][2:]
