@@ -31,6 +31,17 @@ from t2i.errors import InvalidInputError
 Size = tuple[int, int]  # (width, height)
 
 
+def parse_sizes(text: str) -> list[Size]:
+    """``"48x24,24x48"`` -> [(48, 24), (24, 48)]; InvalidInputError naming the bad item."""
+    sizes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts) or min(int(p) for p in parts) < 12:
+            raise InvalidInputError(f"--sizes: {item.strip()!r} is not WIDTHxHEIGHT with both sides >= 12")
+        sizes.append((int(parts[0]), int(parts[1])))
+    return sizes
+
+
 def draw_shape_sized(
     colour: str, shape: str, position: str, width: int, height: int, rng: np.random.Generator | None = None
 ) -> Image.Image:
