@@ -45,3 +45,30 @@ def test_foreach_step_needs_a_parameter_sized_temporary_and_fused_does_not(resul
     grads = foreach["weights"]  # the step starts with every float32 gradient live
     assert foreach["optim_step"] >= 2 * grads * 0.99
     assert fused["optim_step"] <= grads * 1.05
+
+
+def test_simulated_activations_match_the_saved_tensors_of_a_real_forward(results):
+    """Independent count: the unique storages autograd saves for backward in a real (not fake) fp32 forward."""
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import sdxl_memory
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    torch.manual_seed(0)
+    trainee = sdxl_memory.Trainee(sdxl_memory.OPTIONS[0], smoke=True, batch=1, side=64, device="cpu")
+    inputs = [trainee.x, trainee.noise, trainee.t, trainee.context, trainee.y]  # made before the count starts
+    params = {p.untyped_storage().data_ptr() for p in [*trainee.unet.parameters(), *inputs]}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        trainee.forward()
+    simulated = results["fp32-nockpt-foreach-ema_device"]["saved"] * 1024**3
+    assert sum(saved.values()) == pytest.approx(simulated, rel=0.005)
