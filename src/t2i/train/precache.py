@@ -203,7 +203,7 @@ def precache_imagen(
             mean, logvar = first_stage.encode_moments(batch["images"])
             texts = captions.encode(list(batch["captions"]))
             for i, key in enumerate(batch["__key__"]):
-                embeddings, mask = texts[i]
+                embeddings, mask, _ = texts[i]
                 writer.write(
                     key,
                     mean=mean[i].to(store),
