@@ -104,6 +104,7 @@ def test_one_square_bucket_equals_image_transform(center_crop, random_flip):
         image = _coordinate_image(*size)
         out = square(image, np.random.default_rng(i))
         assert torch.equal(out["images"], reference(image, np.random.default_rng(i))), size
+        assert square.resolution == reference.resolution == 24
         assert out["original_size_as_tuple"].tolist() == [size[1], size[0]] and out[
             "target_size_as_tuple"
         ].tolist() == [24, 24]

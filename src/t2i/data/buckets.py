@@ -124,6 +124,12 @@ class BucketTransform:
         if not self.buckets or any(min(b) < 1 for b in self.buckets):
             raise InvalidInputError(f"buckets: expected positive (width, height) sizes, got {self.buckets!r}")
 
+    @property
+    def resolution(self) -> int:
+        """The shorter side a decoder must keep for any image to cover its bucket without upscaling (the
+        largest bucket side); what a reader's reduced-scale JPEG decoding may shrink an image to, at least."""
+        return max(max(b) for b in self.buckets)
+
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         original = image.size
         width, height = nearest_bucket(*original, self.buckets)
