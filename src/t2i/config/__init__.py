@@ -23,10 +23,13 @@ from t2i.config.imagen import (
 from t2i.config.latent import (
     AutoencoderConfig,
     AutoencoderLossConfig,
+    ConditionerConfig,
     CondStageConfig,
     DDConfig,
+    EmbedderConfig,
     FirstStageConfig,
     LatentDiffusionConfig,
+    SizeEmbedderConfig,
     UNetConfig,
 )
 from t2i.config.loading import (
@@ -42,6 +45,7 @@ from t2i.config.loading import (
 )
 from t2i.config.run import (
     MODEL_SCHEMAS,
+    BucketConfig,
     DataConfig,
     EMAConfig,
     ModelConfig,
@@ -56,13 +60,16 @@ __all__ = [
     "PRIOR_LOSSES",
     "AutoencoderConfig",
     "AutoencoderLossConfig",
+    "BucketConfig",
     "CondStageConfig",
+    "ConditionerConfig",
     "ContinuousDDPMConfig",
     "DDConfig",
     "DataConfig",
     "EDMConfig",
     "EMAConfig",
     "EfficientUNetConfig",
+    "EmbedderConfig",
     "FirstStageConfig",
     "ImagenConditioningConfig",
     "ImagenConfig",
@@ -76,6 +83,7 @@ __all__ = [
     "RunConfig",
     "SampleConfig",
     "SchedConfig",
+    "SizeEmbedderConfig",
     "TrainerConfig",
     "UNetConfig",
     "available_configs",
