@@ -2,7 +2,7 @@
 
 Base: `StableDiffusionXLPipeline` with two text encoders (a CLIPTextModel and a CLIPTextModelWithProjection whose
 tokenizer pads with "!"), a `text_time` UNet (y = pooled 32 + 6 time ids x 8 = 80) and the released base's
-scheduler config (Euler, leading spacing, steps_offset 1). Refiner: `StableDiffusionXLImg2ImgPipeline` with the
+scheduler config (Euler, leading spacing, steps_offset 1, clip_sample false). Refiner: `StableDiffusionXLImg2ImgPipeline` with the
 second encoder only, `requires_aesthetics_score` (5 time ids: y = 32 + 40 = 72) and
 `force_zeros_for_empty_prompt: false`, as the released refiner folder says.
 """
@@ -26,6 +26,11 @@ SCHEDULER = {
     "steps_offset": 1,
     "interpolation_type": "linear",
     "use_karras_sigmas": False,
+    # keys of the released scheduler_config.json that other classes read through from_config (DDIM would
+    # clip x0 to [-1, 1] by default)
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
 }
 
 
@@ -119,7 +124,7 @@ def tiny_sdxl_pipeline(refiner: bool = False):
         "text_encoder_2": second,
         "tokenizer_2": tiny_tokenizer_2(),
         "unet": tiny_sdxl_unet(refiner, seed=11 if refiner else 0),
-        "scheduler": EulerDiscreteScheduler(**SCHEDULER),
+        "scheduler": EulerDiscreteScheduler.from_config(SCHEDULER),
     }
     if refiner:
         return StableDiffusionXLImg2ImgPipeline(
