@@ -1,7 +1,7 @@
 """Tiny random SDXL pipelines built with diffusers + transformers (the independent reference).
 
 Base: `StableDiffusionXLPipeline` with two text encoders (a CLIPTextModel and a CLIPTextModelWithProjection whose
-tokenizer pads with "!"), a `text_time` UNet (y = pooled 32 + 6 time ids x 8 = 80) and the released base's
+tokenizer pads with "!"), a `text_time` UNet (context 32 + 48, y = pooled 32 + 6 time ids x 8 = 80) and the released base's
 scheduler config (Euler, leading spacing, steps_offset 1, clip_sample false). Refiner: `StableDiffusionXLImg2ImgPipeline` with the
 second encoder only, `requires_aesthetics_score` (5 time ids: y = 32 + 40 = 72) and
 `force_zeros_for_empty_prompt: false`, as the released refiner folder says.
@@ -15,7 +15,10 @@ import torch
 from sd_helpers import MAX_LENGTH, SIZE, tiny_clip_tokenizer
 
 TIME_DIM = 8  # addition_time_embed_dim (256 in the released models)
+# Text widths differ, as CLIP-L (768) and bigG (1280) do: diffusers' from_single_file tells the towers apart by
+# their width.
 TEXT_DIM = 32
+TEXT_DIM_2 = 48
 POOLED_DIM = 32
 SCHEDULER = {
     "beta_start": 0.00085,
@@ -50,7 +53,6 @@ def tiny_text_encoders(seed: int = 0):
 
     common = {
         "vocab_size": 521,
-        "hidden_size": TEXT_DIM,
         "intermediate_size": 48,
         "num_hidden_layers": 3,
         "num_attention_heads": 4,
@@ -58,9 +60,9 @@ def tiny_text_encoders(seed: int = 0):
         "eos_token_id": 520,
     }
     torch.manual_seed(seed)
-    first = CLIPTextModel(CLIPTextConfig(**common, hidden_act="quick_gelu")).eval()
+    first = CLIPTextModel(CLIPTextConfig(**common, hidden_size=TEXT_DIM, hidden_act="quick_gelu")).eval()
     second = CLIPTextModelWithProjection(
-        CLIPTextConfig(**common, hidden_act="gelu", projection_dim=POOLED_DIM)
+        CLIPTextConfig(**common, hidden_size=TEXT_DIM_2, hidden_act="gelu", projection_dim=POOLED_DIM)
     ).eval()
     return first, second
 
@@ -88,7 +90,7 @@ def tiny_sdxl_unet(refiner: bool, seed: int = 0):
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         transformer_layers_per_block=(1, 2),
-        cross_attention_dim=TEXT_DIM if refiner else 2 * TEXT_DIM,
+        cross_attention_dim=TEXT_DIM_2 if refiner else TEXT_DIM + TEXT_DIM_2,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_DIM,
         projection_class_embeddings_input_dim=POOLED_DIM + time_ids * TIME_DIM,

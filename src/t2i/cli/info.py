@@ -79,7 +79,6 @@ def folder_components_on_meta(root: Path) -> dict[str, Any]:
     from t2i.models.unet import UNetModel
     from t2i.pipelines.build import read_json
     from t2i.pipelines.sd_folder import read_model_index
-
     from t2i.pipelines.sdxl_folder import TEXT_NAMES, is_sdxl_folder, read_sdxl_index
 
     index = read_sdxl_index(root) if is_sdxl_folder(root) else read_model_index(root)
@@ -128,6 +127,16 @@ def single_file_counts(path: Path) -> dict[str, tuple[str, int]]:
     if parts.text:
         sd1 = any(k.startswith("transformer.") for k in parts.text)
         counts["text_encoder"] = ("CLIPTextModel" if sd1 else "OpenCLIPTextTower", total(parts.text))
+    if parts.sgm:  # sgm (SDXL): OpenCLIP towers carry the pooled projection, named as diffusers does
+        from t2i.convert.sgm_keys import embedder_prefix
+        from t2i.convert.text_keys import strip_prefix
+        from t2i.pipelines.single_file import sgm_towers
+        from t2i.text.conditioner import text_encoder_names
+
+        towers = sgm_towers(parts.sgm)
+        for name, (index, kind) in zip(text_encoder_names([k == "openclip" for _, k in towers]), towers, strict=True):
+            tower = strip_prefix(parts.sgm, embedder_prefix(index, kind))
+            counts[name] = ("CLIPTextModel" if kind == "clip" else "OpenCLIPTextTower", total(tower))
     return counts
 
 

@@ -545,3 +545,10 @@ class LatentPipeline(LoraMethods):
         from t2i.pipelines.sd_folder import save_pipeline
 
         return save_pipeline(self, path)
+
+    def save_single_file(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write one original-layout `.safetensors` checkpoint (CompVis for SD 1/2, sgm for SDXL) that diffusers'
+        `from_single_file` and `t2i.load_pipeline(path, config=...)` read (`t2i.pipelines.single_file_save`)."""
+        from t2i.pipelines.single_file_save import save_single_file
+
+        return save_single_file(self, path, dtype)
