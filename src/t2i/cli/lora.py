@@ -16,16 +16,19 @@ import json
 import sys
 from typing import Any
 
+from t2i.cli.common import add_command
 from t2i.config import PRIOR_LOSSES
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "lora",
-        help="train LoRA adapters / measure personalisation",
-        description="LoRA fine-tuning on top of any pipeline t2i loads.",
-    )
+    parser = add_command(subparsers, "lora", _help, help="train LoRA adapters / measure personalisation",
+                         description="LoRA fine-tuning on top of any pipeline t2i loads.")  # fmt: skip
     add_lora_commands(parser)
+
+
+def _help(args: argparse.Namespace) -> int:
+    """`t2i lora` alone: the actions are required, so argparse has already said which; nothing to run."""
+    return 2
 
 
 def add_lora_commands(parser: argparse.ArgumentParser) -> None:
