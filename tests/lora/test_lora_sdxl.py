@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from sd_helpers import SIZE, initial_latents
 from sdxl_helpers import tiny_sdxl_pipeline
+from test_lora_files import randomize_lora_b
 
 import t2i
 from t2i.lora import apply_lora, load_lora, save_lora_file
-from t2i.lora.peft_lora import lora_layers
 
 TOL = 1e-5
 
@@ -28,14 +28,6 @@ def sdxl_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sdxl_lora_base")
     tiny_sdxl_pipeline().save_pretrained(folder)
     return folder
-
-
-def randomize_lora_b(model: torch.nn.Module, seed: int, std: float = 0.3) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for b in layer.lora_B.values():
-                b.weight.copy_(torch.randn(b.weight.shape, generator=gen) * std)
 
 
 def generate(pipe, seed: int = 0) -> np.ndarray:
@@ -60,7 +52,7 @@ def test_t2i_sdxl_lora_changes_diffusers_images_as_it_changes_ours(sdxl_dir, tmp
     apply_lora(trained.text_encoder.model, rank=2, alpha=2.0)
     apply_lora(trained.text_encoder_2.model, rank=2, alpha=4.0)
     for i, module in enumerate((trained.unet, trained.text_encoder.model, trained.text_encoder_2.model)):
-        randomize_lora_b(module, seed=4 + i)
+        randomize_lora_b(module, seed=4 + i, std=0.3)
     path = save_lora_file(trained, tmp_path / "style.safetensors", naming=naming)
     keys = list(load_file(str(path)))
     if naming == "kohya":

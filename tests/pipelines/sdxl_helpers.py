@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from sd_helpers import MAX_LENGTH, SIZE, tiny_clip_tokenizer
+from sd_helpers import MAX_LENGTH, UNET_BLOCKS, tiny_clip_tokenizer, tiny_vae
 
 TIME_DIM = 8  # addition_time_embed_dim (256 in the released models)
 # Text widths differ, as CLIP-L (768) and bigG (1280) do: diffusers' from_single_file tells the towers apart by
@@ -80,13 +80,7 @@ def tiny_sdxl_unet(refiner: bool, seed: int = 0):
     torch.manual_seed(seed)
     time_ids = 5 if refiner else 6
     unet = UNet2DConditionModel(
-        sample_size=SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **UNET_BLOCKS,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         transformer_layers_per_block=(1, 2),
@@ -99,21 +93,9 @@ def tiny_sdxl_unet(refiner: bool, seed: int = 0):
     return randomized(unet, seed + 100)
 
 
-def tiny_vae():
-    from diffusers import AutoencoderKL
-
+def sdxl_vae():
     torch.manual_seed(3)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=SIZE,
-        scaling_factor=0.13025,
-    ).eval()
+    return tiny_vae(scaling_factor=0.13025).eval()
 
 
 def tiny_sdxl_pipeline(refiner: bool = False):
@@ -122,7 +104,7 @@ def tiny_sdxl_pipeline(refiner: bool = False):
 
     first, second = tiny_text_encoders(seed=7 if refiner else 0)
     components = {
-        "vae": tiny_vae(),
+        "vae": sdxl_vae(),
         "text_encoder_2": second,
         "tokenizer_2": tiny_tokenizer_2(),
         "unet": tiny_sdxl_unet(refiner, seed=11 if refiner else 0),

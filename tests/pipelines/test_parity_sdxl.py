@@ -29,12 +29,8 @@ SCHEDULER_OF = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _quiet_loaders():
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+def _quiet(quiet_loaders):
+    return quiet_loaders
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +182,48 @@ def test_save_pretrained_round_trips_through_diffusers_and_t2i(tmp_path, base_di
     ours = t2i.load_pipeline(saved).reconstruct(**image, sampler="euler", generator=torch.Generator().manual_seed(1),
                                                progress=False)  # fmt: skip
     assert_close(pixels(ours), ref)
+
+
+def test_vp_samplers_are_those_whose_diffusers_scheduler_starts_at_unit_scale():
+    """Latents handed between base and refiner are on the scheduler's own scale: VP exactly when diffusers'
+    init_noise_sigma is 1 (what `conditioning.VP_SAMPLERS` lists)."""
+    import diffusers
+    from sdxl_helpers import SCHEDULER
+
+    from t2i.diffusion.plans import SCHEDULER_FOR_SAMPLER
+    from t2i.pipelines.conditioning import VP_SAMPLERS
+
+    for sampler, (class_name, extra) in SCHEDULER_FOR_SAMPLER.items():
+        scheduler = getattr(diffusers, class_name).from_config({**SCHEDULER, **extra})
+        scheduler.set_timesteps(10)
+        assert (float(scheduler.init_noise_sigma) == 1.0) == (sampler in VP_SAMPLERS), sampler
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"aesthetic_score": 6.0}, "aesthetic_score: this model is not conditioned on it"),
+        ({"original_size": (32,)}, "original_size: .*expected two numbers"),
+        ({"negative_target_size": "big"}, "negative_target_size"),
+        ({"denoising_end": 1.5}, r"denoising_end: 1.5; expected a number in \(0, 1\)"),
+        ({"denoising_end": 0.01}, "denoising_end: 0.01 leaves no step"),
+        ({"output_type": "np"}, "output_type: 'np'; expected pil or latent"),
+        ({"crop": (0, 0)}, "crop: unknown argument"),
+    ],
+)
+def test_bad_sdxl_arguments_are_one_line_errors(base, kwargs, message):
+    from t2i.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=message):
+        base.generate("red", height=SIZE, width=SIZE, steps=4, progress=False, **kwargs)
+
+
+def test_refiner_arguments_are_checked(refiner):
+    from t2i.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="target_size: this model is not conditioned on it"):
+        refiner.reconstruct("red", initial_latents(1), steps=4, target_size=(32, 32), progress=False)
+    with pytest.raises(InvalidInputError, match="denoising_start needs latents"):
+        refiner.reconstruct("red", torch.rand(1, 3, SIZE, SIZE), steps=4, denoising_start=0.5, progress=False)
+    with pytest.raises(InvalidInputError, match="denoising_start: 0.999 leaves no step"):
+        refiner.reconstruct("red", initial_latents(1), steps=4, denoising_start=0.999, progress=False)

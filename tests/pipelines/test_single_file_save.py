@@ -24,13 +24,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _offline(monkeypatch_module):
+def _offline(monkeypatch_module, quiet_loaders):
     monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
 
 
 @pytest.fixture(scope="module")
