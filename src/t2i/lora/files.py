@@ -260,7 +260,11 @@ def match_to_modules(
 
 
 def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a `.safetensors` LoRA file; LoraError for a missing or unreadable file."""
+    """The tensors of a `.safetensors` LoRA file.
+
+    LoraError for a missing or unreadable file, a file with no tensors (it would change nothing, silently)
+    and a tensor holding NaN or infinity (it would turn every image into noise); the message names the key.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -268,18 +272,31 @@ def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise LoraError(f"{path}: no such LoRA file; expected a .safetensors file")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoraError(f"{path}: not a readable safetensors file ({exc.__class__.__name__})") from None
+    if not tensors:
+        raise LoraError(f"{path}: holds no tensors; expected LoRA weights (lora_A/lora_B or lora_down/lora_up)")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+            raise LoraError(f"{path}: {key} holds {bad} values; expected finite LoRA weights")
+    return tensors
 
 
 def read_lora_metadata(path: str | Path) -> dict[str, Any]:
     """What t2i recorded in the file header (rank, alpha, targets), or {} for foreign files."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        raw = (handle.metadata() or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoraError(f"{path}: not a readable safetensors file ({exc.__class__.__name__})") from None
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        raise LoraError(f"{path}: its {METADATA_KEY} header entry is not JSON") from None
 
 
 # ------------------------------------------------------------------------------------------ writing

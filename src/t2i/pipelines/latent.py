@@ -37,7 +37,7 @@ from t2i.diffusion.denoisers import DiscreteDenoiser
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.parameterization import normalize_prediction
 from t2i.diffusion.plans import SamplingPlan, make_plan
-from t2i.diffusion.samplers import get_sampler
+from t2i.diffusion.samplers import Callback, get_sampler
 from t2i.diffusion.schedules import DiscreteSchedule
 from t2i.diffusion.tensors import Generators, randn
 from t2i.errors import InvalidInputError
@@ -307,10 +307,20 @@ class LatentPipeline(LoraMethods):
         return height, width
 
     @staticmethod
-    def make_generator(seed: int | None, generator: Generators) -> torch.Generator | list[torch.Generator]:
-        """`generator` (one, or a list with one per output image) when given, else one seeded by `seed`."""
+    def make_generator(
+        seed: int | None, generator: Generators, rows: int | None = None
+    ) -> torch.Generator | list[torch.Generator]:
+        """`generator` (one, or a list with one per output image, `rows` of them) when given, else one seeded by
+        `seed`."""
+        if isinstance(generator, torch.Generator):
+            return generator
         if generator is not None:
-            return generator if isinstance(generator, torch.Generator) else list(generator)
+            generator = list(generator)
+            if rows is not None and len(generator) != rows:
+                raise InvalidInputError(
+                    f"generator: {len(generator)} generators for {rows} images; expected one per image"
+                )
+            return generator
         if seed is None:
             seed = random.randrange(2**63)
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
@@ -358,6 +368,7 @@ class LatentPipeline(LoraMethods):
         eta: float | None = None,
         progress: bool = True,
         generator: Generators = None,
+        callback: Callback | None = None,
         denoising_end: float | None = None,
         output_type: str = "pil",
         **micro_conditioning: Any,
@@ -366,6 +377,7 @@ class LatentPipeline(LoraMethods):
         B = len(prompts) * num_images; when None they are drawn from `generator` (or `seed`). `generator` may be a
         list of B generators: each image then draws all its noise from its own, so it is the same whatever else
         shares its batch. `eta` None keeps the sampler's default (ancestral samplers: 1, DDIM: 0).
+        `callback(i, sigma, x, x0)` runs after each step's model evaluation (see `t2i.diffusion.samplers`).
 
         SDXL: `micro_conditioning` takes diffusers' keywords (`original_size`, `crops_coords_top_left`,
         `target_size`, `aesthetic_score` and their `negative_` forms; see `t2i.pipelines.conditioning`).
@@ -382,9 +394,9 @@ class LatentPipeline(LoraMethods):
         if denoising_end is not None:
             plan = head_plan(plan, self.schedule, denoising_end)
         options = self.sampler_options(plan.sampler, eta)
-        generator = self.make_generator(seed, generator)
         f = self.first_stage.downsample_factor
         shape = (len(prompts) * num_images, self.first_stage.latent_channels, height // f, width // f)
+        generator = self.make_generator(seed, generator, shape[0])
         if latents is None:
             latents = randn(shape, generator)
         elif tuple(latents.shape) != shape:
@@ -395,6 +407,7 @@ class LatentPipeline(LoraMethods):
             latents.to(self.device, torch.float32),
             cond,
             generator=generator,
+            callback=callback,
             progress=progress,
             **options,
         )
@@ -425,7 +438,8 @@ class LatentPipeline(LoraMethods):
         use_karras_sigmas: bool = False,
         eta: float | None = None,
         progress: bool = True,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
+        callback: Callback | None = None,
         denoising_start: float | None = None,
         output_type: str = "pil",
         **micro_conditioning: Any,
@@ -435,6 +449,7 @@ class LatentPipeline(LoraMethods):
 
         `image`: a PIL image, a list of them (one per prompt), a tensor (B, 3, H, W) in [0, 1], or latents
         (B, latent channels, h, w) scaled as `generate(output_type="latent")` returns them.
+        `generator` and `callback` as in `generate` (a list: one generator per prompt).
         `denoising_start` (0, 1), with latents from a base's `generate(denoising_end=...)`: the refiner half of
         an ensemble of experts. It replaces `strength`, and the latents are taken as they are (no noise added).
         `micro_conditioning`: as in `generate`; sizes default to the image's.
@@ -446,7 +461,7 @@ class LatentPipeline(LoraMethods):
             raise InvalidInputError(f"strength: {strength!r}; expected a number in (0, 1]")
         plan = self.plan(sampler, steps, use_karras_sigmas)
         options = self.sampler_options(plan.sampler, eta)
-        generator = self.make_generator(seed, generator)
+        generator = self.make_generator(seed, generator, len(prompts))
         given_latents = self.given_latents(image, len(prompts))
         if denoising_start is not None:
             if given_latents is None:
@@ -463,17 +478,23 @@ class LatentPipeline(LoraMethods):
                 )
             if given_latents is None:
                 pixels = self.prepare_images(image, len(prompts), height, width)
-                z0 = self.first_stage.encode(pixels.to(self.device) * 2 - 1, generator=generator).float()
+                z0 = self.encode_images(pixels.to(self.device) * 2 - 1, generator).float()
             else:
                 z0 = given_latents.to(self.device, torch.float32)
             tail = tail_plan(plan, steps - denoise_steps)
-            noise = torch.randn(z0.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            noise = randn(z0.shape, generator)
             x = z0 + float(tail.sigmas[0]) * noise.to(z0.device)
         f = self.first_stage.downsample_factor
         size = (int(x.shape[2]) * f, int(x.shape[3]) * f)
         cond = self.conditioning(prompts, negative_prompt, 1, guidance_scale, size, micro)
         x = tail.sample(
-            self.denoiser(guidance_scale, tail), x, cond, generator=generator, progress=progress, **options
+            self.denoiser(guidance_scale, tail),
+            x,
+            cond,
+            generator=generator,
+            callback=callback,
+            progress=progress,
+            **options,
         )
         return self.output(x, output_type)
 
@@ -489,6 +510,15 @@ class LatentPipeline(LoraMethods):
         if image.shape[0] != count:
             raise InvalidInputError(f"image: {image.shape[0]} latents for {count} prompts; expected 1 or {count}")
         return image
+
+    def encode_images(self, images: torch.Tensor, generator: Generators) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> sampled latents; with a list, row i's sample from generator i."""
+        if not isinstance(generator, list):
+            return self.first_stage.encode(images, generator=generator)
+        mean, logvar = self.first_stage.encode_moments(images)
+        return torch.cat(
+            [self.first_stage.z_from_moments(mean[i : i + 1], logvar[i : i + 1], g) for i, g in enumerate(generator)]
+        )
 
     def prepare_images(self, image: Any, count: int, height: int | None, width: int | None) -> torch.Tensor:
         """PIL image(s) or a [0, 1] tensor -> (count, 3, H, W) float32 in [0, 1] at a valid size."""

@@ -17,7 +17,6 @@ encoder as a (truncated) Hugging Face model, so it is written in SD 1's layout: 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +87,13 @@ def single_file_state(pipe: Any, dtype: torch.dtype | None = None) -> dict[str, 
 
 
 def save_single_file(pipe: Any, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write `pipe` (SD 1/2 or SDXL) as one `.safetensors` file in the original key layout; atomically (a
-    `.partial` file renamed into place). Returns the path."""
-    from safetensors.torch import save_file
+    """Write `pipe` (SD 1/2 or SDXL) as one `.safetensors` file in the original key layout, streamed and atomic
+    (`t2i.atomic`: a full disk is a DiskFullError and leaves no partial file). Returns the path."""
+    from t2i.atomic import atomic_write, tensor_bytes, write_safetensors
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise InvalidInputError(f"{path}: expected a .safetensors path for the single file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file(single_file_state(pipe, dtype), str(partial), metadata={"format": "pt"})
-    os.replace(partial, path)
-    return path
+    tensors = single_file_state(pipe, dtype)
+    return atomic_write(path, lambda f: write_safetensors(f, tensors, {"format": "pt"}), tensor_bytes(tensors))
