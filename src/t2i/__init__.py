@@ -14,6 +14,7 @@ _LAZY = {
     "load_pipeline": "t2i.pipelines.loading",
     "load_cascade": "t2i.pipelines.cascade",
     "load_config": "t2i.config",
+    "save_single_file": "t2i.pipelines.single_file_save",
     "T2IError": "t2i.errors",
 }
 

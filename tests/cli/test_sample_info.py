@@ -49,6 +49,36 @@ def test_info_sd2_and_imagen_configs(capsys):
     assert len(imagen) == 1 and imagen[0].startswith("unet: ImagenUNet ")
 
 
+def test_info_sdxl_and_refiner_print_exact_counts(capsys):
+    """UNet, VAE, CLIP ViT-L/14 and bigG/14 with its projection (diffusers' CLIPTextModelWithProjection); the
+    refiner has bigG alone, as text_encoder_2."""
+    assert info_lines(capsys, "sdxl") == [
+        "unet: UNetModel 2,567,463,684",
+        "vae: AutoencoderKL 83,653,863",
+        "text_encoder: CLIPTextModel 123,060,480",
+        "text_encoder_2: CLIPTextModelWithProjection 694,659,840",
+    ]
+    assert info_lines(capsys, "sdxl-refiner") == [
+        "unet: UNetModel 2,259,526,660",
+        "vae: AutoencoderKL 83,653,863",
+        "text_encoder_2: CLIPTextModelWithProjection 694,659,840",
+    ]
+
+
+def test_info_sdxl_folder_matches_diffusers(capsys, tmp_path):
+    import diffusers
+    from sdxl_helpers import tiny_sdxl_pipeline
+
+    for refiner in (False, True):
+        folder = tmp_path / f"sdxl_{refiner}"
+        reference = tiny_sdxl_pipeline(refiner)
+        reference.save_pretrained(folder)
+        expected = {name: sum(p.numel() for p in module.parameters())
+                    for name, module in reference.components.items() if isinstance(module, diffusers.ModelMixin)
+                    or name.startswith("text_encoder") and module is not None}  # fmt: skip
+        assert parse_counts(info_lines(capsys, str(folder))) == expected
+
+
 def diffusers_counts(folder: Path) -> dict[str, int]:
     import diffusers
     import transformers

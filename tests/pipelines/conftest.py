@@ -20,3 +20,13 @@ def sd2_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("sd2_diffusers")
     tiny_diffusers_pipeline("sd2").save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def quiet_loaders():
+    """No progress bars from diffusers' and transformers' loaders."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()

@@ -55,10 +55,40 @@ def tiny_clip_tokenizer(max_length: int = MAX_LENGTH):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
+# The tiny UNet's blocks: one level without attention, one with (latents 16 x 16).
+UNET_BLOCKS = {
+    "sample_size": SIZE // 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
+
+
+def tiny_vae(**overrides):
+    """A random diffusers AutoencoderKL downsampling by 2 (4 latent channels)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        **{
+            "in_channels": 3,
+            "out_channels": 3,
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "sample_size": SIZE,
+            **overrides,
+        }
+    )
+
+
 def tiny_diffusers_pipeline(style: str):
     """A random diffusers StableDiffusionPipeline: `sd1` (eps, conv proj) or `sd2` (v, linear proj, 2 heads...)."""
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         PNDMScheduler,
         StableDiffusionPipeline,
@@ -69,27 +99,12 @@ def tiny_diffusers_pipeline(style: str):
     torch.manual_seed(0 if style == "sd1" else 1)
     sd2 = style == "sd2"
     unet = UNet2DConditionModel(
-        sample_size=SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **UNET_BLOCKS,
         cross_attention_dim=32,
         attention_head_dim=(2, 4) if sd2 else 4,
         use_linear_projection=sd2,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=SIZE,
-    )
+    vae = tiny_vae()
     text = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=521,

@@ -1,8 +1,8 @@
 """Tiny random SDXL pipelines built with diffusers + transformers (the independent reference).
 
 Base: `StableDiffusionXLPipeline` with two text encoders (a CLIPTextModel and a CLIPTextModelWithProjection whose
-tokenizer pads with "!"), a `text_time` UNet (y = pooled 32 + 6 time ids x 8 = 80) and the released base's
-scheduler config (Euler, leading spacing, steps_offset 1). Refiner: `StableDiffusionXLImg2ImgPipeline` with the
+tokenizer pads with "!"), a `text_time` UNet (context 32 + 48, y = pooled 32 + 6 time ids x 8 = 80) and the released base's
+scheduler config (Euler, leading spacing, steps_offset 1, clip_sample false). Refiner: `StableDiffusionXLImg2ImgPipeline` with the
 second encoder only, `requires_aesthetics_score` (5 time ids: y = 32 + 40 = 72) and
 `force_zeros_for_empty_prompt: false`, as the released refiner folder says.
 """
@@ -12,10 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from sd_helpers import MAX_LENGTH, SIZE, tiny_clip_tokenizer
+from sd_helpers import MAX_LENGTH, UNET_BLOCKS, tiny_clip_tokenizer, tiny_vae
 
 TIME_DIM = 8  # addition_time_embed_dim (256 in the released models)
+# Text widths differ, as CLIP-L (768) and bigG (1280) do: diffusers' from_single_file tells the towers apart by
+# their width.
 TEXT_DIM = 32
+TEXT_DIM_2 = 48
 POOLED_DIM = 32
 SCHEDULER = {
     "beta_start": 0.00085,
@@ -26,6 +29,11 @@ SCHEDULER = {
     "steps_offset": 1,
     "interpolation_type": "linear",
     "use_karras_sigmas": False,
+    # keys of the released scheduler_config.json that other classes read through from_config (DDIM would
+    # clip x0 to [-1, 1] by default)
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
 }
 
 
@@ -45,7 +53,6 @@ def tiny_text_encoders(seed: int = 0):
 
     common = {
         "vocab_size": 521,
-        "hidden_size": TEXT_DIM,
         "intermediate_size": 48,
         "num_hidden_layers": 3,
         "num_attention_heads": 4,
@@ -53,9 +60,9 @@ def tiny_text_encoders(seed: int = 0):
         "eos_token_id": 520,
     }
     torch.manual_seed(seed)
-    first = CLIPTextModel(CLIPTextConfig(**common, hidden_act="quick_gelu")).eval()
+    first = CLIPTextModel(CLIPTextConfig(**common, hidden_size=TEXT_DIM, hidden_act="quick_gelu")).eval()
     second = CLIPTextModelWithProjection(
-        CLIPTextConfig(**common, hidden_act="gelu", projection_dim=POOLED_DIM)
+        CLIPTextConfig(**common, hidden_size=TEXT_DIM_2, hidden_act="gelu", projection_dim=POOLED_DIM)
     ).eval()
     return first, second
 
@@ -73,17 +80,11 @@ def tiny_sdxl_unet(refiner: bool, seed: int = 0):
     torch.manual_seed(seed)
     time_ids = 5 if refiner else 6
     unet = UNet2DConditionModel(
-        sample_size=SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **UNET_BLOCKS,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         transformer_layers_per_block=(1, 2),
-        cross_attention_dim=TEXT_DIM if refiner else 2 * TEXT_DIM,
+        cross_attention_dim=TEXT_DIM_2 if refiner else TEXT_DIM + TEXT_DIM_2,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_DIM,
         projection_class_embeddings_input_dim=POOLED_DIM + time_ids * TIME_DIM,
@@ -92,21 +93,9 @@ def tiny_sdxl_unet(refiner: bool, seed: int = 0):
     return randomized(unet, seed + 100)
 
 
-def tiny_vae():
-    from diffusers import AutoencoderKL
-
+def sdxl_vae():
     torch.manual_seed(3)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=SIZE,
-        scaling_factor=0.13025,
-    ).eval()
+    return tiny_vae(scaling_factor=0.13025).eval()
 
 
 def tiny_sdxl_pipeline(refiner: bool = False):
@@ -115,11 +104,11 @@ def tiny_sdxl_pipeline(refiner: bool = False):
 
     first, second = tiny_text_encoders(seed=7 if refiner else 0)
     components = {
-        "vae": tiny_vae(),
+        "vae": sdxl_vae(),
         "text_encoder_2": second,
         "tokenizer_2": tiny_tokenizer_2(),
         "unet": tiny_sdxl_unet(refiner, seed=11 if refiner else 0),
-        "scheduler": EulerDiscreteScheduler(**SCHEDULER),
+        "scheduler": EulerDiscreteScheduler.from_config(SCHEDULER),
     }
     if refiner:
         return StableDiffusionXLImg2ImgPipeline(

@@ -24,7 +24,7 @@ from t2i.text.encoders import CLIPEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
 from sd_helpers import tiny_clip_tokenizer
-from sdxl_helpers import POOLED_DIM, TEXT_DIM, TIME_DIM, tiny_sdxl_pipeline, tiny_tokenizer_2
+from sdxl_helpers import POOLED_DIM, TEXT_DIM, TEXT_DIM_2, TIME_DIM, tiny_sdxl_pipeline, tiny_tokenizer_2
 
 PROMPTS = ["a red circle", "circle", ""]
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
@@ -49,7 +49,7 @@ def encoders(reference):
 def sdxl_model_config(**changes):
     """A tiny SDXL `model:` section: the bundled sdxl config's conditioner at the tiny widths."""
     model = {
-        "unet_config": {"context_dim": 2 * TEXT_DIM, "num_classes": "sequential",
+        "unet_config": {"context_dim": TEXT_DIM + TEXT_DIM_2, "num_classes": "sequential",
                         "adm_in_channels": POOLED_DIM + 6 * TIME_DIM},
         "conditioner_config": {
             "emb_models": [
@@ -92,7 +92,7 @@ def test_sdxl_cond_matches_diffusers_encode_prompt_and_time_embedding(reference,
         context, _, pooled, _ = reference.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
         time_ids = torch.tensor([[32, 48, 4, 0, 32, 32]] * len(PROMPTS), dtype=torch.float32)
         time_embeds = reference.unet.add_time_proj(time_ids.flatten()).reshape(len(PROMPTS), -1)
-    assert cond["context"].shape == (3, 16, 2 * TEXT_DIM)
+    assert cond["context"].shape == (3, 16, TEXT_DIM + TEXT_DIM_2)
     torch.testing.assert_close(cond["context"], context, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(cond["y"], torch.cat([pooled, time_embeds], dim=-1), atol=1e-6, rtol=1e-6)
     assert set(cond) == {"context", "y"}
@@ -165,7 +165,7 @@ def test_unconditional_splits_the_merged_cond_per_embedder(encoders):
 
 
 def test_widths_are_checked_against_the_unet(encoders):
-    with pytest.raises(ConfigError, match=r"context_dim: 40.*32 \+ 32"):
+    with pytest.raises(ConfigError, match=r"context_dim: 40.*32 \+ 48"):
         sdxl_conditioner(encoders, **{"unet_config.context_dim": 40}).encode({"captions": ["a"], **sizes(1)}, "cpu")
     with pytest.raises(ConfigError, match="adm_in_channels: 81"):
         sdxl_conditioner(encoders, **{"unet_config.adm_in_channels": 81}).encode(

@@ -3,6 +3,10 @@
 For `latent_diffusion` runs the folder is a t2i pipeline (diffusers layout + t2i.yaml) that `t2i.load_pipeline`
 and `diffusers.StableDiffusionPipeline.from_pretrained` both load; for `autoencoder` runs it is a diffusers VAE
 folder. The EMA weights are exported unless `--no-ema` is given (or the run kept no EMA).
+
+`--format single-file --out FILE.safetensors` writes one original-layout checkpoint instead (CompVis keys for
+SD 1/2, sgm keys for SDXL; `t2i.pipelines.single_file_save`), from a `latent_diffusion` run or from any pipeline
+folder `t2i.load_pipeline` reads (RUN may be one); `--dtype float16` halves it.
 """
 
 from __future__ import annotations
@@ -23,13 +27,21 @@ def register(subparsers) -> None:
     parser.add_argument("run", help="run directory (trainer.out_dir) or checkpoint directory (ckpt-N)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--no-ema", action="store_true", help="export the live weights instead of the EMA")
+    parser.add_argument("--format", choices=("folder", "single-file"), default="folder",
+                        help="a pipeline folder (default) or one .safetensors checkpoint in the original layout")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="single-file tensor dtype (default: as held)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides (e.g. model.first_stage_config.from_pretrained=VAE_DIR)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    path = export_run(args.run, args.out, use_ema=not args.no_ema, overrides=list(args.overrides))
+    if args.format == "single-file":
+        path = export_single_file(args.run, args.out, use_ema=not args.no_ema, overrides=list(args.overrides),
+                                  dtype=args.dtype)  # fmt: skip
+    else:
+        path = export_run(args.run, args.out, use_ema=not args.no_ema, overrides=list(args.overrides))
     print(f"exported {args.run} -> {path}")
     return 0
 
@@ -75,3 +87,42 @@ def export_run(run: str | Path, out: str | Path, use_ema: bool = True, overrides
     task.load_model_state_dict(load_weights(ckpt, use_ema))
     task.eval()
     return task.export(out, use_ema=False)
+
+
+def export_single_file(
+    source: str | Path,
+    out: str | Path,
+    use_ema: bool = True,
+    overrides: list[str] | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """One original-layout `.safetensors` file from a pipeline folder or a `latent_diffusion` run's (EMA)
+    weights."""
+    import torch
+
+    from t2i.errors import ConfigError
+    from t2i.pipelines.single_file_save import save_single_file
+
+    path = Path(source)
+    if (path / "model_index.json").is_file():
+        from t2i.pipelines.loading import load_pipeline
+
+        pipe = load_pipeline(path)
+    else:
+        from t2i.config import load_config
+        from t2i.train.checkpoint import load_weights
+        from t2i.train.task import build_task
+
+        ckpt, config = resolve_run(path)
+        cfg = load_config(config, overrides or [])
+        if cfg.model.kind != "latent_diffusion" or cfg.model.lora is not None:
+            what = "a LoRA run" if cfg.model.kind == "latent_diffusion" else f"model.kind {cfg.model.kind!r}"
+            raise ConfigError(
+                f"--format single-file: {what} has no single-file form; expected a latent_diffusion run "
+                "without model.lora (export a LoRA run as a folder and load its lora.safetensors)"
+            )
+        task = build_task(cfg)
+        task.load_model_state_dict(load_weights(ckpt, use_ema))
+        task.eval()
+        pipe = task.pipeline()
+    return save_single_file(pipe, out, getattr(torch, dtype) if dtype else None)

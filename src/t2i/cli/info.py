@@ -5,8 +5,8 @@
     vae: AutoencoderKL 83,653,863
     text_encoder: CLIPTextModel 123,060,480
 
-Works for a config name or YAML (`sd15`, `sd2`, `sd21-v`, imagen configs), a pipeline folder (diffusers or t2i)
-and a single-file checkpoint. Modules are built on the meta device and checkpoints are read for their shapes
+Works for a config name or YAML (`sd15`, `sd2`, `sd21-v`, `sdxl`, `sdxl-refiner`, imagen configs), a pipeline
+folder (diffusers or t2i, SDXL too) and a single-file checkpoint (CompVis, NeMo or sgm key names). Modules are built on the meta device and checkpoints are read for their shapes
 only, so nothing is allocated and no weights are loaded.
 """
 
@@ -88,18 +88,24 @@ def folder_components_on_meta(root: Path) -> dict[str, Any]:
     from t2i.models.unet import UNetModel
     from t2i.pipelines.build import read_json
     from t2i.pipelines.sd_folder import read_model_index
+    from t2i.pipelines.sdxl_folder import TEXT_NAMES, is_sdxl_folder, read_sdxl_index
 
-    index = read_model_index(root)
-    text_config = transformers.AutoConfig.from_pretrained(str(root / "text_encoder"), local_files_only=True)
-    text_class = getattr(transformers, index["text_encoder"][1], transformers.AutoModel)
+    index = read_sdxl_index(root) if is_sdxl_folder(root) else read_model_index(root)
+    names = [n for n in TEXT_NAMES if isinstance(index.get(n), list) and index[n][0] is not None]
     with torch.device("meta"):
-        return {
+        modules = {
             "unet": UNetModel(**diffusers_to_unet_config(read_json(root / "unet" / "config.json"))),
             "vae": AutoencoderKL.from_config(config_from_diffusers(read_json(root / "vae" / "config.json"))),
-            "text_encoder": text_class(text_config)
-            if text_class is not transformers.AutoModel
-            else transformers.AutoModel.from_config(text_config),
         }
+        for name in names:
+            text_config = transformers.AutoConfig.from_pretrained(str(root / name), local_files_only=True)
+            text_class = getattr(transformers, index[name][1], transformers.AutoModel)
+            modules[name] = (
+                text_class(text_config)
+                if text_class is not transformers.AutoModel
+                else transformers.AutoModel.from_config(text_config)
+            )
+        return modules
 
 
 def _shapes_as_meta(path: Path) -> dict[str, Any]:
@@ -136,6 +142,16 @@ def single_file_counts(path: Path) -> dict[str, tuple[str, int]]:
     if parts.text:
         sd1 = any(k.startswith("transformer.") for k in parts.text)
         counts["text_encoder"] = ("CLIPTextModel" if sd1 else "OpenCLIPTextTower", total(parts.text))
+    if parts.sgm:  # sgm (SDXL): OpenCLIP towers carry the pooled projection, named as diffusers does
+        from t2i.convert.sgm_keys import embedder_prefix
+        from t2i.convert.text_keys import strip_prefix
+        from t2i.pipelines.single_file import sgm_towers
+        from t2i.text.conditioner import text_encoder_names
+
+        towers = sgm_towers(parts.sgm)
+        for name, (index, kind) in zip(text_encoder_names([k == "openclip" for _, k in towers]), towers, strict=True):
+            tower = strip_prefix(parts.sgm, embedder_prefix(index, kind))
+            counts[name] = ("CLIPTextModel" if kind == "clip" else "OpenCLIPTextTower", total(tower))
     return counts
 
 

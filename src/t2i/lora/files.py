@@ -20,6 +20,11 @@ kohya-ss / LyCORIS naming (sd-scripts, what A1111 and ComfyUI read): `lora_unet_
     any           alpha (scalar; 0 or absent means alpha = r), dora_scale (LyCORIS' DoRA)
 `t2i.lora.adapters` has each kind's update. t2i writes LoHa and LoKr in this naming.
 
+SDXL: diffusers files add `text_encoder_2.` (its CLIPTextModelWithProjection: `text_encoder_2.text_model.encoder...`);
+kohya files name the encoders `lora_te1_` / `lora_te2_` and the UNet by its sgm module paths
+(`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, t2i's own paths), which t2i writes for an SDXL
+(ADM) UNet; UNet names in either spelling (diffusers or sgm paths) are read for every SD UNet.
+
 Every key of a file must land on a module: unknown or unmatched keys raise `LoraError` naming them.
 """
 
@@ -43,9 +48,9 @@ from t2i.lora.peft_lora import DEFAULT_ADAPTER, dora_magnitude, lora_layers, lor
 
 __all__ = ["LoraPair", "parse_lora_state_dict", "save_lora_file"]
 
-KOHYA_KEY = re.compile(r"^lora_(?P<prefix>unet|te1?)_(?P<flat>[A-Za-z0-9_]+)\.(?P<part>[A-Za-z0-9_.]+)$")
-KOHYA_PREFIX = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder"}
-PREFIXES = ("unet", "text_encoder")
+KOHYA_KEY = re.compile(r"^lora_(?P<prefix>unet|te[12]?)_(?P<flat>[A-Za-z0-9_]+)\.(?P<part>[A-Za-z0-9_.]+)$")
+KOHYA_PREFIX = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
+PREFIXES = ("unet", "text_encoder", "text_encoder_2")
 METADATA_KEY = "t2i_lora"
 # file suffix -> canonical part (the field names of t2i.lora.adapters), per naming
 LYCORIS_PARTS = {part: part for part in LohaWeights.MATRICES + LokrWeights.MATRICES}
@@ -70,6 +75,7 @@ class Component:
     prefix: str
     module: nn.Module
     to_file: Callable[[str], str]
+    own_paths: bool = False  # the module's own paths name it in files too (sgm paths of the SD UNet)
 
 
 # ------------------------------------------------------------------------------------------ naming
@@ -92,8 +98,20 @@ def unet_component(unet: nn.Module) -> Component:
 
     if isinstance(unet, UNetModel):
         names = sd_unet_module_names(unet.unet_config)
-        return Component("unet", unet, lambda path: names.get(path, path))
+        return Component("unet", unet, lambda path: names.get(path, path), own_paths=True)
     return Component("unet", unet, lambda path: path)
+
+
+def is_sdxl_unet(module: nn.Module) -> bool:
+    """An SD UNet with the ADM input (SDXL's), whose kohya files use sgm module paths."""
+    from t2i.models.unet import UNetModel
+
+    return isinstance(module, UNetModel) and module.unet_config.get("num_classes") is not None
+
+
+def with_projection_path(path: str) -> str:
+    """A module path inside diffusers' CLIPTextModelWithProjection (`text_model.` + the text model's path)."""
+    return "text_model." + path.removeprefix("text_model.")
 
 
 def adapter_slots(target: Any) -> list[dict[str, nn.Module]]:
@@ -125,7 +143,8 @@ def _component(prefix: str, module: nn.Module) -> Component:
         raise LoraError(f"lora component {prefix!r}: unknown; expected one of {', '.join(PREFIXES)}")
     if prefix == "unet":
         return unet_component(module)
-    return Component(prefix, getattr(module, "model", module), lambda path: path)
+    to_file = with_projection_path if prefix == "text_encoder_2" else (lambda path: path)
+    return Component(prefix, getattr(module, "model", module), to_file)
 
 
 def _candidate_paths(module: nn.Module) -> list[str]:
@@ -150,7 +169,9 @@ def file_name_index(component: Component) -> dict[str, str]:
     for path in _candidate_paths(component.module):
         theirs = component.to_file(path)
         index[theirs] = path
-        if component.prefix == "text_encoder":
+        if component.own_paths:
+            index.setdefault(path, path)
+        if component.prefix.startswith("text_encoder"):
             other = (
                 theirs.removeprefix("text_model.")
                 if theirs.startswith("text_model.")
@@ -219,7 +240,8 @@ def _locate_key(key: str) -> tuple[tuple[str, str, bool], str] | None:
 
 def _display(ident: tuple[str, str, bool]) -> str:
     prefix, name, flat = ident
-    return f"lora_{'unet' if prefix == 'unet' else 'te'}_{name}" if flat else f"{prefix}.{name}"
+    kohya = {"unet": "unet", "text_encoder": "te", "text_encoder_2": "te2"}.get(prefix, prefix)
+    return f"lora_{kohya}_{name}" if flat else f"{prefix}.{name}"
 
 
 def _listing(what: str, names: list[str]) -> str:
@@ -364,12 +386,6 @@ def _peft_magnitude(kind: str, value: torch.Tensor, adapter: LoraPair, ndim: int
     return value.reshape(out) if ndim == 2 else value.reshape(1, out, *[1] * (ndim - 2))
 
 
-def _file_key(prefix: str, name: str, naming: str, suffix: str) -> str:
-    if naming == "peft":
-        return f"{prefix}.{name}.{suffix}"
-    return f"lora_{'unet' if prefix == 'unet' else 'te'}_{name.replace('.', '_')}.{suffix}"
-
-
 def lora_state_dict(
     components: list[Component], adapter_name: str = DEFAULT_ADAPTER, naming: str | None = None
 ) -> dict[str, torch.Tensor]:
@@ -385,17 +401,29 @@ def _state_and_modules(
         raise LoraError(f"naming: {naming!r}; expected peft or kohya")
     state: dict[str, torch.Tensor] = {}
     peft_modules: dict[str, dict[str, AdapterWeights]] = {}
+    sdxl = any(c.prefix == "text_encoder_2" or (c.prefix == "unet" and is_sdxl_unet(c.module)) for c in components)
     for component in components:
         for path, adapter in adapter_weights(component.module, adapter_name).items():
             name = component.to_file(path)
             chosen = naming or ("peft" if kind_of(adapter) == "lora" else "kohya")
+            key = f"{component.prefix}.{name}" if chosen == "peft" else kohya_module_name(component, path, sdxl)
             for suffix, tensor in file_parts(adapter, chosen).items():
-                state[_file_key(component.prefix, name, chosen, suffix)] = tensor
+                state[f"{key}.{suffix}"] = tensor
             if chosen == "peft":
                 peft_modules.setdefault(component.prefix, {})[name] = adapter
     if not state:
         raise LoraError(f"adapter {adapter_name!r}: the model holds no LoRA weights of that name")
     return state, peft_modules
+
+
+def kohya_module_name(component: Component, path: str, sdxl: bool) -> str:
+    """kohya-ss's flat name of module `path`: `lora_unet_` + the diffusers path (SD 1/2) or the sgm path (SDXL);
+    `lora_te_` (SD 1/2) or `lora_te1_` / `lora_te2_` (SDXL) + the encoder's file path (`text_model_encoder_...`)."""
+    if component.prefix == "unet":
+        name = path if sdxl and component.own_paths else component.to_file(path)
+        return "lora_unet_" + name.replace(".", "_")
+    kohya = {"text_encoder": "lora_te1" if sdxl else "lora_te", "text_encoder_2": "lora_te2"}[component.prefix]
+    return f"{kohya}_" + component.to_file(path).replace(".", "_")
 
 
 def save_lora_file(

@@ -106,7 +106,12 @@ def build_text_encoder(
     cfg = as_model_config(model_cfg)
     _require_latent(cfg, "text encoder")
     cond = cfg.cond_stage_config
-    folder = path if path is not None else cond.path
+    return text_encoder_of(cond, device, path if path is not None else cond.path)
+
+
+def text_encoder_of(cond: Any, device: str | torch.device | None = None, folder: str | Path | None = None) -> nn.Module:
+    """The text encoder of one `CondStageConfig` (a text embedder's `emb_model`) read from `folder`; on the meta
+    device the bare Hugging Face model."""
     if device is not None and torch.device(device).type == "meta":
         return text_model_on_meta(cond, folder)
     from t2i.text.encoders import build_text_encoder as build_from_files
@@ -117,12 +122,30 @@ def build_text_encoder(
     return encoder.to(device) if device is not None else encoder
 
 
+def build_text_encoders(model_cfg: Any, device: str | torch.device | None = None) -> dict[str, nn.Module]:
+    """{diffusers component name: text encoder} of the conditioner's text embedders (SD 1/2: `text_encoder`
+    from `cond_stage_config`; SDXL: `text_encoder` and `text_encoder_2`, the refiner only the latter), each read
+    from its `emb_model.path` (`build_text_encoder` for one)."""
+    from t2i.text.conditioner import text_encoder_names
+
+    cfg = as_model_config(model_cfg)
+    _require_latent(cfg, "text encoder")
+    if cfg.conditioner_config is None:
+        return {"text_encoder": build_text_encoder(cfg, device)}
+    texts = [e.emb_model for e in cfg.embedders() if e.is_text]
+    names = text_encoder_names([t.always_return_pooled for t in texts])
+    return {name: text_encoder_of(t, device, t.path) for name, t in zip(names, texts, strict=True)}
+
+
 def text_model_on_meta(cond: Any, folder: str | Path | None) -> nn.Module:
-    """The Hugging Face text model of `cond_stage_config` on the meta device, from a config only."""
+    """The Hugging Face text model of `cond_stage_config` on the meta device, from a config only. A pooled CLIP
+    embedder (`always_return_pooled`, SDXL's bigG) is a CLIPTextModelWithProjection, as diffusers holds it."""
     import transformers
 
     config = _text_config(cond, folder)
     with torch.device("meta"):
+        if cond.kind in ("clip", "openclip") and cond.always_return_pooled:
+            return transformers.CLIPTextModelWithProjection(config)
         model = getattr(transformers, _text_model_class(cond.kind, config))(config)
         if cond.kind == "openclip":
             return OpenCLIPTextTower(model, nn.Linear(config.hidden_size, config.projection_dim, bias=False))
@@ -201,7 +224,8 @@ def _openclip_default_config(arch: str | None) -> Any:
 
 
 def build_components(model_cfg: Any, device: str | torch.device | None = None) -> dict[str, nn.Module]:
-    """{"unet", "vae", "text_encoder"} for `latent_diffusion`; {"unet"} for `imagen` (text encoders are separate)."""
+    """{"unet", "vae", "text_encoder"[, "text_encoder_2"]} for `latent_diffusion` (SDXL's refiner: "text_encoder_2"
+    alone); {"unet"} for `imagen` (text encoders are separate)."""
     cfg = as_model_config(model_cfg)
     if cfg.kind == "imagen":
         return {"unet": build_unet(cfg, device)}
@@ -210,11 +234,7 @@ def build_components(model_cfg: Any, device: str | torch.device | None = None) -
 
         with _device_context(device):
             return {"vae": AutoencoderKL(cfg.embed_dim, dataclasses.asdict(cfg.ddconfig))}
-    return {
-        "unet": build_unet(cfg, device),
-        "vae": build_vae(cfg, device),
-        "text_encoder": build_text_encoder(cfg, device),
-    }
+    return {"unet": build_unet(cfg, device), "vae": build_vae(cfg, device), **build_text_encoders(cfg, device)}
 
 
 def count_parameters(module: nn.Module) -> int:

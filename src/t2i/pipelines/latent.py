@@ -377,8 +377,8 @@ class LatentPipeline(LoraMethods):
         B = len(prompts) * num_images; when None they are drawn from `generator` (or `seed`). `generator` may be a
         list of B generators: each image then draws all its noise from its own, so it is the same whatever else
         shares its batch. `eta` None keeps the sampler's default (ancestral samplers: 1, DDIM: 0).
-
         `callback(i, sigma, x, x0)` runs after each step's model evaluation (see `t2i.diffusion.samplers`).
+
         SDXL: `micro_conditioning` takes diffusers' keywords (`original_size`, `crops_coords_top_left`,
         `target_size`, `aesthetic_score` and their `negative_` forms; see `t2i.pipelines.conditioning`).
         `denoising_end` (0, 1) stops before the steps whose timestep is below `(1 - denoising_end) * T`
@@ -449,6 +449,7 @@ class LatentPipeline(LoraMethods):
 
         `image`: a PIL image, a list of them (one per prompt), a tensor (B, 3, H, W) in [0, 1], or latents
         (B, latent channels, h, w) scaled as `generate(output_type="latent")` returns them.
+        `generator` and `callback` as in `generate` (a list: one generator per prompt).
         `denoising_start` (0, 1), with latents from a base's `generate(denoising_end=...)`: the refiner half of
         an ensemble of experts. It replaces `strength`, and the latents are taken as they are (no noise added).
         `micro_conditioning`: as in `generate`; sizes default to the image's. `generator` and `callback` as in
@@ -570,3 +571,10 @@ class LatentPipeline(LoraMethods):
         from t2i.pipelines.sd_folder import save_pipeline
 
         return save_pipeline(self, path)
+
+    def save_single_file(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write one original-layout `.safetensors` checkpoint (CompVis for SD 1/2, sgm for SDXL) that diffusers'
+        `from_single_file` and `t2i.load_pipeline(path, config=...)` read (`t2i.pipelines.single_file_save`)."""
+        from t2i.pipelines.single_file_save import save_single_file
+
+        return save_single_file(self, path, dtype)

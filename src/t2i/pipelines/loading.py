@@ -95,8 +95,9 @@ def assemble_pipeline(
     model_cfg: Any,
     unet: nn.Module,
     vae: nn.Module,
-    text_encoder: nn.Module,
+    text_encoder: nn.Module | None,
     sampler: str = CONFIG_DEFAULT_SAMPLER,
+    text_encoder_2: nn.Module | None = None,
 ) -> LatentPipeline:
     """A frozen pipeline from built modules and their `model:` config, with SD's schedule for `sampler` as its
     scheduler config."""
@@ -109,13 +110,18 @@ def assemble_pipeline(
         model_cfg.scale_factor,
         sampler,
         _config_dict(model_cfg),
+        text_encoder_2=text_encoder_2,
     )
     return pipe.freeze()
 
 
 def pipeline_from_single_file(path: Path, model_cfg: Any, dtype: torch.dtype | None) -> LatentPipeline:
+    """The file's modules under `model_cfg`; SD's schedule with DDIM (CompVis' default), or Euler for SDXL (what
+    diffusers' SDXL pipelines ship)."""
     parts = load_single_file(path, model_cfg, dtype)
-    return assemble_pipeline(model_cfg, parts["unet"], parts["vae"], parts["text_encoder"])
+    sampler = "euler" if as_model_config(model_cfg).conditioner_config is not None else CONFIG_DEFAULT_SAMPLER
+    return assemble_pipeline(model_cfg, parts["unet"], parts["vae"], parts.get("text_encoder"), sampler,
+                             parts.get("text_encoder_2"))  # fmt: skip
 
 
 def load_folder(root: Path, model_cfg: Any, dtype: torch.dtype | None) -> LatentPipeline:

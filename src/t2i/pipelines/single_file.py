@@ -7,6 +7,15 @@ A single file holds every component under one prefix each:
   cond_stage_model.model.*         SD2: an OpenCLIP text tower
 NeMo checkpoints nest all of it one level deeper (`model.model.diffusion_model.*`, `model.first_stage_model.*`).
 Top-level schedule buffers (`betas`, `alphas_cumprod`, ...) and EMA copies (`model_ema.*`) are ignored.
+sgm (SDXL) files hold the text encoders as `conditioner.embedders.{i}.transformer.*` / `.model.*` instead
+(`t2i.convert.sgm_keys`), matched in order to the config's text embedders (`model.conditioner_config`).
+`t2i.pipelines.single_file_save` writes both layouts.
+
+A single file holds no tokenizer: for SD 1/2 `cond_stage_config.path` names a local folder with it; for SDXL each
+text embedder's `emb_model.path`: the tokenizer folder itself, a folder holding `tokenizer/` (first encoder) or
+`tokenizer_2/`, or a text-encoder folder of a diffusers SDXL layout (`.../text_encoder_2`, tokenizer beside it in
+`.../tokenizer_2`). A `config.json` there (or in `text_encoder[_2]/`) gives the heads and activation the tensors
+cannot tell (an OpenCLIP embedder's `arch` does too).
 
 The architecture is not in the file: it comes from a t2i config (`sd15`, `sd2`, `sd21-v` or a YAML path).
 A single file carries no tokenizer either, so CLIP/OpenCLIP need `cond_stage_config.path`: a local folder with
@@ -15,6 +24,7 @@ the tokenizer (and optionally the text encoder's config.json).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from t2i.convert.sgm_keys import SGM_EMBEDDER_PREFIX, embedder_prefix
+from t2i.convert.text_keys import strip_prefix
 from t2i.errors import ConfigError, PipelineLoadError, WeightsMismatchError
 from t2i.models.weights import check_state_keys
+from t2i.text.tokenize import TOKENIZER_FILES, load_tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 UNET_PREFIX = "model.diffusion_model."
@@ -42,6 +55,7 @@ class SingleFileParts:
     unet: dict[str, torch.Tensor] = field(default_factory=dict)
     vae: dict[str, torch.Tensor] = field(default_factory=dict)
     text: dict[str, torch.Tensor] = field(default_factory=dict)  # keys keep `transformer.` / `model.`
+    sgm: dict[str, torch.Tensor] = field(default_factory=dict)  # `conditioner.embedders.*`, keys as in the file
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -97,6 +111,8 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str) -> SingleFileP
             parts.vae[key[len(VAE_PREFIX) :]] = value
         elif key.startswith(TEXT_PREFIX):
             parts.text[key[len(TEXT_PREFIX) :]] = value
+        elif key.startswith(SGM_EMBEDDER_PREFIX):
+            parts.sgm[key] = value
         else:
             foreign.append(key)
     if not parts.unet:
@@ -107,7 +123,11 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str) -> SingleFileP
     if foreign:
         raise WeightsMismatchError(
             f"{source}: unexpected keys {foreign[:3]} ({len(foreign)} total); expected "
-            f"{UNET_PREFIX}*, {VAE_PREFIX}*, {TEXT_PREFIX}*"
+            f"{UNET_PREFIX}*, {VAE_PREFIX}*, {TEXT_PREFIX}* or {SGM_EMBEDDER_PREFIX}*"
+        )
+    if parts.text and parts.sgm:
+        raise WeightsMismatchError(
+            f"{source}: both {TEXT_PREFIX}* and {SGM_EMBEDDER_PREFIX}* keys; expected one text-encoder layout"
         )
     return parts
 
@@ -158,7 +178,7 @@ def load_vae(parts: SingleFileParts, model_cfg: Any, dtype: torch.dtype, source:
     return vae.eval()
 
 
-# ------------------------------------------------------------------------------------------- text encoder
+# ------------------------------------------------------------------------------------------- text encoders (SD 1/2)
 
 
 def load_text_encoder(parts: SingleFileParts, cond: Any, source: str) -> nn.Module:
@@ -291,7 +311,8 @@ def _sd2_openclip(text: dict[str, torch.Tensor], cond: Any, source: str) -> nn.M
 def load_single_file(
     path: str | Path, model_cfg: Any, dtype: torch.dtype | None = None
 ) -> dict[str, nn.Module]:
-    """{"unet", "vae", "text_encoder"} from a single-file checkpoint and the `model:` config describing it.
+    """{"unet", "vae", "text_encoder"} from a single-file checkpoint and the `model:` config describing it
+    (an sgm SDXL file: "text_encoder" and "text_encoder_2", the refiner "text_encoder_2" alone).
 
     UNet and VAE weights are cast to `dtype` (float32 when None); the text encoder stays float32.
     """
@@ -303,8 +324,95 @@ def load_single_file(
     source = str(path)
     parts = split_checkpoint(read_checkpoint(path), source)
     dtype = dtype or torch.float32
-    return {
-        "unet": load_unet(parts, cfg, dtype, source),
-        "vae": load_vae(parts, cfg, dtype, source),
-        "text_encoder": load_text_encoder(parts, cfg.cond_stage_config, source),
-    }
+    modules = {"unet": load_unet(parts, cfg, dtype, source), "vae": load_vae(parts, cfg, dtype, source)}
+    if parts.sgm or cfg.conditioner_config is not None:
+        return {**modules, **load_sgm_text_encoders(parts.sgm, cfg, source)}
+    return {**modules, "text_encoder": load_text_encoder(parts, cfg.cond_stage_config, source)}
+
+
+# ------------------------------------------------------------------------------------------- text encoders (sgm)
+
+TOWER = re.compile(rf"{re.escape(SGM_EMBEDDER_PREFIX)}(\d+)\.(transformer|model)\.")
+
+
+def sgm_towers(state: dict[str, torch.Tensor]) -> list[tuple[int, str]]:
+    """[(embedder index, "clip" | "openclip")] of the text towers under `conditioner.embedders.*`, in order."""
+    found: dict[int, str] = {}
+    for key in state:
+        match = TOWER.match(key)
+        if match:
+            found[int(match.group(1))] = "clip" if match.group(2) == "transformer" else "openclip"
+    return sorted(found.items())
+
+
+def load_sgm_text_encoders(state: dict[str, torch.Tensor], model_cfg: Any, source: str) -> dict[str, nn.Module]:
+    """{diffusers component name: frozen TextEncoder} for the file's text towers (`state`: its
+    `conditioner.embedders.*` tensors), each with its embedder's layer, max_length and tokenizer."""
+    from t2i.text.conditioner import text_encoder_names
+
+    positions = [i for i, e in enumerate(model_cfg.embedders()) if e.is_text]
+    towers = sgm_towers(state)
+    if len(towers) != len(positions):
+        raise WeightsMismatchError(
+            f"{source}: {len(towers)} text encoders under {SGM_EMBEDDER_PREFIX}* ({towers}); the config has "
+            f"{len(positions)} text embedders (model.conditioner_config.emb_models)"
+        )
+    configs = model_cfg.embedders()
+    names = text_encoder_names([configs[i].emb_model.always_return_pooled for i in positions])
+    encoders = {}
+    for name, position, (index, kind) in zip(names, positions, towers, strict=True):
+        key = f"model.conditioner_config.emb_models.{position}.emb_model"
+        tower = strip_prefix(state, embedder_prefix(index, kind))
+        encoders[name] = _tower_encoder(tower, kind, configs[position].emb_model, key, source, name)
+    return encoders
+
+
+def _tower_encoder(tower: dict[str, torch.Tensor], kind: str, cond: Any, key: str, source: str, name: str) -> Any:
+    from transformers import CLIPTextModel
+
+    from t2i.text.encoders import CLIPEncoder, fit_text_model_prefix, openclip_encoder
+
+    tokenizer = load_tokenizer(_tokenizer_folder(cond.path, key, name, source))
+    folder_config = _folder_config(cond.path, name)
+    if kind == "openclip":
+        width = int(tower["token_embedding.weight"].shape[1])
+        arch = cond.arch
+        if arch is None:  # heads and activation from the folder's config, else 64-wide heads and GELU
+            arch = {"width": width, "heads": max(1, width // 64), "act": "gelu"}
+            if folder_config is not None:
+                arch |= {"heads": folder_config.num_attention_heads, "act": folder_config.hidden_act}
+        return openclip_encoder(tower, arch, tokenizer, cond.layer, cond.max_length, source)
+    hf_state = {k: v.float() for k, v in tower.items() if not k.endswith("position_ids")}
+    model = CLIPTextModel(folder_config or _clip_config_from_shapes(_with_prefix(hf_state)))
+    load_strict(model, fit_text_model_prefix(hf_state, model), f"{name} (CLIP)", source)
+    return CLIPEncoder(model, tokenizer, cond.layer, cond.max_length)
+
+
+def _folder_config(path: str | None, name: str) -> Any:
+    """The CLIPTextConfig in `path/name/` or `path/`, if there is one."""
+    from transformers import CLIPTextConfig
+
+    for folder in (Path(path) / name, Path(path)) if path else ():
+        if (folder / "config.json").is_file():
+            return CLIPTextConfig.from_pretrained(str(folder), local_files_only=True)
+    return None
+
+
+def _with_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {("text_model." + k.removeprefix("text_model.")): v for k, v in state.items()}
+
+
+def _tokenizer_folder(path: str | None, key: str, name: str, source: str) -> Path:
+    """The tokenizer for component `name` from the embedder's `path` (see the module docstring)."""
+    if path is None:
+        raise PipelineLoadError(
+            f"{source}: a single file has no tokenizer; set {key}.path to a local folder holding {name}'s "
+            "tokenizer (e.g. a diffusers SDXL folder)"
+        )
+    folder = Path(path)
+    tokenizer = name.replace("text_encoder", "tokenizer", 1)
+    candidates = [folder / tokenizer, folder, folder.parent / folder.name.replace("text_encoder", "tokenizer", 1)]
+    for candidate in candidates:
+        if any((candidate / f).is_file() for f in TOKENIZER_FILES):
+            return candidate
+    raise PipelineLoadError(f"{key}.path: {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...)")

@@ -203,9 +203,9 @@ class LatentAdapter(ModelAdapter):
         self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
         self.default_sampler = pipeline.default_sampler
         self.samplers = tuple(name for name in available_samplers() if self._plans(name))
-        encoder = pipeline.text_encoder
-        self.max_prompt_tokens = int(encoder.max_length)
-        self.tokenizer = _counting_tokenizer(encoder.tokenizer)
+        encoders = list(pipeline.text_encoders.values())  # SDXL: both CLIP tokenizers count alike
+        self.max_prompt_tokens = min(int(e.max_length) for e in encoders)
+        self.tokenizer = _counting_tokenizer(encoders[0].tokenizer)
 
     def _plans(self, sampler: str) -> bool:
         from t2i.errors import T2IError
