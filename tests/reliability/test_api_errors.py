@@ -207,3 +207,40 @@ def test_resolution_that_the_model_cannot_downsample_is_named(tmp_path):
     with pytest.raises(ConfigError) as caught:
         LatentDiffusionTask(cfg)
     assert_one_line(caught.value, ConfigError, "data.resolution: 34 is not a multiple of 4", "use 32 or 36")
+
+
+@pytest.mark.silent
+@pytest.mark.parametrize(("override", "key", "words"), [
+    ("model.unet_config.attention_resolutions=[16]", "attention_resolutions", "[16] match no level"),
+    ("model.unet_config.num_heads=3", "num_heads", "does not divide the 320 channels"),
+    ("model.unet_config.num_head_channels=7", "num_head_channels", "does not divide the 320 channels"),
+])  # fmt: skip
+def test_unet_attention_that_cannot_be_built_is_a_config_error(override, key, words):
+    """Before: a stray attention resolution was silently ignored and a non-dividing head count failed deep in a
+    Linear's shape check at the first forward."""
+    from t2i.config import build_config
+    from t2i.errors import ConfigError
+    from t2i.pipelines.build import build_unet
+
+    with pytest.raises(ConfigError) as caught:
+        build_unet(build_config({}, [override]).model, "meta")
+    assert_one_line(caught.value, ConfigError, f"model.unet_config.{key}", words)
+
+
+def test_truncated_prompts_warn_once_with_the_dropped_token_count():
+    import warnings
+
+    from t2i.text.encoders import build_text_encoder
+    from t2i.text.tokenize import tokenize, warn_if_truncated
+
+    encoder = build_text_encoder("minilm", max_length=8)
+    long_prompt = "a red circle at the top left next to a blue square at the bottom right of a green field"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids, _ = tokenize(encoder.tokenizer, [long_prompt, "a red circle"], 8)
+        tokenize(encoder.tokenizer, [long_prompt], 8)
+    messages = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    assert len(messages) == 1 and "1 prompt(s) exceed the text encoder's 8 tokens" in messages[0]
+    assert ids.shape == (2, 8)
+    assert warn_if_truncated(encoder.tokenizer, ["a red circle"], 8) == 0
+    assert warn_if_truncated(encoder.tokenizer, [long_prompt], 8) > 0

@@ -103,6 +103,32 @@ def validate_unet_config(c: dict[str, Any]) -> None:
     _validate_adm(c["num_classes"], c["adm_in_channels"])
     level_depths(c)
     middle_depth(c)
+    _validate_attention(c)
+
+
+def _validate_attention(c: dict[str, Any]) -> None:
+    """Every attention resolution names a level, and every attention site's heads tile its channels exactly."""
+    factors = [2**level for level in range(len(c["channel_mult"]))]
+    stray = [r for r in c["attention_resolutions"] if r not in factors]
+    if stray:
+        raise ConfigError(
+            f"model.unet_config.attention_resolutions: {stray} match no level; expected downsampling factors of "
+            f"the levels of channel_mult ({', '.join(map(str, factors))})"
+        )
+    sites = [level for level, on in enumerate(attention_levels(c)) if on] + [len(c["channel_mult"]) - 1]
+    for level in sites:
+        channels = c["model_channels"] * c["channel_mult"][level]
+        heads, dim_head = attention_heads(channels, c["num_heads"], c["num_head_channels"], c["legacy"],
+                                          c["use_spatial_transformer"])  # fmt: skip
+        if not c["use_spatial_transformer"]:  # openaimodel's AttentionBlock: `heads` (or channels / head width)
+            heads = heads if dim_head == -1 else channels // dim_head
+            dim_head = channels // heads if heads > 0 and channels % heads == 0 else 0
+        if heads < 1 or dim_head < 1 or heads * dim_head != channels:
+            key = "num_head_channels" if c["num_head_channels"] != -1 else "num_heads"
+            raise ConfigError(
+                f"model.unet_config.{key}: {c[key]} does not divide the {channels} channels of level {level} "
+                f"({heads} heads x {dim_head} would be {heads * dim_head} wide); expected a divisor of {channels}"
+            )
 
 
 def _validate_groups(model_channels: int, channel_mult: list[int], groups: Any) -> None:

@@ -63,7 +63,9 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 def tokenize(tokenizer: Any, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to `max_length` and truncate, as diffusers does. Returns input_ids (B, T) long and mask (B, T) bool."""
+    """Pad to `max_length` and truncate, as diffusers does, warning once per call when a prompt loses tokens.
+    Returns input_ids (B, T) long and mask (B, T) bool."""
+    warn_if_truncated(tokenizer, prompts, max_length)
     batch = tokenizer(
         list(prompts),
         padding="max_length",
@@ -72,6 +74,29 @@ def tokenize(tokenizer: Any, prompts: list[str], max_length: int) -> tuple[torch
         return_tensors="pt",
     )
     return batch["input_ids"], batch["attention_mask"].bool()
+
+
+_WARNED_TRUNCATION: set[tuple[int, int]] = set()
+
+
+def warn_if_truncated(tokenizer: Any, prompts: list[str], max_length: int) -> int:
+    """Return the tokens the encoder's context drops from `prompts`, and warn the first time a tokenizer drops any
+    (once per tokenizer and length per process, so that a training run over long captions warns once, not per
+    batch)."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False)["input_ids"]]
+    over = [(i, n - max_length) for i, n in enumerate(lengths) if n > max_length]
+    key = (id(tokenizer), max_length)
+    if over and key not in _WARNED_TRUNCATION:
+        import warnings
+
+        _WARNED_TRUNCATION.add(key)
+        first, dropped = over[0]
+        warnings.warn(
+            f"{len(over)} prompt(s) exceed the text encoder's {max_length} tokens and were truncated "
+            f"({sum(d for _, d in over)} tokens dropped; prompt {first} lost {dropped}); later truncations by this "
+            "tokenizer are not reported", stacklevel=4,
+        )  # fmt: skip
+    return sum(d for _, d in over)
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
