@@ -7,9 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-import t2i
-from flux_helpers import (
+from flux_pipeline_helpers import (
     SIZE,
     T5_LENGTH,
     diffusers_images,
@@ -18,6 +16,8 @@ from flux_helpers import (
     save_tiny,
     t2i_images,
 )
+
+import t2i
 from t2i.errors import InvalidInputError, PipelineLoadError
 from t2i.pipelines.flux import FluxPipeline
 
@@ -145,3 +145,14 @@ def test_bad_inputs_name_what_was_expected(dev_folder):
         pipe.generate("a", height=30, width=SIZE, progress=False)
     with pytest.raises(InvalidInputError, match="guidance_scale"):
         pipe.generate("a", height=SIZE, width=SIZE, guidance_scale=float("nan"), progress=False)
+
+
+def test_info_on_a_flux_folder_counts_what_loads(dev_folder):
+    from t2i.cli.info import describe
+    from t2i.pipelines.build import count_parameters
+
+    pipe = load(dev_folder)
+    counts = describe(str(dev_folder))
+    assert counts["transformer"] == ("FluxTransformer", count_parameters(pipe.transformer))
+    assert counts["context_encoder"] == ("T5EncoderModel", count_parameters(pipe.context_encoder.model))
+    assert counts["pooled_encoder"][1] == count_parameters(pipe.pooled_encoder.model)

@@ -11,6 +11,9 @@ map of `t2i.convert.unet_diffusers`; Imagen UNets keep their own module paths un
 kohya-ss naming (sd-scripts): `lora_unet_<diffusers path with _>.lora_down.weight` (A), `.lora_up.weight`
 (B) and `.alpha` (scalar); `lora_te_...` for the text encoder. delta W = alpha / r * up @ down.
 
+Flux transformers (component `transformer`) read diffusers', kohya's and BFL's namings and write diffusers'; their
+fused modules make the mapping many-to-one, so `t2i.lora.flux_names` resolves it.
+
 Every key of a file must land on a module: unknown or unmatched keys raise `LoraError` naming them.
 """
 
@@ -36,7 +39,9 @@ KOHYA_KEY = re.compile(
     r"^lora_(?P<prefix>unet|te1?)_(?P<flat>[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
 )
 KOHYA_PREFIX = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder"}
-PREFIXES = ("unet", "text_encoder")
+PREFIXES = ("unet", "text_encoder", "transformer")
+# kohya's `lora_unet_` names the diffusion backbone, whatever the component is called
+KOHYA_BACKBONE = ("unet", "transformer")
 METADATA_KEY = "t2i_lora"
 
 
@@ -60,11 +65,17 @@ class LoraPair:
 
 @dataclass
 class Component:
-    """A module that carries LoRAs, the file prefix of its keys and its module-path translation."""
+    """A module that carries LoRAs, the file prefix of its keys and its module-path translation; `naming`, when
+    set, maps file modules to ours many-to-one (`resolve`) and back (`split`) instead (Flux's fused modules)."""
 
     prefix: str
     module: nn.Module
     to_file: Callable[[str], str]
+    naming: Any = None
+
+    @property
+    def kohya_label(self) -> str:
+        return "unet" if self.prefix in KOHYA_BACKBONE else "te"
 
 
 # ------------------------------------------------------------------------------------------ naming
@@ -120,6 +131,10 @@ def _component(prefix: str, module: nn.Module) -> Component:
         raise LoraError(f"lora component {prefix!r}: unknown; expected one of {', '.join(PREFIXES)}")
     if prefix == "unet":
         return unet_component(module)
+    if prefix == "transformer" and hasattr(module, "flux_config"):
+        from t2i.lora.flux_names import FluxLoraNaming
+
+        return Component(prefix, module, lambda path: path, FluxLoraNaming(module, LoraPair))
     return Component(prefix, getattr(module, "model", module), lambda path: path)
 
 
@@ -163,6 +178,9 @@ def parse_lora_state_dict(state: dict[str, torch.Tensor]) -> dict[tuple[str, str
 
     LoraError names the keys that are neither PEFT (`unet.<path>.lora_A.weight`) nor kohya-ss keys.
     """
+    from t2i.lora.flux_names import canonical_keys
+
+    state = canonical_keys(state)
     pairs: dict[tuple[str, str, bool], LoraPair] = {}
     unknown = []
     for key, tensor in state.items():
@@ -220,20 +238,29 @@ def match_to_modules(
 ) -> dict[str, dict[str, LoraPair]]:
     """{component prefix: {our module path: LoraPair}}; LoraError naming every key that matches no module."""
     by_prefix = {c.prefix: c for c in components}
-    indexes = {c.prefix: file_name_index(c) for c in components}
+    for c in components:  # kohya files call the backbone `unet` whatever the component is called
+        if c.prefix in KOHYA_BACKBONE:
+            by_prefix.setdefault("unet", c)
+    indexes = {c.prefix: file_name_index(c) for c in components if c.naming is None}
     flat_indexes = {p: {k.replace(".", "_"): v for k, v in idx.items()} for p, idx in indexes.items()}
     matched: dict[str, dict[str, LoraPair]] = {}
+    renamed: dict[str, dict[tuple[str, bool], LoraPair]] = {}
     unmatched = []
     for ident, pair in pairs.items():
         prefix, name, flat = ident
-        index = (flat_indexes if flat else indexes).get(prefix, {})
-        path = index.get(name)
-        if prefix not in by_prefix or path is None:
+        component = by_prefix.get(prefix)
+        if component is not None and component.naming is not None:
+            renamed.setdefault(component.prefix, {})[(name, flat)] = pair
+            continue
+        path = None if component is None else (flat_indexes if flat else indexes)[component.prefix].get(name)
+        if path is None:
             unmatched.append(_display(ident))
             continue
-        matched.setdefault(prefix, {})[path] = pair
+        matched.setdefault(component.prefix, {})[path] = pair
     if unmatched:
         raise LoraError(_listing(f"{source}: LoRA keys that match no module of the model", unmatched))
+    for prefix, file_pairs in renamed.items():
+        matched[prefix] = by_prefix[prefix].naming.resolve(file_pairs, source)
     return matched
 
 
@@ -274,11 +301,15 @@ def lora_state_dict(
         for path, (down, up, ratio) in lora_weights(component.module, adapter_name).items():
             name = component.to_file(path)
             down, up = down.detach().float().cpu().contiguous(), up.detach().float().cpu()
-            if naming == "peft":
+            if naming == "peft" and component.naming is not None:
+                for part, part_down, part_up in component.naming.split(path, down, up * ratio):
+                    state[f"{component.prefix}.{part}.lora_A.weight"] = part_down.clone()
+                    state[f"{component.prefix}.{part}.lora_B.weight"] = part_up.contiguous()
+            elif naming == "peft":
                 state[f"{component.prefix}.{name}.lora_A.weight"] = down
                 state[f"{component.prefix}.{name}.lora_B.weight"] = (up * ratio).contiguous()
             else:
-                flat = f"lora_{'unet' if component.prefix == 'unet' else 'te'}_{name.replace('.', '_')}"
+                flat = f"lora_{component.kohya_label}_{name.replace('.', '_')}"
                 state[f"{flat}.lora_down.weight"] = down
                 state[f"{flat}.lora_up.weight"] = up.contiguous()
                 state[f"{flat}.alpha"] = torch.tensor(ratio * down.shape[0])

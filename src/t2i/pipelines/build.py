@@ -218,15 +218,11 @@ def _openclip_default_config(arch: str | None) -> Any:
 
 
 def build_components(model_cfg: Any, device: str | torch.device | None = None) -> dict[str, nn.Module]:
-    """{"unet", "vae", "text_encoder"} for `latent_diffusion`; {"unet"} for `imagen` (text encoders are separate);
-    {"transformer", "vae", "context_encoder"[, "pooled_encoder"]} for `flow`."""
+    """{"unet", "vae", "text_encoder"} for `latent_diffusion`; {"unet"} for `imagen` (text encoders are separate).
+    (`flow` models: `t2i.pipelines.flux_folder.build_flow_components`.)"""
     cfg = as_model_config(model_cfg)
     if cfg.kind == "imagen":
         return {"unet": build_unet(cfg, device)}
-    if cfg.kind == "flow":
-        from t2i.pipelines.flux_folder import build_flow_components
-
-        return build_flow_components(cfg, device)
     if cfg.kind == "autoencoder":
         from t2i.models.autoencoder import AutoencoderKL
 

@@ -281,6 +281,6 @@ class FluxPipeline(LoraMethods):
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write a diffusers FluxPipeline folder (+ t2i.yaml) that diffusers and `t2i.load_pipeline` load."""
-        from t2i.pipelines.flux_folder import save_flux_pipeline
+        from t2i.pipelines.flux_save import save_flux_pipeline
 
         return save_flux_pipeline(self, path)

@@ -11,7 +11,6 @@ diffusers cannot load such a folder (its FluxPipeline needs CLIP and T5), t2i ca
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,15 @@ from torch import nn
 from t2i.errors import ConfigError, PipelineLoadError
 from t2i.pipelines.build import _device_context, as_model_config, read_json
 from t2i.pipelines.flux import FluxPipeline
+from t2i.pipelines.flux_save import (
+    DIFFUSERS_VERSION,
+    MODEL_INDEX,
+    SCHEDULER_CONFIG,
+    T2I_CONFIG,
+    derived_model_config,
+)
 
-MODEL_INDEX = "model_index.json"
-T2I_CONFIG = "t2i.yaml"
-SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
-DIFFUSERS_VERSION = "0.30.0"
 FLUX_COMPONENTS = ("transformer", "vae", "text_encoder_2", "tokenizer_2", "scheduler")
-# `model:` keys that describe training, not the saved weights; t2i.yaml keeps them from the source config.
-TRAINING_KEYS = ("loss", "text_drop_rate", "optim", "lora", "first_stage_key", "cond_stage_key", "inductor")
 TEXT_KIND_OF_CLASS = {"CLIPTextModel": "clip", "T5EncoderModel": "t5", "BertModel": "minilm"}
 
 
@@ -180,7 +180,7 @@ def _text_options(model_cfg: Any, name: str) -> Any:
 def load_folder_encoder(root: Path, sub: str, tokenizer_sub: str, class_name: str, cond: Any) -> nn.Module:
     """The text encoder of `root/sub` with the tokenizer of `root/tokenizer_sub`. Without a t2i.yaml a T5 runs
     unmasked at 512 tokens and CLIP at its tokenizer's length (what diffusers' FluxPipeline does)."""
-    from t2i.text.encoders import build_minilm, build_clip, build_t5
+    from t2i.text.encoders import build_clip, build_minilm, build_t5
 
     kind = cond.kind if cond is not None else TEXT_KIND_OF_CLASS.get(class_name)
     max_length = cond.max_length if cond is not None else None
@@ -222,117 +222,6 @@ def load_flux_folder(root: Path, model_cfg: Any = None, dtype: torch.dtype | Non
     if model_cfg is None:
         model_cfg = derived_model_config(transformer, vae, context, pooled, scheduler_config)
     return assemble_flux_pipeline(model_cfg, transformer, vae, context, pooled, scheduler_config)
-
-
-def _saved_text(encoder: nn.Module) -> dict[str, Any]:
-    """The text-encoder section describing `encoder` as `save_flux_pipeline` writes it (a plain HF folder)."""
-    return {
-        "kind": encoder.kind,
-        "path": None,
-        "layer": getattr(encoder, "layer", "last"),
-        "max_length": encoder.max_length,
-        "arch": None,
-        "version": None,
-        "attention_mask": getattr(encoder, "attention_mask", True),
-    }
-
-
-def derived_model_config(
-    transformer: nn.Module,
-    vae: nn.Module,
-    context_encoder: nn.Module,
-    pooled_encoder: nn.Module | None,
-    scheduler_config: dict[str, Any],
-    extra: dict[str, Any] | None = None,
-) -> Any:
-    """The `kind: flow` config describing loaded modules (so they can be saved as t2i.yaml or trained further)."""
-    from t2i.diffusion.schedules import FlowSchedule
-
-    vae_config = vae.config_dict()
-    model = {
-        "kind": "flow",
-        "transformer_config": {"kind": "flux", **transformer.flux_config, "from_pretrained": None},
-        "first_stage_config": {
-            "embed_dim": vae.embed_dim,
-            "from_pretrained": None,
-            "ddconfig": dict(vae.ddconfig),
-            "use_quant_conv": vae_config["use_quant_conv"],
-            "use_post_quant_conv": vae_config["use_post_quant_conv"],
-        },
-        "scale_factor": float(vae.scale_factor if vae.scale_factor is not None else 1.0),
-        "shift_factor": float(vae.shift_factor or 0.0),
-        "context_encoder": _saved_text(context_encoder),
-        "pooled_encoder": _saved_text(pooled_encoder) if pooled_encoder is not None else None,
-        "schedule": FlowSchedule.from_scheduler_config(scheduler_config).scheduler_config(),
-        **(extra or {}),
-    }
-    return as_model_config(model)
-
-
-def save_flux_pipeline(pipe: FluxPipeline, path: str | Path) -> Path:
-    """Write `pipe` in the FluxPipeline layout + t2i.yaml. Returns the folder."""
-    from omegaconf import OmegaConf
-
-    from t2i.config import config_to_dict
-    from t2i.convert.flux_diffusers import save_flux_transformer_as_diffusers
-
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    save_flux_transformer_as_diffusers(pipe.transformer, root / "transformer")
-    _save_vae(pipe, root / "vae")
-    context = _save_text(pipe.context_encoder, root, "text_encoder_2", "tokenizer_2")
-    pooled = (
-        _save_text(pipe.pooled_encoder, root, "text_encoder", "tokenizer") if pipe.pooled_encoder else (None, None)
-    )
-    (root / "scheduler").mkdir(exist_ok=True)
-    scheduler = {"_diffusers_version": DIFFUSERS_VERSION, **pipe.scheduler_config}
-    (root / SCHEDULER_CONFIG).write_text(json.dumps(scheduler, indent=2))
-    index = {
-        "_class_name": "FluxPipeline",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "scheduler": ["diffusers", scheduler.get("_class_name", "FlowMatchEulerDiscreteScheduler")],
-        "text_encoder": ["transformers", pooled[0]] if pooled[0] else [None, None],
-        "tokenizer": ["transformers", pooled[1]] if pooled[1] else [None, None],
-        "text_encoder_2": ["transformers", context[0]],
-        "tokenizer_2": ["transformers", context[1]],
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "image_encoder": [None, None],
-        "feature_extractor": [None, None],
-    }
-    (root / MODEL_INDEX).write_text(json.dumps(index, indent=2))
-    base = pipe.model_config or {}
-    described = derived_model_config(
-        pipe.transformer, pipe.vae, pipe.context_encoder, pipe.pooled_encoder, pipe.scheduler_config,
-        {"mask_text_tokens": pipe.mask_text_tokens, "guidance_scale": pipe.default_guidance,
-         "scale_factor": pipe.scale_factor, "shift_factor": pipe.shift_factor},
-    )  # fmt: skip
-    model = config_to_dict(described)
-    model.update({k: base[k] for k in TRAINING_KEYS if k in base})
-    (root / T2I_CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create({"model": model})))
-    return root
-
-
-def _save_vae(pipe: FluxPipeline, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    from t2i.convert.vae_diffusers import config_to_diffusers, state_dict_to_diffusers
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {**pipe.vae.config_dict(), "scale_factor": pipe.scale_factor, "shift_factor": pipe.shift_factor}
-    (folder / "config.json").write_text(json.dumps(config_to_diffusers(config), indent=2))
-    state = {k: v.detach().contiguous().cpu() for k, v in state_dict_to_diffusers(pipe.vae.state_dict()).items()}
-    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
-
-
-def _save_text(encoder: nn.Module, root: Path, sub: str, tokenizer_sub: str) -> tuple[str, str]:
-    """Write an HF text encoder and its tokenizer (padding to the encoder's length); (model, tokenizer) classes."""
-    model = encoder.model
-    model.save_pretrained(str(root / sub))
-    tokenizer = encoder.tokenizer
-    tokenizer.model_max_length = encoder.max_length
-    tokenizer.save_pretrained(str(root / tokenizer_sub))
-    return type(model).__name__, type(tokenizer).__name__
 
 
 def folder_components_on_meta(root: Path) -> dict[str, nn.Module]:

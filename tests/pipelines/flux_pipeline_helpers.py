@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from sd_helpers import tiny_clip_tokenizer
 
 SIZE = 32  # pixels; the VAE downsamples by 2, so latents are 16 x 16 and the transformer sees 8 x 8 tokens
