@@ -7,6 +7,7 @@ few words built with `tokenizers`. Transformer: 2 double + 2 single blocks, 2 he
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +39,21 @@ def tiny_t5_tokenizer():
     )  # fmt: skip
 
 
-def tiny_flux_pipeline(guidance: bool = True, seed: int = 0, shift: bool = True):
+@dataclass(frozen=True)
+class FluxDims:
+    """Sizes of a random FluxPipeline (the tests' tiny one by default; the benchmark passes larger ones)."""
+
+    heads: int = 2
+    head_dim: int = 16
+    axes: tuple[int, int, int] = (4, 6, 6)
+    double: int = 2
+    single: int = 2
+    text_width: int = 32
+    vae_channels: tuple[int, ...] = (32, 64)
+    size: int = SIZE
+
+
+def tiny_flux_pipeline(guidance: bool = True, seed: int = 0, shift: bool = True, dims: FluxDims = FluxDims()):
     """A random diffusers FluxPipeline: guidance-distilled (FLUX.1-dev-like, dynamic shift) or not (schnell-like)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -47,14 +62,14 @@ def tiny_flux_pipeline(guidance: bool = True, seed: int = 0, shift: bool = True)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
+        num_layers=dims.double,
+        num_single_layers=dims.single,
+        attention_head_dim=dims.head_dim,
+        num_attention_heads=dims.heads,
+        joint_attention_dim=dims.text_width,
+        pooled_projection_dim=dims.text_width,
         guidance_embeds=guidance,
-        axes_dims_rope=[4, 6, 6],
+        axes_dims_rope=list(dims.axes),
     )
     with torch.no_grad():  # diffusers leaves some layers at zero; random everywhere makes every weight count
         for p in transformer.parameters():
@@ -62,12 +77,12 @@ def tiny_flux_pipeline(guidance: bool = True, seed: int = 0, shift: bool = True)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64),
+        block_out_channels=dims.vae_channels,
         layers_per_block=1,
         latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=SIZE,
+        down_block_types=("DownEncoderBlock2D",) * len(dims.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(dims.vae_channels),
+        sample_size=dims.size,
         use_quant_conv=False,
         use_post_quant_conv=False,
         scaling_factor=0.3611,
@@ -75,13 +90,15 @@ def tiny_flux_pipeline(guidance: bool = True, seed: int = 0, shift: bool = True)
     )
     clip = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=521, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=521, hidden_size=dims.text_width, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4,
             max_position_embeddings=CLIP_LENGTH, hidden_act="quick_gelu",
         )
     ).eval()  # fmt: skip
     t5 = T5EncoderModel(
         T5Config(
-            vocab_size=42, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+            vocab_size=42, d_model=dims.text_width, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+            feed_forward_proj="gated-gelu",
             relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
         )
     ).eval()  # fmt: skip

@@ -156,3 +156,17 @@ def test_info_on_a_flux_folder_counts_what_loads(dev_folder):
     assert counts["transformer"] == ("FluxTransformer", count_parameters(pipe.transformer))
     assert counts["context_encoder"] == ("T5EncoderModel", count_parameters(pipe.context_encoder.model))
     assert counts["pooled_encoder"][1] == count_parameters(pipe.pooled_encoder.model)
+
+
+def test_sample_cli_on_a_flux_folder(dev_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from t2i.cli.main import main
+
+    out = tmp_path / "flux.png"
+    args = ["sample", "--model", str(dev_folder), "--prompt", "a red circle", "--steps", "2", "--height", "32",
+            "--width", "32", "--seed", "0", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert Image.open(out).size == (SIZE, SIZE)
+    assert main([*args, "--init-image", str(out)]) == 2
+    assert "not available for Flux" in capsys.readouterr().err

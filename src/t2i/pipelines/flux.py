@@ -185,7 +185,9 @@ class FluxPipeline(LoraMethods):
             cond["guidance"] = torch.full((len(prompts) * num_images,), embedded_guidance, device=self.device)
         return cond
 
-    def plan(self, sampler: str | None, steps: int, height: int, width: int) -> SamplingPlan:
+    def plan(
+        self, sampler: str | None, steps: int, height: int, width: int, use_karras_sigmas: bool = False
+    ) -> SamplingPlan:
         """The sampling plan of `sampler` (default: the scheduler config's) for `steps` steps at an image size:
         FluxPipeline's times, shifted by mu of the image's token count when the schedule shifts dynamically."""
         if not isinstance(steps, int) or steps < 1:
@@ -193,7 +195,7 @@ class FluxPipeline(LoraMethods):
         f = self.first_stage.downsample_factor
         tokens = image_seq_len(height // f, width // f, self.transformer.patch_size)
         return make_plan(
-            sampler or self.default_sampler, self.scheduler_config, steps, schedule=self.schedule,
+            sampler or self.default_sampler, self.scheduler_config, steps, use_karras_sigmas, self.schedule,
             mu=self.schedule.mu(tokens), times=flux_sampling_times(steps),
         )  # fmt: skip
 
@@ -243,6 +245,7 @@ class FluxPipeline(LoraMethods):
         seed: int | None = None,
         num_images: int = 1,
         latents: torch.Tensor | None = None,
+        use_karras_sigmas: bool = False,
         eta: float | None = None,
         progress: bool = True,
         generator: Generators = None,
@@ -256,7 +259,7 @@ class FluxPipeline(LoraMethods):
         if not isinstance(num_images, int) or num_images < 1:
             raise InvalidInputError(f"num_images: expected an integer >= 1, got {num_images!r}")
         height, width = self.check_size(height, width)
-        plan = self.plan(sampler, steps, height, width)
+        plan = self.plan(sampler, steps, height, width, use_karras_sigmas)
         options = self.sampler_options(plan.sampler, eta)
         generator = self.make_generator(seed, generator)
         f = self.first_stage.downsample_factor
@@ -278,6 +281,12 @@ class FluxPipeline(LoraMethods):
         )
         pixels = self.decode(x)
         return GenerationOutput(to_pil(pixels), x, pixels)
+
+    def reconstruct(self, *args: Any, **kwargs: Any) -> GenerationOutput:
+        """Image-to-image is not implemented for Flux pipelines yet (a clear error, not an AttributeError)."""
+        raise InvalidInputError(
+            "image-to-image (reconstruct, --init-image): not available for Flux pipelines yet; use generate"
+        )
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write a diffusers FluxPipeline folder (+ t2i.yaml) that diffusers and `t2i.load_pipeline` load."""
