@@ -118,8 +118,10 @@ def assemble_flux_pipeline(
     context_encoder: nn.Module,
     pooled_encoder: nn.Module | None,
     scheduler_config: dict[str, Any] | None = None,
+    freeze: bool = True,
 ) -> FluxPipeline:
-    """A frozen FluxPipeline from built modules and their `model:` config (what a training task exports)."""
+    """A FluxPipeline from built modules and their `model:` config, frozen unless `freeze=False` (a training task's
+    previews sample its live transformer)."""
     from t2i.config import config_to_dict
 
     cfg = as_model_config(model_cfg)
@@ -135,7 +137,7 @@ def assemble_flux_pipeline(
         cfg.mask_text_tokens,
         cfg.guidance_scale,
     )
-    return pipe.freeze()
+    return pipe.freeze() if freeze else pipe
 
 
 def pipeline_from_single_file(path: Path, model_cfg: Any, dtype: torch.dtype | None) -> FluxPipeline:

@@ -8,8 +8,12 @@ An embedder reads one input and writes entries of the cond dict that the denoise
   the embedder's null conditioning: the encoding of "" (`null="empty_prompt"`, the SD family: what diffusers
   samples the unconditional branch with) or zeros with an all-False mask (`null="zeros"`, Imagen).
 
-Families with several inputs (SDXL: two text encoders and size embedders; Flux: CLIP + T5) list several
-embedders, each with its own rate. Random draws come from the generator, one per embedder in order.
+- `ContextPooledEmbedder`: a flow transformer's text (Flux): one encoder's tokens -> `context` [+
+  `context_mask`], a pooled vector -> `pooled` (a second encoder's, FLUX.1's CLIP, or the first one's own), dropped
+  together to the encodings of "".
+
+Families with several inputs (SDXL: two text encoders and size embedders) list several embedders, each with its
+own rate. Random draws come from the generator, one per embedder in order.
 """
 
 from __future__ import annotations
@@ -35,6 +39,16 @@ def fit_tokens(embeddings: torch.Tensor, mask: torch.Tensor, length: int) -> tup
         embeddings = F.pad(embeddings, (0, 0, 0, length - tokens))
         mask = F.pad(mask, (0, length - tokens), value=False)
     return embeddings, mask
+
+
+def drop_samples(
+    entries: dict[str, torch.Tensor], null: dict[str, torch.Tensor], rate: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """`entries` with each sample (row) replaced by its `null` row with probability `rate` (one draw per row)."""
+    context = entries["context"]
+    keep = torch.rand(context.shape[0], generator=generator, device=generator.device) >= rate
+    keep = keep.to(context.device)
+    return {k: torch.where(keep.view(-1, *([1] * (v.ndim - 1))), v, null[k]) for k, v in entries.items()}
 
 
 @dataclass
@@ -137,11 +151,60 @@ class TextEmbedder:
         """Replace each sample's entries by the null conditioning with probability `drop_rate`."""
         if self.drop_rate <= 0:
             return entries
-        context = entries["context"]
-        keep = torch.rand(context.shape[0], generator=generator, device=generator.device) >= self.drop_rate
-        keep = keep.to(context.device)
-        null = self.null_like(entries)
-        return {k: torch.where(keep.view(-1, *([1] * (v.ndim - 1))), v, null[k]) for k, v in entries.items()}
+        return drop_samples(entries, self.null_like(entries), self.drop_rate, generator)
+
+
+@dataclass
+class ContextPooledEmbedder:
+    """Text conditioning of a flow transformer: `context` (B, T, D) [+ `context_mask`] from `context_encoder`'s
+    tokens and `pooled` (B, D_pooled) from `pooled_encoder`'s pooled output (None: the context encoder's own), one
+    dropout decision per sample for both, to the encodings of "" (what FluxPipeline's CFG branch uses).
+
+    Args:
+        context_encoder, pooled_encoder: return the frozen `TextEncoder`s (called on first use).
+        drop_rate: probability that a training sample gets the null conditioning.
+        masked: also emit `context_mask` (True = real token).
+    """
+
+    context_encoder: Callable[[], Any]
+    pooled_encoder: Callable[[], Any] | None = None
+    drop_rate: float = 0.0
+    masked: bool = False
+
+    def __post_init__(self) -> None:
+        self._empty: dict[str, torch.Tensor] | None = None
+
+    def encode_prompts(self, prompts: Sequence[str], device: torch.device | str) -> dict[str, torch.Tensor]:
+        """prompts -> {context, pooled[, context_mask]} float32 on `device` (no gradients: frozen encoders)."""
+        encoding = self.context_encoder().encode(list(prompts))
+        pooled = encoding.pooled
+        if self.pooled_encoder is not None:
+            pooled = self.pooled_encoder().encode(list(prompts)).pooled
+        entries = {"context": encoding.embeddings.float().to(device), "pooled": pooled.float().to(device)}
+        if self.masked:
+            entries["context_mask"] = encoding.mask.bool().to(device)
+        return entries
+
+    def encode_batch(self, batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
+        if "captions_encoded" in batch:
+            raise ConfigError(
+                "model.cond_stage_key: precached text for flow models is not supported yet; expected captions"
+            )
+        return self.encode_prompts(list(batch["captions"]), device)
+
+    def null_like(self, entries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The encodings of "" shaped like `entries` (the mask of "" marks its real tokens)."""
+        if self._empty is None:
+            self._empty = {k: v[:1].cpu() for k, v in self.encode_prompts([""], "cpu").items()}
+        batch = entries["context"].shape[0]
+        return {k: self._empty[k].to(entries[k].device).expand(batch, *entries[k].shape[1:]) for k in entries}
+
+    def drop(self, entries: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Replace each sample's entries (all of them together) by the null conditioning with probability
+        `drop_rate`."""
+        if self.drop_rate <= 0:
+            return entries
+        return drop_samples(entries, self.null_like(entries), self.drop_rate, generator)
 
 
 class Conditioner:
