@@ -26,17 +26,23 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests" / "pipelines")]
-from common import DTYPES, machine_line, print_table, step_peak_mib, time_rounds  # noqa: E402
-from flux_pipeline_helpers import FluxDims, tiny_flux_pipeline  # noqa: E402
+from common import DTYPES, machine_line, print_table, step_peak_mib, time_rounds
+from flux_pipeline_helpers import FluxDims, tiny_flux_pipeline
 
 PROMPTS = ["a red circle in the top left", "a blue square"]
 # name: (dims, text tokens)
 SIZES = {
     "smoke": (FluxDims(), 16),
-    "mid": (FluxDims(heads=8, head_dim=64, axes=(8, 28, 28), double=2, single=4, text_width=256,
-                     vae_channels=(32, 64, 128), size=128), 64),  # fmt: skip
-    "large": (FluxDims(heads=24, head_dim=128, axes=(16, 56, 56), double=4, single=8, text_width=4096,
-                       vae_channels=(128, 256, 512, 512), size=512), 256),  # fmt: skip
+    "mid": (
+        FluxDims(heads=8, head_dim=64, axes=(8, 28, 28), double=2, single=4, text_width=256,
+                 vae_channels=(32, 64, 128), size=128),
+        64,
+    ),
+    "large": (
+        FluxDims(heads=24, head_dim=128, axes=(16, 56, 56), double=4, single=8, text_width=4096,
+                 vae_channels=(128, 256, 512, 512), size=512),
+        256,
+    ),
 }
 
 

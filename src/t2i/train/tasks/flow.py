@@ -27,6 +27,7 @@ from t2i.errors import ConfigError
 from t2i.text.conditioner import Conditioner, ContextPooledEmbedder
 from t2i.train.task import register_task
 from t2i.train.tasks.denoising import DenoisingTask, _uncompiled
+from t2i.train.tasks.latent import LatentDiffusionTask
 
 
 def load_transformer(m: Any) -> nn.Module:
@@ -134,24 +135,10 @@ class FlowTask(DenoisingTask):
         pipe.first_stage = self.first_stage
         return pipe
 
-    @torch.no_grad()
-    def generate(self, prompts: list[str], seed: int, num_images: int = 1, **settings: Any) -> Any:
-        """The pipeline's GenerationOutput for `prompts` at the training resolution (`trainer.sample` defaults)."""
-        size = self.cfg.data.resolution
-        options = {**self.sample_settings(), **{k: v for k, v in settings.items() if v is not None}}
-        return self.pipeline().generate(
-            list(prompts), num_images=num_images, seed=seed, height=size, width=size, progress=False, **options
-        )
-
-    def sample_images(self, prompts: list[str], seed: int, **settings: Any) -> list[Any]:
-        """One PIL image per prompt (the loop calls this under EMA weights, in eval mode)."""
-        return self.generate(prompts, seed, **settings).images
-
-    def sample_model_space(
-        self, prompts: list[str], seed: int, num_images: int, steps: int, guidance_scale: float
-    ) -> torch.Tensor:
-        out = self.generate(prompts, seed, num_images, steps=steps, guidance_scale=guidance_scale)
-        return out.latents.to(self.device)
+    # previews, class samples: the latent family's, through this task's `pipeline()`
+    generate = LatentDiffusionTask.generate
+    sample_images = LatentDiffusionTask.sample_images
+    sample_model_space = LatentDiffusionTask.sample_model_space
 
     def export(self, out_dir: str | Path, use_ema: bool = True) -> Path:
         """Write a FluxPipeline folder (diffusers layout + t2i.yaml) with the (EMA) transformer."""
