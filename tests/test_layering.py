@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("diffusion",),
     ("data",),
     ("config",),
+    ("atomic",),  # whole-or-absent file writes, disk-full errors: used from data up to cli
     ("errors",),
 ]
 RANK = {package: len(LAYERS) - i for i, group in enumerate(LAYERS) for package in group}

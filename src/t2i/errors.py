@@ -1,8 +1,34 @@
 """Errors a user can cause. Each carries a one-line message; the CLI prints it without a traceback."""
 
+from __future__ import annotations
+
+
+def _original_message(text: str, class_name: str) -> str:
+    """The message of an error re-raised by a DataLoader worker ("Caught X in DataLoader worker ...").
+
+    torch re-raises a worker's exception in the main process as ``X("Caught X in ... Original Traceback ...")``;
+    the last line of that traceback is ``module.X: <the one-line message>``.
+    """
+    where = text.splitlines()[0].removeprefix(f"Caught {class_name} ").rstrip(".")
+    for line in reversed(text.splitlines()):
+        head, sep, message = line.partition(": ")
+        if sep and head.rsplit(".", 1)[-1] == class_name:
+            return f"{message} ({where})"
+    return text.splitlines()[0]
+
 
 class T2IError(Exception):
-    """Base class for every error a user can cause (bad path, bad config, bad input)."""
+    """Base class for every error a user can cause (bad path, bad config, bad input).
+
+    An error raised in a DataLoader worker process keeps its one-line message when torch re-raises it in
+    the main process (the worker's traceback is dropped).
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") \
+                and "\nOriginal Traceback" in args[0]:
+            args = (_original_message(args[0], type(self).__name__),)
+        super().__init__(*args)
 
 
 class ConfigError(T2IError):
@@ -26,11 +52,24 @@ class UnknownSamplerError(InvalidInputError):
 
 
 class DataError(T2IError):
-    """A dataset path or pattern that cannot be read at all (bad samples are skipped, not raised)."""
+    """A dataset that cannot be read at all, or yields no usable sample in a whole pass (bad samples are
+    skipped and counted, not raised)."""
 
 
 class LoraError(T2IError):
     """A LoRA file with unknown or unmatched keys, or a bad LoRA config."""
+
+
+class CheckpointError(PipelineLoadError):
+    """A training checkpoint that is incomplete, truncated, or holds something other than inert tensors."""
+
+
+class RunFolderBusyError(T2IError):
+    """Another job holds the lock of a run folder (`trainer.out_dir`); the message names the holder."""
+
+
+class DiskFullError(T2IError):
+    """No space left on the device while writing a file; the message names the path and the bytes needed."""
 
 
 class SamplingError(T2IError):

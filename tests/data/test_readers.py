@@ -72,6 +72,8 @@ EXPECTED_COUNTS = {
     "missing_image": 1,  # k4
     "corrupt_member": 2,  # k5 caption not UTF-8, b.tar cut inside k9.png
     "unreadable_shard": 2,  # c.tar not a tar, missing.tar
+    "too_large": 0,
+    "unsafe_path": 0,
 }
 GOOD_KEYS = {"k0", "k6", "k7", "k8"}
 

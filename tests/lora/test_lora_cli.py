@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lora_helpers import lora_train_yaml as write_train_yaml
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -99,26 +100,8 @@ def test_sample_with_a_bad_lora_file_fails_with_a_one_line_error(sd1_lora_dir, t
 
 
 def lora_train_yaml(tmp_path: Path, base: Path, prior_loss: str) -> Path:
-    from t2i.recipes.personalize import write_concept_folder
-
-    data = write_concept_folder(tmp_path / "data", "teal", 4, 32, seed=0)
-    path = tmp_path / "lora.yaml"
-    path.write_text(f"""
-seed: 0
-model:
-  kind: latent_diffusion
-  unet_config: {{from_pretrained: {base}}}
-  lora:
-    rank: 2
-    alpha: 2.0
-    target_modules: [attention, conv]
-    prior: {{class_prompts: ["a red circle"], num_images: 2, loss: {prior_loss}, steps: 2, guidance_scale: 1.0}}
-  optim: {{lr: 1.0e-3}}
-data: {{train: [{data}], resolution: 32, batch_size: 2, shuffle_buffer: 4}}
-trainer: {{max_steps: 2, log_every: 1, sample_every: 0, checkpoint_every: 2, out_dir: {tmp_path / "run"},
-          ema: {{enabled: false}}}}
-""")
-    return path
+    prior = f'prior: {{class_prompts: ["a red circle"], num_images: 2, loss: {prior_loss}, steps: 2, guidance_scale: 1.0}}'
+    return write_train_yaml(tmp_path, base, f"rank: 2, alpha: 2.0, target_modules: [attention, conv], {prior}")
 
 
 def test_lora_train_takes_prior_preservation_from_the_config_and_the_flags(sd1_lora_dir, tmp_path, monkeypatch):

@@ -26,8 +26,8 @@ def test_save_writes_inert_files_and_prunes(tmp_path):
         _save(tmp_path, step, keep_last=2)
     assert [p.name for p in ckpt_io.list_checkpoints(tmp_path)] == ["ckpt-000030", "ckpt-000040"]
     latest = ckpt_io.latest_checkpoint(tmp_path)
-    assert sorted(p.name for p in latest.iterdir()) == ["config.yaml", "ema.safetensors", "model.safetensors",
-                                                        "state.pt"]
+    assert sorted(p.name for p in latest.iterdir()) == ["complete.json", "config.yaml", "ema.safetensors",
+                                                        "model.safetensors", "state.pt"]
     state = torch.load(latest / "state.pt", weights_only=True)  # raises if anything needs unpickling code
     assert state["step"] == 40 and state["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
     assert torch.equal(ckpt_io.load_weights(latest, use_ema=True)["w"], torch.full((2, 3), 80.0))
@@ -38,15 +38,15 @@ def test_save_writes_inert_files_and_prunes(tmp_path):
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     _save(tmp_path, 3)
     calls = {"n": 0}
-    real_save_file = ckpt_io.save_file
+    real_write = ckpt_io.write_safetensors
 
-    def failing_save_file(tensors, path):
+    def failing_write(handle, tensors):
         calls["n"] += 1
         if calls["n"] == 2:  # model.safetensors written, then the EMA write dies
-            raise OSError("disk full (simulated)")
-        real_save_file(tensors, path)
+            raise OSError("disk failure (simulated)")
+        return real_write(handle, tensors)
 
-    monkeypatch.setattr(ckpt_io, "save_file", failing_save_file)
+    monkeypatch.setattr(ckpt_io, "write_safetensors", failing_write)
     with pytest.raises(OSError, match="simulated"):
         _save(tmp_path, 6)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000003"]  # no half-written ckpt-000006(.tmp)

@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from t2i.cli.common import add_command
+
 
 def register(subparsers) -> None:
     """Add the `demo` command."""
-    parser = subparsers.add_parser(
-        "demo",
+    parser = add_command(
+        subparsers, "demo", run,
         help="train a tiny text-to-image model on CPU and score it",
         description="Generate the captioned-shapes dataset, train a small VAE, precache latents and MiniLM "
         "embeddings, train a latent UNet on CPU, then sample held-out (colour, shape, position) prompts and "
@@ -29,7 +31,6 @@ def register(subparsers) -> None:
     parser.add_argument("--unet-steps", type=int, default=None, help="override the UNet training steps")
     parser.add_argument("--vae-steps", type=int, default=None, help="override the VAE training steps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1; 2 can be faster on an idle machine)")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

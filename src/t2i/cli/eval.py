@@ -251,10 +251,13 @@ def _read_given_images(source: str, num: int | None) -> tuple[list, list[str | N
 
 def run_shapes(args: argparse.Namespace) -> int:
     """`t2i eval shapes`: print accuracies (and judge FID/KID), optionally write a captioned grid."""
+    from t2i.atomic import image_format, save_image
     from t2i.data.grid import make_grid
     from t2i.data.judge import score
 
     _check_positive(num=args.num, batch_size=args.batch_size, reference_per_prompt=args.reference_per_prompt)
+    if args.out:
+        image_format(args.out, "--out ")  # before sampling, not after
     if args.images:
         images, prompts = _read_given_images(args.images, args.num)
         prompts = [p or "" for p in prompts]
@@ -273,9 +276,8 @@ def run_shapes(args: argparse.Namespace) -> int:
     if args.fid:
         _print_judge_distances(images, prompts, args.reference_per_prompt, args.seed)
     if args.out:
-        from t2i.metrics.files import atomic_save_png
-
-        atomic_save_png(args.out, make_grid(images, captions=prompts, ncols=min(8, len(images))))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        save_image(make_grid(images, captions=prompts, ncols=min(8, len(images))), args.out)
         print(f"  grid: {args.out}")
     return 0
 

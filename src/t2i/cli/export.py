@@ -35,17 +35,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def resolve_run(run: str | Path) -> tuple[Path, Path]:
-    """(checkpoint dir, config.yaml) for a run dir or a checkpoint dir; PipelineLoadError when neither."""
-    from t2i.errors import PipelineLoadError
-    from t2i.train.checkpoint import latest_checkpoint
+    """(checkpoint dir, config.yaml) for a run dir (its newest checkpoint that verifies; skipped ones are
+    logged) or a checkpoint dir (CheckpointError if it does not verify); PipelineLoadError when neither."""
+    from t2i.errors import CheckpointError, PipelineLoadError
+    from t2i.train.checkpoint import (
+        MARKER_FILE,
+        list_checkpoints,
+        newest_verified_checkpoint,
+        verify_checkpoint,
+    )
 
     path = Path(run)
-    if (path / "state.pt").is_file():
+    if (path / "state.pt").is_file() or (path / MARKER_FILE).is_file():
         ckpt = path
+        problem = verify_checkpoint(ckpt)
+        if problem:
+            raise CheckpointError(f"{ckpt}: {problem}")
     else:
-        ckpt = latest_checkpoint(path)
+        ckpt = newest_verified_checkpoint(path)
         if ckpt is None:
-            raise PipelineLoadError(f"{run}: no checkpoint found; expected a run directory with ckpt-* folders "
+            found = "none of its checkpoints verifies" if list_checkpoints(path) else "no checkpoint found"
+            raise PipelineLoadError(f"{run}: {found}; expected a run directory with complete ckpt-* folders "
                                     "or a ckpt-N directory")
     for config in (ckpt / "config.yaml", ckpt.parent / "config.yaml"):
         if config.is_file():

@@ -17,6 +17,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -51,6 +53,13 @@ def describe(target: str, overrides: list[str] | None = None) -> dict[str, tuple
         return _count_modules(folder_components_on_meta(path))
     if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
         return single_file_counts(path)
+    if path.is_file() and path.suffix not in CONFIG_SUFFIXES:
+        from t2i.errors import PipelineLoadError
+
+        raise PipelineLoadError(
+            f"{target}: not a config or checkpoint file; expected a config name or {'/'.join(CONFIG_SUFFIXES)} "
+            f"file, a pipeline folder, or a checkpoint ({'/'.join(SINGLE_FILE_SUFFIXES)})"
+        )
     if not path.exists() and (
         path.is_absolute() or target.startswith(".") or path.suffix in SINGLE_FILE_SUFFIXES
     ):
@@ -105,10 +114,16 @@ def _shapes_as_meta(path: Path) -> dict[str, Any]:
     import torch
 
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+        from t2i.errors import PipelineLoadError
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as exn:
+            reason = str(exn).splitlines()[0][:160] if str(exn) else type(exn).__name__
+            raise PipelineLoadError(f"{path}: not a readable safetensors file ({reason})") from None
     from t2i.pipelines.single_file import read_checkpoint
 
     return read_checkpoint(path)

@@ -3,10 +3,12 @@
     t2i lora train --config configs/demo/shapes-lora.yaml --set model.unet_config.from_pretrained=runs/demo/pipeline
     t2i lora train --config my.yaml --class-prompt "a circle" --class-images 8 --prior-loss-weight 1.0 \
         --prior-loss distill
+    t2i lora train --config my.yaml --type loha      # or --type lokr, or --dora (weight-decomposed LoRA)
     t2i lora personalize --base runs/demo/pipeline --out runs/lora-new-colour
 
-`train` writes the run (checkpoints, logs) to trainer.out_dir and the LoRA to OUT_DIR/lora.safetensors;
-use it with `t2i sample --lora OUT_DIR/lora.safetensors:0.8`. `python -m t2i.cli.lora ...` is the same command.
+`train` writes the run (checkpoints, logs) to trainer.out_dir and the LoRA to OUT_DIR/lora.safetensors (LoRA and
+DoRA in diffusers' naming, LoHa and LoKr in LyCORIS' kohya naming); use it with
+`t2i sample --lora OUT_DIR/lora.safetensors:0.8`. `python -m t2i.cli.lora ...` is the same command.
 """
 
 from __future__ import annotations
@@ -16,16 +18,20 @@ import json
 import sys
 from typing import Any
 
+from t2i.cli.common import add_command
 from t2i.config import PRIOR_LOSSES
+from t2i.config.common import LORA_TYPES
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "lora",
-        help="train LoRA adapters / measure personalisation",
-        description="LoRA fine-tuning on top of any pipeline t2i loads.",
-    )
+    parser = add_command(subparsers, "lora", _help, help="train LoRA adapters / measure personalisation",
+                         description="LoRA fine-tuning on top of any pipeline t2i loads.")  # fmt: skip
     add_lora_commands(parser)
+
+
+def _help(args: argparse.Namespace) -> int:
+    """`t2i lora` alone: the actions are required, so argparse has already said which; nothing to run."""
+    return 2
 
 
 def add_lora_commands(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +48,11 @@ def add_lora_commands(parser: argparse.ArgumentParser) -> None:
         "predictions; overrides model.lora.prior.loss",
     )
     train.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder too")
+    train.add_argument(
+        "--type", dest="lora_type", default=None, choices=LORA_TYPES,
+        help="adapter kind: lora (B A), loha or lokr (LyCORIS); overrides model.lora.type",
+    )
+    train.add_argument("--dora", action="store_true", help="weight-decomposed LoRA (DoRA); sets model.lora.dora")
     train.add_argument("--out", help="where lora.safetensors goes (default: trainer.out_dir)")
     train.set_defaults(func=run_train)
     personal = sub.add_parser("personalize", help="teach the shapes demo model a new colour and score it")
@@ -76,7 +87,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def with_cli_lora_options(cfg: Any, args: argparse.Namespace) -> Any:
-    """The config with the command line's prior-preservation and text-encoder flags applied to `model.lora`."""
+    """The config with the command line's prior-preservation, text-encoder and adapter-kind flags applied to
+    `model.lora`."""
     from dataclasses import replace
 
     from t2i.config import LoraPriorConfig
@@ -92,7 +104,9 @@ def with_cli_lora_options(cfg: Any, args: argparse.Namespace) -> Any:
         prior.check("model.lora.prior")  # the flags fill that section
     elif prior is not None and args.prior_loss is not None:
         prior = replace(prior, loss=args.prior_loss)
-    lora = replace(lora, prior=prior, train_text_encoder=lora.train_text_encoder or args.train_text_encoder)
+    lora = replace(lora, prior=prior, train_text_encoder=lora.train_text_encoder or args.train_text_encoder,
+                   type=args.lora_type or lora.type, dora=lora.dora or args.dora)  # fmt: skip
+    lora.check("model.lora")  # the flags may combine badly with the file (e.g. --dora with type loha)
     return replace(cfg, model=replace(cfg.model, lora=lora))
 
 

@@ -1,8 +1,14 @@
-"""`t2i` command line: one sub-command per module in t2i.cli, loaded lazily so `t2i info` stays instant."""
+"""`t2i` command line: one sub-command per module in t2i.cli, loaded lazily so `t2i info` stays instant.
+
+Errors a user causes end in one stderr line `t2i CMD: error: ...` and exit status 2: every `T2IError`, and
+the OS errors of paths the user named (missing, not permitted, a directory, a full disk), which name the path.
+Any other exception is a bug in t2i and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -19,6 +25,7 @@ COMMANDS = {
     "eval": "t2i.cli.eval",
     "demo": "t2i.cli.demo",
     "lora": "t2i.cli.lora",
+    "serve": "t2i.cli.serve",
 }
 
 
@@ -46,9 +53,30 @@ def main(argv: list[str] | None = None) -> int:
     except T2IError as err:
         print(f"t2i {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        message = os_error_message(err)
+        if message is None:
+            raise
+        print(f"t2i {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"t2i {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+_USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EROFS,
+                errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def os_error_message(err: OSError) -> str | None:
+    """One line for an OS error about a path the user gave ("PATH: No space left on device"), else None."""
+    if err.errno not in _USER_ERRNOS or not err.filename:
+        return None
+    paths = f"{err.filename} -> {err.filename2}" if err.filename2 else str(err.filename)
+    reason = err.strerror or type(err).__name__
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        reason = "no space left on device"
+    return f"{paths}: {reason}"
 
 
 if __name__ == "__main__":

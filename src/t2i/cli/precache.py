@@ -7,25 +7,24 @@ from __future__ import annotations
 
 import argparse
 
+from t2i.cli.common import add_command, add_config_arguments
+
 SPECIAL_KEYS = ("data", "out")
 
 
 def register(subparsers) -> None:
     """Add the `precache` command."""
-    parser = subparsers.add_parser(
-        "precache",
-        help="encode a dataset once with the frozen VAE and text encoder",
-        description="Encode images with the config's VAE (first_stage_config.from_pretrained) and captions with "
-        "its text encoder, writing precached shards. `data=` (default: the config's data.train) and `out=` "
-        "are required-style arguments; other key=value pairs override the config.",
-    )
-    parser.add_argument("config", help="config file or bundled config name (model.kind: latent_diffusion | imagen)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data=SHARDS out=DIR and config overrides")
+    parser = add_command(
+        subparsers, "precache", run, help="encode a dataset once with the frozen first stage and text encoder",
+        description="Encode images with the config's first stage (the VAE of first_stage_config.from_pretrained, or "
+        "pixels for Imagen) and captions with its text encoder, writing precached shards. `data=` (default: the "
+        "config's data.train) and `out=` are required-style arguments; other key=value pairs override the config.",
+    )  # fmt: skip
+    add_config_arguments(parser, "data=SHARDS out=DIR and config overrides")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
     parser.add_argument("--shard-size", type=int, default=2000, help="samples per output shard (default 2000)")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                         help="storage dtype of the text embeddings (default float32)")
-    parser.set_defaults(func=run)
 
 
 def split_arguments(items: list[str]) -> tuple[dict[str, str], list[str]]:

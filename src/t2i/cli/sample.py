@@ -108,10 +108,62 @@ def load_from_args(args: argparse.Namespace) -> Any:
     from t2i.pipelines.loading import load_pipeline
 
     quiet_library_loaders()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     pipe = load_pipeline(args.model, config=args.config, dtype=dtype, overrides=args.overrides or None)
     return prepare_pipeline(pipe, args).to(device)
+
+
+def resolve_device(name: str | None) -> str:
+    """The --device to use (default: cuda when available); InvalidInputError for one this machine lacks."""
+    import torch
+
+    from t2i.errors import InvalidInputError
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InvalidInputError(f"--device {name}: unknown device; expected cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise InvalidInputError(f"--device {name}: CUDA is not available ({why}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidInputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InvalidInputError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        raise InvalidInputError(f"--device {name}: t2i samples on cpu, cuda or mps")
+    return str(device)
+
+
+def check_output(out: str) -> None:
+    """--out must name an image file PIL can write (checked before any sampling)."""
+    from t2i.atomic import image_format
+    from t2i.errors import InvalidInputError
+
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", "\\")):
+        raise InvalidInputError(f"--out {out}: is a directory; expected an image file such as {path / 'out.png'}")
+    image_format(path, "--out ")
+
+
+def check_lora_specs(specs: list[str]) -> None:
+    """Each --lora PATH[:SCALE]: a SCALE that is not a number is named as such (not as a missing file)."""
+    from t2i.errors import InvalidInputError
+
+    for spec in specs:
+        path, sep, scale = spec.rpartition(":")
+        if not sep or not path or Path(spec).exists() or "/" in scale or "\\" in scale:
+            continue
+        try:
+            float(scale)
+        except ValueError:
+            raise InvalidInputError(f"--lora {spec}: scale {scale!r} is not a number; expected PATH or PATH:SCALE "
+                                    "such as style.safetensors:0.8") from None
 
 
 def quiet_library_loaders() -> None:
@@ -222,13 +274,18 @@ def generate_cascade_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.out)
+    check_lora_specs(args.lora)
+    args.device = resolve_device(args.device)
     if is_cascade_folder(args.model):
         result = generate_cascade_from_args(args)
     else:
         result = generate_from_args(load_from_args(args), args)
+    from t2i.atomic import save_image
+
     paths = output_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        save_image(image, path)
         print(path)
     return 0

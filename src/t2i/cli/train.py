@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from t2i.cli.common import add_command, add_config_arguments
+
 
 def register(subparsers) -> None:
     """Add the `train` command."""
-    parser = subparsers.add_parser(
-        "train",
-        help="train or fine-tune a model from a config",
+    parser = add_command(
+        subparsers, "train", run, help="train or fine-tune a model from a config",
         description="Train from a YAML config (a path, or a bundled name such as sd15 or demo/shapes) with "
         "dotted overrides, e.g. `t2i train sd15 trainer.precision=bf16 data.train=[a.tar,b.tar]`. "
         "Multi-GPU: `torchrun --nproc_per_node N -m t2i.cli.main train CONFIG ...`.",
-    )
-    parser.add_argument("config", help="config file or bundled config name")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    )  # fmt: skip
+    add_config_arguments(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -68,10 +68,18 @@ class LoraPriorConfig:
         _require(self.steps >= 1, f"{key}.steps", self.steps, "an integer >= 1")
 
 
+LoraType = Literal["lora", "loha", "lokr"]
+LORA_TYPES: tuple[str, ...] = typing.get_args(LoraType)
+
+
 @dataclass
 class LoraConfig:
     """Low-rank adapters on the backbone's attention projections (`target_modules` None = the task's default),
-    optionally on the text encoder's attention too (SD family), with optional prior preservation."""
+    optionally on the text encoder's attention too (SD family), with optional prior preservation.
+
+    `type`: `lora` (B A), `loha` (LyCORIS' Hadamard product of two rank-`rank` products) or `lokr` (a Kronecker
+    product, the larger factor of rank `rank`), trained through peft; `dora` makes a LoRA weight-decomposed
+    (DoRA: a learnt magnitude per output row)."""
 
     rank: int = 4
     alpha: float = 4.0
@@ -79,7 +87,13 @@ class LoraConfig:
     target_modules: list[str] | None = None
     train_text_encoder: bool = False
     prior: LoraPriorConfig | None = None
+    type: LoraType = "lora"
+    dora: bool = False
 
     def check(self, key: str) -> None:
         _require(self.rank >= 1, f"{key}.rank", self.rank, "an integer >= 1")
         _require(0 <= self.dropout < 1, f"{key}.dropout", self.dropout, "a number in [0, 1)")
+        _require(self.type == "lora" or not self.dora, f"{key}.dora", self.dora,
+                 f"false with type {self.type} (DoRA is trained on type lora)")  # fmt: skip
+        _require(self.type == "lora" or self.dropout == 0, f"{key}.dropout", self.dropout,
+                 f"0 with type {self.type} (peft's LoHa/LoKr have no input dropout)")  # fmt: skip

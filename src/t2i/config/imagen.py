@@ -26,33 +26,23 @@ def _check_required(cfg: object, key: str, names: tuple[str, ...]) -> None:
 
 
 @dataclass
-class ImagenUNetConfig:
-    """NeMo's Regular UNet (`unet_type: base | sr-unet`). `low_res_cond` null means true for sr-unet."""
+class _ImagenBackboneConfig:
+    """The keys (and defaults) both Imagen backbones share; `embed_dim` and `image_size` are required."""
 
-    kind: Literal["regular"] = "regular"
     embed_dim: int | None = None
     image_size: int | None = None
     channels: int = 3
     text_embed_dim: int = 512
-    num_res_blocks: int | list[int] = 3
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
-    num_attn_heads: int = 4
     per_head_channels: int = 64
-    cond_dim: int = 512
     attention_type: str = "fused"
     feature_pooling_type: str = "attention"
     learned_sinu_pos_emb_dim: int = 16
-    attention_resolutions: list[int] = field(default_factory=lambda: [8, 16, 32])
-    dropout: bool | float = False
     use_null_token: bool = False
     init_conv_kernel_size: int = 3
     gradient_checkpointing: bool = False
     scale_shift_norm: bool = True
     stable_attention: bool = True
     flash_attention: bool = False
-    resblock_updown: bool = False
-    resample_with_conv: bool = True
-    low_res_cond: bool | None = None
     noise_cond_aug: bool = False
 
     def check(self, key: str) -> None:
@@ -60,35 +50,33 @@ class ImagenUNetConfig:
 
 
 @dataclass
-class EfficientUNetConfig:
+class ImagenUNetConfig(_ImagenBackboneConfig):
+    """NeMo's Regular UNet (`unet_type: base | sr-unet`). `low_res_cond` null means true for sr-unet."""
+
+    kind: Literal["regular"] = "regular"
+    num_res_blocks: int | list[int] = 3
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    num_attn_heads: int = 4
+    cond_dim: int = 512
+    attention_resolutions: list[int] = field(default_factory=lambda: [8, 16, 32])
+    dropout: bool | float = False
+    resblock_updown: bool = False
+    resample_with_conv: bool = True
+    low_res_cond: bool | None = None
+
+
+@dataclass
+class EfficientUNetConfig(_ImagenBackboneConfig):
     """NeMo's Efficient UNet (`unet_type: sr`)."""
 
     kind: Literal["efficient"] = "efficient"
-    embed_dim: int | None = None
-    image_size: int | None = None
-    channels: int = 3
-    text_embed_dim: int = 512
     channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 4, 8])
     num_attn_heads: int = 8
-    per_head_channels: int = 64
-    attention_type: str = "fused"
     atnn_enabled_at: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 1])
-    feature_pooling_type: str = "attention"
     stride: int = 2
     num_resblocks: int | list[int] = field(default_factory=lambda: [1, 2, 4, 8, 8])
-    learned_sinu_pos_emb_dim: int = 16
-    use_null_token: bool = False
-    init_conv_kernel_size: int = 3
-    gradient_checkpointing: bool = False
-    scale_shift_norm: bool = True
-    stable_attention: bool = True
-    flash_attention: bool = False
     skip_connection_scaling: bool = False
-    noise_cond_aug: bool = False
     cond_dim: int | None = None
-
-    def check(self, key: str) -> None:
-        _check_required(self, key, ("embed_dim", "image_size"))
 
 
 @dataclass

@@ -88,6 +88,9 @@ class CondStageConfig:
     arch: str | None = None
     version: str | None = None
 
+    def check(self, key: str) -> None:
+        _require(self.max_length >= 1, f"{key}.max_length", self.max_length, "an integer >= 1 (tokens per prompt)")
+
 
 @dataclass
 class LatentDiffusionConfig:
@@ -116,6 +119,10 @@ class LatentDiffusionConfig:
 
     def check(self, key: str) -> None:
         _require(self.timesteps >= 1, f"{key}.timesteps", self.timesteps, "an integer >= 1")
+        if self.beta_schedule in ("linear", "scaled_linear"):
+            _require(0 < self.linear_start < 1, f"{key}.linear_start", self.linear_start, "a beta in (0, 1)")
+            _require(self.linear_start <= self.linear_end < 1, f"{key}.linear_end", self.linear_end,
+                     f"a beta in [linear_start={self.linear_start}, 1)")
         _require(0 <= self.text_drop_rate <= 1, f"{key}.text_drop_rate", self.text_drop_rate, "a number in [0, 1]")
         if self.min_snr_gamma is not None:
             _require(self.min_snr_gamma > 0, f"{key}.min_snr_gamma", self.min_snr_gamma, "null or a number > 0")

@@ -31,12 +31,23 @@ class DataConfig:
     batch_size: int = 4
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    # where a sample's caption is, first match wins: a tar member extension, `json:FIELD` (a field of the
+    # sample's .json, as img2dataset writes it), or for image folders a metadata.jsonl column
+    caption_key: list[str] | str = field(default_factory=lambda: ["txt", "json:caption", "caption", "text"])
+    max_image_pixels: int | None = 8192 * 8192  # larger images are skipped and counted (null: no limit)
 
     def __post_init__(self) -> None:
         if isinstance(self.train, str):  # `data.train=shards/` on the command line means a one-item list
             self.train = [self.train]
+        if isinstance(self.caption_key, str):
+            self.caption_key = [self.caption_key]
 
     def check(self, key: str) -> None:
+        _require(bool(self.caption_key) and all(self.caption_key), f"{key}.caption_key", self.caption_key,
+                 "a non-empty list such as [txt, json:caption]")
+        if self.max_image_pixels is not None:
+            _require(self.max_image_pixels >= 1, f"{key}.max_image_pixels", self.max_image_pixels,
+                     "null or an integer >= 1")
         _require(self.resolution >= 1, f"{key}.resolution", self.resolution, "an integer >= 1")
         _require(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an integer >= 1")
         _require(self.num_workers >= 0, f"{key}.num_workers", self.num_workers, "an integer >= 0")

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from t2i.errors import ConfigError, PipelineLoadError, WeightsMismatchError
 from t2i.models.flux import FluxTransformer
+from t2i.models.weights import check_state_keys
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -276,14 +277,7 @@ def swap_halves(t: torch.Tensor) -> torch.Tensor:
 
 def check_keys(state: dict[str, torch.Tensor], expected: list[str], source: str) -> None:
     """WeightsMismatchError naming the first missing and unexpected keys unless `state` has exactly `expected`."""
-    wanted = set(expected)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in wanted]
-    if missing or unexpected:
-        raise WeightsMismatchError(
-            f"{source}: Flux weights do not match the config; missing {missing[:3]} ({len(missing)} total), "
-            f"unexpected {unexpected[:3]} ({len(unexpected)} total)"
-        )
+    check_state_keys(state, expected, "Flux", source)
 
 
 def flux_state_dict_to_diffusers(

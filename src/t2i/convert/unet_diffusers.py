@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from t2i.errors import ConfigError, PipelineLoadError, WeightsMismatchError
+from t2i.errors import ConfigError, PipelineLoadError
 from t2i.models.unet import UNetModel
 from t2i.models.unet_layout import (
     attention_heads,
@@ -29,6 +29,7 @@ from t2i.models.unet_layout import (
     middle_depth,
     resolve_unet_config,
 )
+from t2i.models.weights import check_state_keys
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -392,13 +393,7 @@ def t2i_to_diffusers_key_map(unet_config: dict[str, Any]) -> dict[str, str]:
 def _remap(
     state_dict: dict[str, torch.Tensor], key_map: dict[str, str], source: str
 ) -> dict[str, torch.Tensor]:
-    missing = [k for k in key_map if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in key_map]
-    if missing or unexpected:
-        raise WeightsMismatchError(
-            f"{source} UNet state dict does not match the config: missing {missing[:3]} ({len(missing)} total), "
-            f"unexpected {unexpected[:3]} ({len(unexpected)} total)"
-        )
+    check_state_keys(state_dict, key_map, "UNet", source)
     return {key_map[k]: v for k, v in state_dict.items()}
 
 

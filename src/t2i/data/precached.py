@@ -127,6 +127,11 @@ def _load_blob(raw: dict, ext: str, missing_reason: str, names: Sequence[str]) -
 class PrecachedDecoder:
     """Raw precached sample -> ``{"image_encoded", "captions_encoded", "captions"}``, or BadSample."""
 
+    def expects(self) -> str:
+        """What a usable sample looks like (for the error when none is found)."""
+        return (f"expected precached samples (.{IMAGE_ENCODED} and .{CAPTIONS_ENCODED}, as `t2i precache` writes "
+                "them); image shards need the model's image and caption keys, not the precached ones")
+
     def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
         moments = _load_blob(raw, IMAGE_ENCODED, "missing_image", ("mean", "logvar"))
         text = _load_blob(raw, CAPTIONS_ENCODED, "missing_caption", ("embeddings", "mask"))

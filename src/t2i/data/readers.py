@@ -29,6 +29,10 @@ consumed (skipped samples are not decoded). Exact when world_size and num_worker
 restarts with a warning. With ``repeat=False`` a pass is one epoch: call ``set_epoch(e)`` before each pass
 (after a resume, start with ``set_epoch(ds.epoch)``). With ``repeat=True`` one iterator runs epoch after epoch.
 
+No usable data. An endless dataset (``repeat=True``) whose worker gets nothing in a whole epoch checks, by
+reading every unit once, that a later epoch can give it something; if not it raises a one-line `DataError`
+with the skip counts by reason and what a usable sample looks like (instead of spinning forever).
+
 Bad data. ``ds.stats`` (a `DataStats`) = missing shards found when resolving sources + the counts of every
 pass, live: passes in this process (num_workers=0) and in DataLoader worker processes (num_workers>0) add to
 one counter in shared memory. Counts accumulate over passes: a bad sample read twice counts twice. Names of
@@ -38,6 +42,7 @@ processes log them (once per pass) instead.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,34 +54,83 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from t2i.data.sources import Unit, iter_unit, resolve_sources
 from t2i.data.stats import BadSample, DataStats, SharedCounts
-from t2i.data.transforms import ImageTransform, decode_image
+from t2i.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, ImageTransform, decode_image
+from t2i.errors import DataError
 
 log = logging.getLogger("t2i.data")
 
 IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-CAPTION_KEYS: tuple[str, ...] = ("txt", "caption")
+# `data.caption_key`: tar member extensions, `json:FIELD` (a field of the sample's .json, as img2dataset writes
+# it), or, for image folders, metadata.jsonl columns (`json:FIELD` and a bare `FIELD` both name column FIELD).
+CAPTION_KEYS: tuple[str, ...] = ("txt", "json:caption", "caption", "text")
 
 Decoder = Callable[[dict, np.random.Generator], dict]
 
 
 def caption_of(raw: dict, caption_keys: Sequence[str] = CAPTION_KEYS) -> str:
-    """The caption of a raw sample; BadSample(missing_caption / corrupt_member) when absent or not UTF-8."""
-    for ext in caption_keys:
-        if ext in raw:
-            try:
-                return raw[ext].decode("utf-8").strip()
-            except UnicodeDecodeError as exn:
-                raise BadSample("corrupt_member", f"{raw['__key__']}.{ext}: {exn}") from None
-    raise BadSample("missing_caption", f"{raw['__url__']}: {raw['__key__']} has no {'/'.join(caption_keys)}")
+    """The caption of a raw sample: the first of `caption_keys` that it has.
+
+    BadSample(missing_caption) when it has none, BadSample(corrupt_member) when that member is not UTF-8
+    (or its .json does not parse).
+    """
+    for key in caption_keys:
+        text = _caption_candidate(raw, key)
+        if text is not None:
+            return text.strip()
+    raise BadSample(
+        "missing_caption", f"{raw['__url__']}: {raw['__key__']} has no caption (looked for {', '.join(caption_keys)})"
+    )
+
+
+def _caption_candidate(raw: dict, key: str) -> str | None:
+    meta = raw.get("__meta__")  # image-folder columns
+    field = key.removeprefix("json:")
+    if meta is None and key.startswith("json:"):
+        meta = _json_member(raw)
+    if meta is not None:
+        value = meta.get(field) if isinstance(meta, dict) else None
+        if not isinstance(value, str):
+            return None
+        try:
+            value.encode("utf-8")  # a JSON escape such as \ud800 is not text
+        except UnicodeEncodeError:
+            raise BadSample("corrupt_member", f"{raw['__key__']}: {key} is not valid Unicode") from None
+        return value
+    if key not in raw or key.startswith("__"):
+        return None
+    try:
+        return raw[key].decode("utf-8")
+    except UnicodeDecodeError as exn:
+        raise BadSample("corrupt_member", f"{raw['__key__']}.{key}: {exn}") from None
+
+
+def _json_member(raw: dict) -> dict | None:
+    if "json" not in raw:
+        return None
+    try:
+        value = json.loads(raw["json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise BadSample("corrupt_member", f"{raw['__key__']}.json: {exn}") from None
+    return value if isinstance(value, dict) else None
 
 
 @dataclass(frozen=True)
 class ImageDecoder:
-    """Raw sample -> ``{"images": (3, R, R) in [-1, 1], "captions": str}``, or BadSample."""
+    """Raw sample -> ``{"images": (3, R, R) in [-1, 1], "captions": str}``, or BadSample.
+
+    Images that would decode to more than `max_pixels` pixels are skipped as ``too_large`` (large JPEGs are
+    first decoded at a reduced scale, see `decode_image`).
+    """
 
     transform: ImageTransform
     image_keys: tuple[str, ...] = IMAGE_KEYS
     caption_keys: tuple[str, ...] = CAPTION_KEYS
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+
+    def expects(self) -> str:
+        """What a usable sample looks like (for the error when none is found)."""
+        images = "/".join(f".{k}" for k in self.image_keys)
+        return f"expected image samples ({images}) with a caption ({', '.join(self.caption_keys)})"
 
     def _image_bytes(self, raw: dict) -> bytes:
         for ext in self.image_keys:
@@ -95,7 +149,9 @@ class ImageDecoder:
         data = self._image_bytes(raw)
         caption = caption_of(raw, self.caption_keys)
         try:
-            image = decode_image(data)
+            image = decode_image(data, self.transform.resolution, self.max_pixels)
+        except ImageTooLarge as exn:
+            raise BadSample("too_large", f"{raw['__url__']}: {raw['__key__']}: {exn}") from None
         except Exception as exn:  # noqa: BLE001 -- PIL raises many exception types for bad bytes
             raise BadSample("undecodable", f"{raw['__url__']}: {raw['__key__']}: {exn}") from None
         return {"images": self.transform(image, rng), "captions": caption}
@@ -267,24 +323,31 @@ class ShardDataset(IterableDataset):
                 count += 1
 
     def _iter_epoch(self, epoch: int, worker: int, num_workers: int, skip: int, stats: DataStats):
+        """Yield this worker's samples of `epoch`; returns how many it yielded."""
         gid = self.rank * num_workers + worker
         total = self.world_size * num_workers
         raw = self._raw_stream(epoch, gid, total, stats)
         if self.shuffle:
             raw = _shuffled(raw, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, gid]))
+        produced = 0
         for index, item in enumerate(raw, start=1):
             if index <= skip:
                 continue
             try:
-                if "__bad__" in item:
-                    raise BadSample(item["__bad__"], f"{item['__url__']}: {item['__key__']}")
-                sample = self.decoder(item, np.random.default_rng([self.seed, epoch, gid, index]))
+                sample = self._decode(item, np.random.default_rng([self.seed, epoch, gid, index]))
             except BadSample as bad:
                 stats.add(bad.reason, bad.detail)
                 continue
             sample["__key__"] = item["__key__"]
             sample["__data__"] = {"worker": worker, "workers": num_workers, "epoch": epoch, "index": index}
+            produced += 1
             yield sample
+        return produced
+
+    def _decode(self, item: dict, rng: np.random.Generator) -> dict:
+        if "__bad__" in item:
+            raise BadSample(item["__bad__"], item.get("__detail__", f"{item['__url__']}: {item['__key__']}"))
+        return self.decoder(item, rng)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -294,11 +357,55 @@ class ShardDataset(IterableDataset):
         if info is None:
             self._local.append(stats)
         worker, epoch, skip = self._start(worker, num_workers)
+        usable_checked = False
         while True:
-            yield from self._iter_epoch(epoch, worker, num_workers, skip, stats)
+            produced = yield from self._iter_epoch(epoch, worker, num_workers, skip, stats)
             if not self.repeat:
                 return
+            if produced == 0 and skip == 0 and not usable_checked:
+                # An endless stream that yields nothing would spin forever: look once through every unit.
+                self._require_usable(worker, num_workers)
+                usable_checked = True
             epoch, skip = epoch + 1, 0
+
+    def _require_usable(self, worker: int, num_workers: int) -> None:
+        """Called when a whole epoch gave this worker nothing: DataError unless a later epoch can give it some.
+
+        When units are split between readers, the next epoch's split differs, so one usable sample in any
+        unit is enough; a probe reads the units once (no effect on the stream or on `stats`) to find it.
+        When every reader takes every n-th sample of all units, this reader has just read them all: its share
+        is empty and stays so, which is an error too.
+        """
+        readers = self.world_size * num_workers
+        split_by_unit = len(self.units) >= readers
+        found, probe = self._probe(limit=1 if split_by_unit else readers)
+        if found and split_by_unit:
+            return
+        kinds = "shard" if all(u.kind == "tar" for u in self.units) else "shard/folder"
+        where = f"{len(self.units)} {kinds}{'s' if len(self.units) != 1 else ''}"
+        if found == 0:
+            expects = self.decoder.expects() if hasattr(self.decoder, "expects") else "expected usable samples"
+            raise DataError(f"data.train: no usable sample in one pass over {where}; skipped "
+                            f"{self._base.merged(probe).summary()}; {expects}")
+        count = f"{found}" if found < readers else f"at least {found}"
+        raise DataError(f"data.train: rank {self.rank} DataLoader worker {worker} got no usable sample in a whole "
+                        f"pass: {readers} readers (world_size x num_workers) deal out the samples of {where} in "
+                        f"turn, and they hold {count} usable sample(s); use fewer workers or more data")
+
+    def _probe(self, limit: int) -> tuple[int, DataStats]:
+        """(usable samples found, up to `limit`; skip counts of what was read) over every unit once."""
+        found, probe = 0, DataStats(quiet=True)
+        for unit in self.units:
+            for raw in iter_unit(unit, probe):
+                try:
+                    self._decode(raw, np.random.default_rng(0))
+                except BadSample as bad:
+                    probe.add(bad.reason, bad.detail)
+                    continue
+                found += 1
+                if found >= limit:
+                    return found, probe
+        return found, probe
 
 
 def default_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -319,6 +426,7 @@ def build_dataset(
     *,
     image_keys: Sequence[str] = IMAGE_KEYS,
     caption_keys: Sequence[str] = CAPTION_KEYS,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     seed: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
@@ -334,8 +442,10 @@ def build_dataset(
     """
     stats = DataStats()
     units = resolve_sources(sources, stats)
+    if isinstance(caption_keys, str):
+        caption_keys = [caption_keys]
     decoder = ImageDecoder(
-        ImageTransform(resolution, center_crop, random_flip), tuple(image_keys), tuple(caption_keys)
+        ImageTransform(resolution, center_crop, random_flip), tuple(image_keys), tuple(caption_keys), max_image_pixels
     )
     rank, world_size = default_rank(rank, world_size)
     return ShardDataset(

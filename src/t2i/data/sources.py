@@ -2,13 +2,14 @@
 
 A *source* is a string: a local tar path, a glob (``shards/*.tar``), a brace pattern
 (``shards/{00000..00009}.tar``, expanded with webdataset's `expand_urls`), or a directory. A directory with a
-``metadata.jsonl`` (lines ``{"file_name": ..., "text": ...}`` as in HF imagefolder) is an image folder; any
-other directory stands for the ``*.tar`` files inside it.
+``metadata.jsonl`` (lines ``{"file_name": ..., "text": ...}`` as in HF imagefolder; the caption may be any
+column `caption_keys` name) is an image folder; any other directory stands for the ``*.tar`` files inside it.
 
 A *raw sample* is a dict ``{"__key__", "__url__", EXT: bytes, ...}`` as webdataset groups tar members
 (``{key}.jpg`` + ``{key}.txt`` -> ``{"jpg": ..., "txt": ...}``). Image-folder samples carry ``"__path__"``
-(read lazily) instead of image bytes. A raw sample that is already known to be bad carries ``"__bad__"``
-(a reason from `REASONS`) so that it is counted by whichever reader worker owns it.
+(read lazily) instead of image bytes, and ``"__meta__"`` (their metadata.jsonl columns). A raw sample that is
+already known to be bad carries ``"__bad__"`` (a reason from `REASONS`, with an optional ``"__detail__"``) so
+that it is counted by whichever reader worker owns it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from t2i.data.stats import DataStats
 from t2i.errors import DataError
@@ -136,20 +137,52 @@ def _iter_tar(path: str, stats: DataStats) -> Iterator[dict]:
 
 
 def _iter_folder(directory: Path) -> Iterator[dict]:
-    """Raw samples from ``metadata.jsonl``; image files are read later by the decoder."""
-    with open(directory / METADATA_FILE, encoding="utf-8", errors="replace") as lines:
+    """Raw samples from ``metadata.jsonl``; image files are read later by the decoder.
+
+    Each sample carries ``__path__`` (the image) and ``__meta__`` (the line's columns, where the caption
+    keys are looked up). A line that is not a UTF-8 JSON object with a string ``file_name`` is a bad sample
+    (``corrupt_member``), and so is a ``file_name`` that leaves the folder (``unsafe_path``: absolute, or
+    ``..`` after normalisation). Non-UTF-8 lines are rejected, as non-UTF-8 ``.txt`` members in shards are:
+    decoding them with replacement characters would train on captions that are not the user's text.
+    """
+    with open(directory / METADATA_FILE, "rb") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             raw = {"__key__": f"{directory.name}/{number}", "__url__": str(directory)}
-            try:
-                entry = json.loads(line)
-                name = entry["file_name"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                yield raw | {"__bad__": "corrupt_member"}
+            entry, problem = _metadata_entry(line)
+            if entry is None:
+                yield raw | {"__bad__": "corrupt_member", "__detail__": f"{METADATA_FILE} line {number}: {problem}"}
+                continue
+            name = entry["file_name"]
+            if not _inside_folder(name):
+                detail = f"{METADATA_FILE} line {number}: file_name {name!r} is outside the folder"
+                yield raw | {"__bad__": "unsafe_path", "__detail__": detail}
                 continue
             raw["__key__"] = str(Path(name).with_suffix(""))
             raw["__path__"] = str(directory / name)
-            if isinstance(entry.get("text"), str):
-                raw["txt"] = entry["text"].encode("utf-8")
+            raw["__meta__"] = entry
             yield raw
+
+
+def _metadata_entry(line: bytes) -> tuple[dict | None, str]:
+    """(the JSON object of a metadata line, "") or (None, what is wrong with it)."""
+    try:
+        entry = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except json.JSONDecodeError as exn:
+        return None, f"not JSON ({exn.msg})"
+    if not isinstance(entry, dict):
+        return None, f"expected a JSON object, got {type(entry).__name__}"
+    if not isinstance(entry.get("file_name"), str) or not entry["file_name"]:
+        return None, f"file_name: expected a relative path string, got {entry.get('file_name')!r}"
+    return entry, ""
+
+
+def _inside_folder(name: str) -> bool:
+    """True for a relative path that stays inside its folder (checked lexically: symlinked files are fine)."""
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive:
+        return False
+    return ".." not in PurePosixPath(os.path.normpath(name.replace("\\", "/"))).parts

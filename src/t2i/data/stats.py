@@ -15,12 +15,16 @@ log = logging.getLogger("t2i.data")
 # corrupt_member: a tar stream that breaks mid-shard, a duplicate member, a caption that is not UTF-8,
 #   a metadata.jsonl line that is not JSON, a precached tensor blob that does not parse.
 # unreadable_shard: a shard path that does not exist, cannot be opened, or is not a tar file.
+# too_large: an image that would decode to more than data.max_image_pixels pixels (checked before decoding).
+# unsafe_path: a metadata.jsonl file_name that leaves its folder (absolute, or `..` after normalisation).
 REASONS: tuple[str, ...] = (
     "undecodable",
     "missing_caption",
     "missing_image",
     "corrupt_member",
     "unreadable_shard",
+    "too_large",
+    "unsafe_path",
 )
 
 
@@ -44,22 +48,29 @@ class DataStats:
     counts: dict[str, int] = field(default_factory=_zero_counts)
     unreadable_shards: list[str] = field(default_factory=list)
     on_add: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+    quiet: bool = field(default=False, repr=False, compare=False)  # log at DEBUG only (re-reads, probes)
 
     def add(self, reason: str, detail: str = "", shard: str | None = None) -> None:
         """Count one skipped item; the first of each reason is logged at WARNING, later ones at DEBUG."""
-        first = self.counts[reason] == 0
+        first = self.counts[reason] == 0 and not self.quiet
         self.counts[reason] += 1
         if self.on_add is not None:
             self.on_add(reason)
         if shard is not None and reason == "unreadable_shard" and shard not in self.unreadable_shards:
             self.unreadable_shards.append(shard)
-            log.warning("skipping unreadable shard %s (%s)", shard, detail)
+            log.log(logging.DEBUG if self.quiet else logging.WARNING, "skipping unreadable shard %s (%s)", shard,
+                    detail)
             return
         log.log(logging.WARNING if first else logging.DEBUG, "skipping bad sample (%s): %s", reason, detail)
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    def summary(self) -> str:
+        """``"12 (undecodable 10, unreadable_shard 2)"``: the total and the non-zero reasons."""
+        parts = [f"{reason} {n}" for reason, n in self.counts.items() if n]
+        return f"{self.total} ({', '.join(parts)})" if parts else "0"
 
     def merged(self, *others: DataStats) -> DataStats:
         """A new DataStats with the counts summed and shard names united."""

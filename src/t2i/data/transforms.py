@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,20 +13,52 @@ from PIL import Image
 
 from t2i.errors import InvalidInputError
 
+# Decoded images larger than this many pixels are skipped (`data.max_image_pixels`); 8192 x 8192 RGB is 192 MiB.
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
-def decode_image(data: bytes) -> Image.Image:
+
+class ImageTooLarge(ValueError):
+    """An image whose decoded size exceeds the pixel limit (raised before its pixels are decoded)."""
+
+
+def decode_image(data: bytes, min_side: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """Decode image bytes fully into an RGB PIL image (transparent pixels composited on white).
 
-    Raises whatever PIL raises for truncated or invalid data; `load()` forces the full decode so a
-    truncated file fails here rather than later.
+    `min_side`: the shorter side the caller needs; JPEGs at least 4x larger are decoded at a reduced scale
+    (libjpeg's DCT scaling, `Image.draft`) whose shorter side is still >= 2 * `min_side`. `max_pixels`:
+    an image that would still decode to more pixels raises `ImageTooLarge` before its pixels are read.
+    16-bit greyscale (PNG/TIFF modes I;16*, I) is scaled to 8 bits, not clipped. Raises whatever PIL raises
+    for truncated or invalid data; `load()` forces the full decode so a truncated file fails here.
     """
-    image = Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():
+        if max_pixels is not None:  # our own limit replaces PIL's decompression-bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exn:
+            raise ImageTooLarge(str(exn)) from None
+    if min_side is not None and image.format == "JPEG" and min(image.size) >= 4 * min_side:
+        # decode at 1/2, 1/4 or 1/8 scale, keeping >= 2x the needed side so the bicubic resize still antialiases
+        scale = 2 * min_side / min(image.size)
+        image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ImageTooLarge(f"{image.width}x{image.height} pixels exceeds data.max_image_pixels={max_pixels}")
     image.load()
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return _sixteen_bit_grey_to_rgb(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _sixteen_bit_grey_to_rgb(image: Image.Image) -> Image.Image:
+    """0..65535 grey -> 0..255 RGB (round(v / 257)); PIL's own convert clips at 255 instead of scaling."""
+    values = np.asarray(image).astype(np.float64)
+    grey = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2)))
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:

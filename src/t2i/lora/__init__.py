@@ -1,9 +1,11 @@
 """LoRA fine-tuning and inference on t2i backbones (through `peft`), with files in diffusers and kohya-ss naming.
 
 See docs/LORA.md. Public API:
-- `apply_lora(model, rank, alpha, dropout, target_modules)`: trainable adapters on a backbone;
-- `save_lora_file(target, path)` / `load_lora(pipe, path, scale, name)`: files in PEFT (diffusers) naming,
-  loading kohya-ss files too;
+- `apply_lora(model, rank, alpha, dropout, target_modules, kind="lora"|"loha"|"lokr", dora=False)`: trainable
+  adapters on a backbone;
+- `save_lora_file(target, path)` / `load_lora(pipe, path, scale, name)`: LoRA/DoRA files in PEFT (diffusers)
+  naming with diffusers' adapter-metadata header, LoHa/LoKr in LyCORIS' kohya naming; loading kohya-ss and
+  LyCORIS files (LoCon, LoHa, LoKr, dora_scale) too;
 - `fuse_lora(pipe)` / `unfuse_lora(pipe)` / `set_lora_scale` / `unload_lora`.
 """
 

@@ -11,8 +11,9 @@ Three namings are read (all under the component prefix `transformer`):
 - BFL / ComfyUI: the BFL module names themselves, `double_blocks.0.img_attn.qkv.lora_A.weight` (or `lora_down`,
   optionally under `diffusion_model.`); `canonical_keys` moves them under `transformer.`.
 
-Written files use the diffusers naming (split into diffusers' modules, the down weight shared by the parts, alpha
-folded into the up weight) or kohya's; the final layer's modulation swaps its halves as the weights do.
+Written files use the diffusers naming (split into diffusers' modules, the down weight shared by the parts) or
+kohya's; the final layer's modulation swaps its halves as the weights do. LoHa / LoKr / DoRA adapters map one to
+one (BFL names, or the diffusers modules that are whole BFL modules); on fused modules they need kohya naming.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from t2i.convert.flux_diffusers import BFL_ROOTS, flux_key_rules
 from t2i.errors import LoraError
+from t2i.lora.adapters import AdapterWeights, LoraPair
 
 PREFIX = "transformer"
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -49,7 +51,8 @@ def canonical_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class Part:
-    """One diffusers module that is rows `start:stop` of our module `ours` (fused from `count` parts)."""
+    """One diffusers module that is part `index` of our module `ours`, whose output rows split into `sizes` (empty:
+    the whole module); `swap_halves`: its rows are ours with the two halves swapped."""
 
     ours: str
     index: int
@@ -58,15 +61,14 @@ class Part:
 
 
 class FluxLoraNaming:
-    """The file naming of a Flux transformer component (see the module docstring); `resolve` reads, `split`
-    writes. `pair_type` builds the pairs `resolve` returns (t2i.lora.files.LoraPair)."""
+    """The file naming of a Flux transformer component (see the module docstring): `resolve` reads, `split`
+    writes."""
 
-    def __init__(self, model: Any, pair_type: type) -> None:
-        self.pair_type = pair_type
+    def __init__(self, model: Any) -> None:
         self.parts: dict[str, Part] = {}
         self.theirs: dict[str, list[str]] = {}
         for rule in flux_key_rules(model.flux_config):
-            if not rule.ours.endswith(".weight") or rule.ours.endswith(".scale"):
+            if not rule.ours.endswith(".weight"):
                 continue
             ours = rule.ours.removesuffix(".weight")
             names = [t.removesuffix(".weight") for t in rule.theirs]
@@ -78,72 +80,91 @@ class FluxLoraNaming:
 
     # ---------------------------------------------------------------------------------------- reading
 
-    def resolve(self, pairs: dict[tuple[str, bool], Any], source: str) -> dict[str, Any]:
-        """{(file module name, kohya-flat?): pair} -> {our module path: pair}; LoraError naming what matches no
-        module, or a module given twice."""
-        direct: dict[str, Any] = {}
-        grouped: dict[str, dict[int, Any]] = {}
+    def resolve(self, pairs: dict[tuple[str, bool], AdapterWeights], source: str) -> dict[str, AdapterWeights]:
+        """{(file module name, kohya-flat?): adapter} -> {our module path: adapter}; LoraError naming what matches
+        no module, a module given twice, or an adapter that cannot be fused."""
+        direct: dict[str, AdapterWeights] = {}
+        grouped: dict[str, dict[int, AdapterWeights]] = {}
         unmatched: list[str] = []
-        for (name, flat), pair in pairs.items():
+        for (name, flat), adapter in pairs.items():
             path = self.flat.get(name) if flat else (name if name in self.ours else None)
-            if path is not None:
-                self._claim(direct, grouped, path, source)
-                direct[path] = pair
-            elif not flat and name in self.parts:
-                part = self.parts[name]
-                if part.ours in direct:
-                    self._claim(direct, grouped, part.ours, source)
-                grouped.setdefault(part.ours, {})[part.index] = pair
-            else:
+            part = None if flat or path is not None else self.parts.get(name)
+            if path is None and part is None:
                 unmatched.append(f"lora_unet_{name}" if flat else f"{PREFIX}.{name}")
+                continue
+            target = path if path is not None else part.ours
+            if target in direct or (path is not None and target in grouped):
+                raise LoraError(f"{source}: two LoRA entries for the Flux module {target!r} (diffusers and BFL "
+                                "names?)")  # fmt: skip
+            if path is not None:
+                direct[path] = adapter
+            else:
+                grouped.setdefault(target, {})[part.index] = adapter
         if unmatched:
             shown = ", ".join(unmatched[:5]) + (f" (+{len(unmatched) - 5} more)" if len(unmatched) > 5 else "")
             raise LoraError(f"{source}: LoRA keys that match no module of the Flux transformer: {shown}")
         for path, members in grouped.items():
-            direct[path] = self._fuse(path, members)
+            direct[path] = self._fuse(path, members, source)
         return direct
 
-    @staticmethod
-    def _claim(direct: dict, grouped: dict, path: str, source: str) -> None:
-        if path in direct or path in grouped:
-            raise LoraError(f"{source}: two LoRA entries for the Flux module {path!r} (diffusers and BFL names?)")
-
-    def _fuse(self, path: str, members: dict[int, Any]) -> Any:
-        """The pair on our module `path` equal to its diffusers parts' pairs (alpha folded in)."""
-        first = next(iter(members.values()))
-        part = self.parts[self.theirs[path][0]]
+    def _fuse(self, path: str, members: dict[int, AdapterWeights], source: str) -> AdapterWeights:
+        """The adapter on our module `path` equal to its diffusers parts' (alpha folded in)."""
+        names = self.theirs[path]
+        part = self.parts[names[0]]
+        if not part.sizes and not part.swap_halves:  # the same module under its diffusers name
+            return members[0]
+        for i, adapter in members.items():
+            if not _plain_lora(adapter):
+                raise LoraError(
+                    f"{source}: transformer.{names[i]}: a {adapter.kind} adapter (or DoRA) on a part of the fused "
+                    f"Flux module {path!r} cannot be fused; expected a plain LoRA"
+                )
         if not part.sizes:
-            up = first.up.float() * first.ratio
-            return self.pair_type(first.down.float(), _swap(up) if part.swap_halves else up, None)
+            adapter = members[0]
+            return LoraPair(adapter.down, _swap(adapter.up), adapter.alpha, factor=adapter.factor)
         downs = [members[i].down.float() for i in sorted(members)]
         up = torch.zeros(sum(part.sizes), sum(d.shape[0] for d in downs))
         row, col = 0, 0
         for i, size in enumerate(part.sizes):
             if i in members:
-                pair = members[i]
-                if pair.up.shape[0] != size:
-                    raise LoraError(
-                        f"{self.theirs[path][i]}: LoRA up weight has {pair.up.shape[0]} rows; the module has {size}"
-                    )
-                up[row : row + size, col : col + pair.rank] = pair.up.float() * pair.ratio
-                col += pair.rank
+                adapter = members[i]
+                if adapter.up.shape[0] != size:
+                    raise LoraError(f"{source}: transformer.{names[i]}: LoRA up weight has {adapter.up.shape[0]} "
+                                    f"rows; the module has {size}")  # fmt: skip
+                up[row : row + size, col : col + adapter.rank] = adapter.up.float() * adapter.ratio
+                col += adapter.rank
             row += size
-        return self.pair_type(torch.cat(downs), up, None)
+        return LoraPair(torch.cat(downs), up)
 
     # ---------------------------------------------------------------------------------------- writing
 
-    def split(self, path: str, down: torch.Tensor, up: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """Our module's LoRA (down (r, in), up (out, r), alpha folded into up) as diffusers' modules: [(name, down,
-        up rows)], the down weight shared by the parts."""
+    def split(self, path: str, adapter: AdapterWeights) -> list[tuple[str, AdapterWeights]]:
+        """Our module's adapter as diffusers' modules: [(name, adapter)], a LoRA's down weight shared by the
+        parts (copied) and its up weight (and DoRA magnitude) split by rows."""
         names = self.theirs.get(path)
         if names is None:
             raise LoraError(f"transformer.{path}: no diffusers name for this Flux module")
         part = self.parts[names[0]]
+        if not part.sizes and not part.swap_halves:
+            return [(names[0], adapter)]
+        if not isinstance(adapter, LoraPair) or adapter.mid is not None or adapter.dora_scale is not None:
+            raise LoraError(f"transformer.{path}: a {adapter.kind} adapter on this fused Flux module has no "
+                            "diffusers spelling; save it with naming='kohya'")  # fmt: skip
+        up, magnitude = adapter.up, adapter.magnitude
         if part.swap_halves:
-            up = _swap(up)
-        if not part.sizes:
-            return [(names[0], down, up)]
-        return [(name, down, rows) for name, rows in zip(names, up.split(list(part.sizes)), strict=True)]
+            up, magnitude = _swap(up), None if magnitude is None else _swap(magnitude)
+        sizes = list(part.sizes) or [up.shape[0]]
+        ups = up.split(sizes)
+        magnitudes = magnitude.split(sizes) if magnitude is not None else [None] * len(sizes)
+        pieces = zip(names, ups, magnitudes, strict=True)
+        kept = {"alpha": adapter.alpha, "factor": adapter.factor}
+        return [
+            (name, LoraPair(adapter.down.clone(), rows.contiguous(), magnitude=m, **kept)) for name, rows, m in pieces
+        ]
+
+
+def _plain_lora(adapter: AdapterWeights) -> bool:
+    return isinstance(adapter, LoraPair) and adapter.mid is None and adapter.decomposition() is None
 
 
 def _swap(t: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,12 @@
 
     load_lora(pipe, "style.safetensors", scale=0.8)          # -> adapter name "style"
     load_lora(pipe, "concept.safetensors", scale=0.5, name="c")
-    fuse_lora(pipe)      # W <- W + sum_i scale_i * alpha_i / r_i * B_i A_i ; LoRA branches off
+    fuse_lora(pipe)      # W <- W + sum_i scale_i * delta_i ; the adapter branches off
     unfuse_lora(pipe)    # W is the original tensor again (kept aside, not recomputed)
+
+Every kind a file can hold goes through this: LoRA and DoRA on peft LoRA layers, LoHa and LoKr (and LoRAs with
+LyCORIS' `dora_scale`) on peft's LyCORIS layers (`t2i.lora.lycoris`). A module with several kinds nests them:
+the LoRA layer directly on the base module, the LyCORIS layers above it; fusing merges from the inside out.
 
 `pipe` is anything `t2i.lora.files.adapter_slots` accepts: a pipeline says which of its modules take adapters
 (`adapter_slots()`: the SD pipeline one slot, UNet and text encoder; a cascade one per stage, and a LoRA goes on
@@ -18,20 +22,33 @@ from typing import Any
 from torch import nn
 
 from t2i.errors import LoraError
+from t2i.lora.adapters import AdapterWeights, LoraPair
 from t2i.lora.files import (
     Component,
     adapter_slots,
     components_of,
+    kind_of,
     match_to_modules,
     parse_lora_state_dict,
     read_lora_file,
     read_lora_metadata,
     slot_components,
 )
-from t2i.lora.peft_lora import adapter_names, inject_lora, lora_layers, remove_adapter, set_adapter_scales
+from t2i.lora.lycoris import attach_lycoris
+from t2i.lora.metadata import read_adapter_metadata
+from t2i.lora.peft_lora import (
+    ORIGINAL_ATTR,
+    adapter_layers,
+    adapter_names,
+    inject_lora,
+    layer_adapter_names,
+    lora_layers,
+    nesting_depth,
+    remove_adapter,
+    set_adapter_scales,
+)
 
 SCALES_ATTR = "t2i_lora_scales"  # {adapter name: scale}, kept on each component module
-ORIGINAL_ATTR = "t2i_unfused_weight"  # the base weight tensor put aside by fuse_lora
 
 
 def _scales(module: nn.Module) -> dict[str, float]:
@@ -66,14 +83,15 @@ def _unique_name(pipe: Any, name: str | None, path: Path) -> str:
 def load_lora(
     pipe: Any, path: str | Path, scale: float = 1.0, name: str | None = None, stage: int | None = None
 ) -> str:
-    """Add the LoRA file at `path` (PEFT/diffusers or kohya-ss naming) as adapter `name` (default: the file
-    stem) at `scale`; earlier LoRAs stay active with their own scales. Returns the adapter name.
+    """Add the LoRA file at `path` (PEFT/diffusers or kohya/LyCORIS naming: LoRA, DoRA, LoHa, LoKr) as adapter
+    `name` (default: the file stem) at `scale`; earlier LoRAs stay active with their own scales. The factors come
+    from the file's `.alpha` keys or its `lora_adapter_metadata` header. Returns the adapter name.
 
     In a cascade the LoRA goes on stage `stage`; by default on the one stage whose UNet it fits."""
     path = Path(path)
     if any(_is_fused(c) for c in components_of(pipe)):
         raise LoraError(f"{path}: the pipeline's LoRAs are fused; call unfuse_lora(pipe) before loading more")
-    pairs = parse_lora_state_dict(read_lora_file(path))
+    pairs = parse_lora_state_dict(read_lora_file(path), read_adapter_metadata(path), str(path))
     components = choose_slot(pipe, pairs, path, stage)
     matched = match_to_modules(pairs, components, str(path))
     name = _unique_name(pipe, name, path)
@@ -108,42 +126,62 @@ def choose_slot(pipe: Any, pairs: dict[Any, Any], path: Path, stage: int | None)
     raise LoraError(f"{path}: fits stages {fitting} of the cascade alike; pass stage=N to choose one")
 
 
-def lora_fits(pairs: dict[Any, Any], components: list[Component]) -> bool:
-    """Whether every pair lands on a module of `components` whose weight has the pair's in/out sizes."""
+def lora_fits(pairs: dict[Any, AdapterWeights], components: list[Component]) -> bool:
+    """Whether every adapter lands on a module of `components` whose weight has the adapter's in/out sizes."""
     try:
         matched = match_to_modules(pairs, components)
     except LoraError:
         return False
     by_prefix = {c.prefix: c for c in components}
     for prefix, modules in matched.items():
-        for module_path, pair in modules.items():
-            weight = by_prefix[prefix].module.get_submodule(module_path).weight
-            if weight.shape[0] != pair.up.shape[0] or weight.shape[1] != pair.down.shape[1]:
+        for module_path, adapter in modules.items():
+            module = by_prefix[prefix].module.get_submodule(module_path)
+            weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
+            if not adapter.fits(weight.shape):
                 return False
     return sum(len(m) for m in matched.values()) == len(pairs)
 
 
-def attach_pairs(component: Component, pairs: dict[str, Any], name: str) -> None:
-    """Inject adapter `name` on the modules of `pairs` and copy in A and alpha / r * B (so peft's own
-    alpha == rank and its scale is the user scale)."""
+def attach_pairs(component: Component, pairs: dict[str, AdapterWeights], name: str) -> None:
+    """Inject adapter `name` on the modules of `pairs`: LoRAs (and DoRAs) on peft LoRA layers with A and
+    alpha / r * B copied in (so peft's own alpha == rank and its scale is the user scale), the rest on peft's
+    LyCORIS layers."""
+    lora = {path: pair for path, pair in pairs.items() if kind_of(pair) == "lora"}
+    for dora in (False, True):
+        group = {path: pair for path, pair in lora.items() if (pair.magnitude is not None) == dora}
+        if group:
+            _attach_lora_group(component, group, name, dora)
+    lycoris = {path: adapter for path, adapter in pairs.items() if path not in lora}
+    if lycoris:
+        attach_lycoris(component.module, lycoris, name, lambda path: f"{component.prefix}.{component.to_file(path)}")
+    component.module.requires_grad_(False)
+
+
+def _attach_lora_group(component: Component, pairs: dict[str, LoraPair], name: str, dora: bool) -> None:
     import torch
 
     ranks = {path: pair.rank for path, pair in pairs.items()}
-    inject_lora(component.module, list(pairs), ranks, alpha=None, adapter_name=name)
+    inject_lora(component.module, list(pairs), ranks, alpha=None, adapter_name=name, dora=dora)
     layers = dict(lora_layers(component.module))
     with torch.no_grad():
         for path, pair in pairs.items():
             layer = layers[path]
             down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
-            for what, ours, theirs in (("down/A", down, pair.down), ("up/B", up, pair.up)):
-                if ours.numel() != theirs.numel() or ours.shape[:2] != theirs.shape[:2]:
+            checks = [("down/A", down, pair.down), ("up/B", up, pair.up)]
+            if dora:
+                checks.append(("lora_magnitude_vector", layer.lora_magnitude_vector[name].weight, pair.magnitude))
+            for what, ours, theirs in checks:
+                vector = what == "lora_magnitude_vector"  # (out,) or (1, out, 1, 1): only the count matters
+                if ours.numel() != theirs.numel() or not vector and ours.shape[:2] != theirs.shape[:2]:
                     raise LoraError(
                         f"{component.prefix}.{component.to_file(path)}: LoRA {what} has shape {tuple(theirs.shape)}; "
                         f"the module needs {tuple(ours.shape)}"
                     )
             down.copy_(pair.down.reshape(down.shape))
             up.copy_((pair.up.float() * pair.ratio).reshape(up.shape))
-    component.module.requires_grad_(False)
+            if dora:
+                magnitude = layer.lora_magnitude_vector[name].weight
+                magnitude.copy_(pair.magnitude.reshape(magnitude.shape))
 
 
 def activate(pipe: Any) -> None:
@@ -180,40 +218,45 @@ def unload_lora(pipe: Any, name: str | None = None) -> None:
 
 
 def _is_fused(component: Component) -> bool:
-    return any(hasattr(layer, ORIGINAL_ATTR) for _, layer in lora_layers(component.module))
+    return any(layer.merged for _, layer in adapter_layers(component.module))
 
 
 def fuse_lora(pipe: Any) -> int:
-    """Add every active LoRA (at its scale) into the base weights and switch the LoRA branches off.
+    """Add every active adapter (at its scale) into the base weights and switch the adapter branches off.
 
-    The original weight tensors are kept aside untouched, so `unfuse_lora` restores them bit for bit.
-    Returns the number of fused modules.
+    The original weight tensors are kept aside untouched, so `unfuse_lora` restores them bit for bit. Nested
+    layers merge from the inside out (a DoRA's norm needs the base weight before the updates above it).
+    Returns the number of fused layers.
     """
     count = 0
     for component in components_of(pipe):
         if _is_fused(component):
             raise LoraError("fuse_lora: already fused; call unfuse_lora(pipe) first")
         active = list(_scales(component.module))
-        for _, layer in lora_layers(component.module):
-            names = [n for n in active if n in layer.lora_A]
+        layers = sorted((layer for _, layer in adapter_layers(component.module)), key=nesting_depth)
+        for layer in layers:
+            names = [n for n in active if n in layer_adapter_names(layer)]
             if not names:
                 continue
             base = layer.get_base_layer()
-            setattr(layer, ORIGINAL_ATTR, base.weight.data)
-            base.weight.data = base.weight.data.clone()
+            if not hasattr(base, ORIGINAL_ATTR):
+                setattr(base, ORIGINAL_ATTR, base.weight.data)
+                base.weight.data = base.weight.data.clone()
             layer.merge(adapter_names=names)
             count += 1
     return count
 
 
 def unfuse_lora(pipe: Any) -> int:
-    """Put the original base weights back (the very tensors fuse_lora kept) and switch the LoRAs on again."""
+    """Put the original base weights back (the very tensors fuse_lora kept) and switch the adapters on again."""
     count = 0
     for component in components_of(pipe):
-        for _, layer in lora_layers(component.module):
-            if hasattr(layer, ORIGINAL_ATTR):
-                layer.get_base_layer().weight.data = getattr(layer, ORIGINAL_ATTR)
-                delattr(layer, ORIGINAL_ATTR)
+        for _, layer in adapter_layers(component.module):
+            base = layer.get_base_layer()
+            if hasattr(base, ORIGINAL_ATTR):
+                base.weight.data = getattr(base, ORIGINAL_ATTR)
+                delattr(base, ORIGINAL_ATTR)
+            if layer.merged_adapters:
                 layer.merged_adapters.clear()
                 count += 1
     activate(pipe)

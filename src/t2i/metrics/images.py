@@ -5,7 +5,8 @@ A source is a path string:
 - a directory of image files (searched recursively, sorted by path); ``name.txt`` beside ``name.png`` is its
   caption (the kohya / img2dataset-folder convention);
 - a directory with ``metadata.jsonl`` or ``*.tar`` shards, a tar path, a glob or a brace pattern: read with
-  `t2i.data.sources` (captions from ``.txt`` / ``.caption`` members or the ``text`` field).
+  `t2i.data.sources` (captions found as `t2i.data.readers.caption_of` finds them: ``.txt``, ``.json`` caption,
+  ``.caption``, or the folder's ``caption`` / ``text`` column).
 Images that cannot be decoded are skipped and counted in the `DataStats` passed in, never raised.
 """
 
@@ -18,9 +19,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from t2i.data.readers import CAPTION_KEYS, IMAGE_KEYS
+from t2i.data.readers import CAPTION_KEYS, IMAGE_KEYS, caption_of
 from t2i.data.sources import METADATA_FILE, iter_unit, resolve_sources
-from t2i.data.stats import DataStats
+from t2i.data.stats import BadSample, DataStats
 from t2i.data.transforms import decode_image
 from t2i.errors import DataError, InvalidInputError
 
@@ -74,10 +75,11 @@ def _raw_image(raw: dict) -> bytes | None:
 
 
 def _raw_caption(raw: dict) -> str | None:
-    for ext in CAPTION_KEYS:
-        if ext in raw:
-            return raw[ext].decode("utf-8", errors="replace").strip()
-    return None
+    """The sample's caption as the training readers find it (`data.caption_key` defaults), or None."""
+    try:
+        return caption_of(raw, CAPTION_KEYS)
+    except BadSample:  # no caption, or one that is not UTF-8: an uncaptioned image here
+        return None
 
 
 def _read_shards(source: str, stats: DataStats) -> Iterator[ImageItem]:

@@ -157,14 +157,18 @@ class ImagenStage(nn.Module):
         """
         from t2i.diffusion.noise_aug import fixed_augment
 
-        s = self.settings
-        low_res = resize_images(low_res.to(self.device), s.low_res_size).clamp(-1, 1)
-        if not s.augments_low_res:
+        low_res = resize_images(low_res.to(self.device), self.settings.low_res_size).clamp(-1, 1)
+        level = default_aug_level(self.settings) if level is None else level
+        return self.augmented(low_res, lambda x: fixed_augment(x, level, generator=generator, **self.aug_options()))
+
+    def augmented(self, low_res: torch.Tensor, augment: Any) -> dict[str, torch.Tensor]:
+        """{x_low_res (+ aug_cond)}: `augment(low_res) -> (x_aug, aug_cond)` applied when the stage trains with
+        noise-conditioning augmentation, the plain low-res images otherwise."""
+        if not self.settings.augments_low_res:
             return {"x_low_res": low_res}
-        level = default_aug_level(s) if level is None else level
-        x_aug, aug_cond = fixed_augment(low_res, level, generator=generator, **self.aug_options())
+        x_aug, aug_cond = augment(low_res)
         cond = {"x_low_res": x_aug}
-        if s.unet.noise_cond_aug:
+        if self.settings.unet.noise_cond_aug:
             cond["aug_cond"] = aug_cond
         return cond
 

@@ -29,7 +29,7 @@ from t2i.diffusion.denoisers import DiscreteDenoiser
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.parameterization import normalize_prediction
 from t2i.diffusion.plans import SamplingPlan, make_plan
-from t2i.diffusion.samplers import get_sampler
+from t2i.diffusion.samplers import Callback, get_sampler
 from t2i.diffusion.schedules import DiscreteSchedule
 from t2i.diffusion.tensors import Generators, randn
 from t2i.errors import InvalidInputError
@@ -236,10 +236,20 @@ class LatentPipeline(LoraMethods):
         return height, width
 
     @staticmethod
-    def make_generator(seed: int | None, generator: Generators) -> torch.Generator | list[torch.Generator]:
-        """`generator` (one, or a list with one per output image) when given, else one seeded by `seed`."""
+    def make_generator(
+        seed: int | None, generator: Generators, rows: int | None = None
+    ) -> torch.Generator | list[torch.Generator]:
+        """`generator` (one, or a list with one per output image, `rows` of them) when given, else one seeded by
+        `seed`."""
+        if isinstance(generator, torch.Generator):
+            return generator
         if generator is not None:
-            return generator if isinstance(generator, torch.Generator) else list(generator)
+            generator = list(generator)
+            if rows is not None and len(generator) != rows:
+                raise InvalidInputError(
+                    f"generator: {len(generator)} generators for {rows} images; expected one per image"
+                )
+            return generator
         if seed is None:
             seed = random.randrange(2**63)
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
@@ -287,11 +297,13 @@ class LatentPipeline(LoraMethods):
         eta: float | None = None,
         progress: bool = True,
         generator: Generators = None,
+        callback: Callback | None = None,
     ) -> GenerationOutput:
         """Text-to-image. `latents` (B, C, h, w) are unit-variance initial noise (diffusers' `latents=`), with
         B = len(prompts) * num_images; when None they are drawn from `generator` (or `seed`). `generator` may be a
         list of B generators: each image then draws all its noise from its own, so it is the same whatever else
-        shares its batch. `eta` None keeps the sampler's default (ancestral samplers: 1, DDIM: 0)."""
+        shares its batch. `eta` None keeps the sampler's default (ancestral samplers: 1, DDIM: 0).
+        `callback(i, sigma, x, x0)` runs after each step's model evaluation (see `t2i.diffusion.samplers`)."""
         prompts = normalize_prompts(prompt)
         guidance_scale = check_guidance_scale(guidance_scale)
         if not isinstance(num_images, int) or num_images < 1:
@@ -299,9 +311,9 @@ class LatentPipeline(LoraMethods):
         height, width = self.check_size(height, width)
         plan = self.plan(sampler, steps, use_karras_sigmas)
         options = self.sampler_options(plan.sampler, eta)
-        generator = self.make_generator(seed, generator)
         f = self.first_stage.downsample_factor
         shape = (len(prompts) * num_images, self.first_stage.latent_channels, height // f, width // f)
+        generator = self.make_generator(seed, generator, shape[0])
         if latents is None:
             latents = randn(shape, generator)
         elif tuple(latents.shape) != shape:
@@ -312,6 +324,7 @@ class LatentPipeline(LoraMethods):
             latents.to(self.device, torch.float32),
             cond,
             generator=generator,
+            callback=callback,
             progress=progress,
             **options,
         )
@@ -334,12 +347,14 @@ class LatentPipeline(LoraMethods):
         use_karras_sigmas: bool = False,
         eta: float | None = None,
         progress: bool = True,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
+        callback: Callback | None = None,
     ) -> GenerationOutput:
         """Image-to-image (SDEdit): encode `image`, noise it to the sigma `strength` of the way into the plan
         (diffusers' img2img `get_timesteps`: skip the first `steps - int(steps * strength)` steps), denoise.
 
         `image`: a PIL image, a list of them (one per prompt), or a tensor (B, 3, H, W) in [0, 1].
+        `generator` and `callback` as in `generate` (a list: one generator per prompt).
         """
         prompts = normalize_prompts(prompt)
         guidance_scale = check_guidance_scale(guidance_scale)
@@ -352,18 +367,33 @@ class LatentPipeline(LoraMethods):
                 f"strength: {strength} x steps {steps} leaves no step; expected strength*steps >= 1"
             )
         options = self.sampler_options(plan.sampler, eta)
-        generator = self.make_generator(seed, generator)
+        generator = self.make_generator(seed, generator, len(prompts))
         pixels = self.prepare_images(image, len(prompts), height, width)
-        z0 = self.first_stage.encode(pixels.to(self.device) * 2 - 1, generator=generator).float()
+        z0 = self.encode_images(pixels.to(self.device) * 2 - 1, generator).float()
         tail = tail_plan(plan, steps - denoise_steps)
-        noise = torch.randn(z0.shape, generator=generator, device=generator.device, dtype=torch.float32)
+        noise = randn(z0.shape, generator)
         x = z0 + float(tail.sigmas[0]) * noise.to(z0.device)
         cond = self.conditioning(prompts, negative_prompt, 1, guidance_scale)
         x = tail.sample(
-            self.denoiser(guidance_scale, tail), x, cond, generator=generator, progress=progress, **options
+            self.denoiser(guidance_scale, tail),
+            x,
+            cond,
+            generator=generator,
+            callback=callback,
+            progress=progress,
+            **options,
         )
         out = self.decode(x)
         return GenerationOutput(to_pil(out), x, out)
+
+    def encode_images(self, images: torch.Tensor, generator: Generators) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> sampled latents; with a list, row i's sample from generator i."""
+        if not isinstance(generator, list):
+            return self.first_stage.encode(images, generator=generator)
+        mean, logvar = self.first_stage.encode_moments(images)
+        return torch.cat(
+            [self.first_stage.z_from_moments(mean[i : i + 1], logvar[i : i + 1], g) for i, g in enumerate(generator)]
+        )
 
     def prepare_images(self, image: Any, count: int, height: int | None, width: int | None) -> torch.Tensor:
         """PIL image(s) or a [0, 1] tensor -> (count, 3, H, W) float32 in [0, 1] at a valid size."""

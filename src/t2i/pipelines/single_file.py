@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from t2i.errors import ConfigError, PipelineLoadError, WeightsMismatchError
+from t2i.models.weights import check_state_keys
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 UNET_PREFIX = "model.diffusion_model."
@@ -114,13 +115,7 @@ def split_checkpoint(state: dict[str, torch.Tensor], source: str) -> SingleFileP
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: str) -> None:
     """Assign `state` to `module` (built on meta or CPU); WeightsMismatchError naming the first bad keys."""
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise WeightsMismatchError(
-            f"{source}: {what} weights do not match the config; missing {missing[:3]} ({len(missing)} total), "
-            f"unexpected {unexpected[:3]} ({len(unexpected)} total)"
-        )
+    check_state_keys(state, expected, what, source)
     wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
         k = wrong[0]

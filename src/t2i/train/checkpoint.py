@@ -1,31 +1,57 @@
-"""Atomic, inert training checkpoints and the RNG capture that makes resuming exact.
+"""Atomic, inert training checkpoints, crash-safe pruning, verification, and the RNG capture for exact resume.
 
 Layout of `OUT_DIR/ckpt-000100/` (a directory is complete or absent: it is written as `ckpt-000100.tmp/`,
-every file fsynced, then renamed):
+every file fsynced, the marker last, then renamed):
 - `model.safetensors`  the task's `model_state_dict()` (live weights)
 - `ema.safetensors`    the EMA shadow of the same keys (when EMA is enabled)
 - `state.pt`           step, optimizer, grad scaler, per-rank RNG + data position, loss history; tensors,
                        numbers, strings, lists and dicts only, read back with `torch.load(weights_only=True)`
 - `config.yaml`        the resolved run config
+- `complete.json`      the completion marker, written last: format, step and the size of every file above
+
+Only complete checkpoints are listed: with a marker, or (written by t2i before markers existed) with
+model.safetensors, state.pt and config.yaml all present. Such legacy checkpoints are accepted when they also
+pass `verify_checkpoint`'s structural checks; nothing else distinguishes them from new ones.
+
+Deleting is crash-safe: a checkpoint is first renamed to `.trash-ckpt-...` (atomic, so it leaves the listing
+at once) and then removed. `sweep_run_folder` (run at the start of training, under the run lock) removes what
+a kill can leave behind: `.tmp` and `.trash-` directories, temporary files, incomplete `ckpt-*` directories.
+
+Verification (`verify_checkpoint`, run before resuming from a checkpoint or exporting it) checks the sizes the
+marker recorded, that each safetensors file holds as many bytes as its header declares, and that state.pt is a
+complete zip archive. `resume=auto` takes the newest checkpoint that verifies and names the ones it skipped.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import logging
 import os
 import random
 import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from t2i.errors import ConfigError, PipelineLoadError
+from t2i.atomic import TMP_SUFFIX, tensor_bytes, write_file, write_safetensors
+from t2i.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("t2i.train")
 
 CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 MODEL_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "ema.safetensors", "state.pt", "config.yaml"
+MARKER_FILE = "complete.json"
+REQUIRED_FILES = (MODEL_FILE, STATE_FILE, CONFIG_FILE)
+TRASH_PREFIX = ".trash-"
+_trash_counter = itertools.count()
 
 
 def checkpoint_name(step: int) -> str:
@@ -41,7 +67,11 @@ def save_checkpoint(
     config_yaml: str,
     keep_last: int | None = None,
 ) -> Path:
-    """Write checkpoint `ckpt-<step>` atomically into `out_dir`, then prune to the newest `keep_last`."""
+    """Write checkpoint `ckpt-<step>` atomically into `out_dir`, then prune to the newest `keep_last`.
+
+    A full disk raises `DiskFullError` naming the file and the bytes needed; the partial `.tmp` directory is
+    removed and every older checkpoint is kept.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / checkpoint_name(step)
@@ -49,11 +79,13 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_synced(tmp / MODEL_FILE, lambda p: save_file(_contiguous_cpu(model_state), str(p)))
+        _write_tensors(tmp / MODEL_FILE, model_state)
         if ema_state is not None:
-            _write_synced(tmp / EMA_FILE, lambda p: save_file(_contiguous_cpu(ema_state), str(p)))
-        _write_synced(tmp / STATE_FILE, lambda p: torch.save(train_state, p))
-        _write_synced(tmp / CONFIG_FILE, lambda p: p.write_text(config_yaml))
+            _write_tensors(tmp / EMA_FILE, ema_state)
+        write_file(tmp / STATE_FILE, lambda f: torch.save(train_state, f), needed=tensor_bytes(train_state))
+        config = config_yaml.encode("utf-8")
+        write_file(tmp / CONFIG_FILE, lambda f: f.write(config), needed=len(config))
+        _write_marker(tmp, step)
         _fsync_dir(tmp)
         _replace_dir(tmp, final)
     except BaseException:
@@ -65,10 +97,15 @@ def save_checkpoint(
     return final
 
 
-def _write_synced(path: Path, write: Any) -> None:
-    write(path)
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+def _write_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    tensors = _contiguous_cpu(state)
+    write_file(path, lambda f: write_safetensors(f, tensors), needed=tensor_bytes(tensors))
+
+
+def _write_marker(directory: Path, step: int) -> None:
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+    marker = json.dumps({"format": 1, "step": step, "files": files}, indent=1).encode("utf-8")
+    write_file(directory / MARKER_FILE, lambda f: f.write(marker), needed=len(marker))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -83,15 +120,28 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst`; an existing `dst` (same step saved twice) is moved aside first."""
-    if dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+    """Rename `src` to `dst`; an existing `dst` (same step saved twice) is moved to the trash first."""
+    old = _to_trash(dst) if dst.exists() else None
+    os.replace(src, dst)
+    if old is not None:
+        remove_tree(old)
+
+
+def _to_trash(path: Path) -> Path:
+    """Rename `path` to a `.trash-` name beside it (atomic: it leaves the checkpoint listing at once)."""
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{next(_trash_counter)}")
+    os.replace(path, trash)
+    return trash
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory that is already out of the listing (a trash or temporary directory)."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def delete_checkpoint(path: str | Path) -> None:
+    """Remove a checkpoint directory; a kill halfway leaves only a `.trash-` directory, never a half checkpoint."""
+    remove_tree(_to_trash(Path(path)))
 
 
 def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,13 +149,25 @@ def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.items()}
 
 
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoint dirs in `out_dir`, oldest first (unfinished `.tmp` dirs are ignored)."""
-    out_dir = Path(out_dir)
+# ----------------------------------------------------------------------------------------------- listing
+
+
+def _step_dirs(out_dir: Path) -> list[Path]:
     if not out_dir.is_dir():
         return []
-    found = [p for p in out_dir.iterdir() if p.is_dir() and CKPT_RE.match(p.name) and (p / STATE_FILE).is_file()]
+    found = [p for p in out_dir.iterdir() if p.is_dir() and CKPT_RE.match(p.name)]
     return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+
+
+def is_complete(path: str | Path) -> bool:
+    """A checkpoint dir with its completion marker, or a legacy one (no marker) with every required file."""
+    path = Path(path)
+    return (path / MARKER_FILE).is_file() or all((path / name).is_file() for name in REQUIRED_FILES)
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoint dirs in `out_dir`, oldest first (`.tmp`, trash and incomplete dirs are ignored)."""
+    return [p for p in _step_dirs(Path(out_dir)) if is_complete(p)]
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -115,32 +177,155 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 def prune_checkpoints(out_dir: str | Path, keep_last: int) -> None:
     for old in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        delete_checkpoint(old)
 
 
-def find_resume_checkpoint(resume: str | None, out_dir: str | Path) -> Path | None:
-    """`trainer.resume`: None -> no resume; `auto` -> newest in out_dir (None if there is none);
-    a checkpoint dir -> that one; a run dir -> its newest checkpoint."""
+def sweep_run_folder(out_dir: str | Path) -> list[str]:
+    """Remove what an interrupted run leaves behind; returns the names removed. Call only under the run lock.
+
+    Removed: `ckpt-*.tmp` (a save in progress), `.trash-*` (a delete in progress), `ckpt-*.old` (older
+    versions' replace), `.*.t2i-tmp` files (an atomic write in progress) and `ckpt-*` dirs that are not
+    complete (an older version's prune that was killed halfway). Complete checkpoints are never touched.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    removed = []
+    for path in sorted(out_dir.iterdir()):
+        name = path.name
+        leftover_dir = path.is_dir() and (
+            name.startswith(TRASH_PREFIX)
+            or (name.startswith("ckpt-") and name.endswith((".tmp", ".old")))
+            or (CKPT_RE.match(name) is not None and not is_complete(path))
+        )
+        if leftover_dir:
+            remove_tree(_to_trash(path) if CKPT_RE.match(name) else path)
+            removed.append(name)
+        elif path.is_file() and name.startswith(".") and name.endswith(TMP_SUFFIX):
+            path.unlink(missing_ok=True)
+            removed.append(name)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------- verification
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when the checkpoint is complete and intact, else why not (one phrase).
+
+    Checks: the marker's recorded sizes (legacy checkpoints: the required files exist), every safetensors
+    file is as long as its header says, state.pt is a whole zip archive. Cheap: no tensor data is read.
+    """
+    path = Path(path)
+    marker = path / MARKER_FILE
+    if marker.is_file():
+        try:
+            files = json.loads(marker.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError) as exn:
+            return f"{MARKER_FILE} is unreadable ({type(exn).__name__})"
+    else:
+        missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+        if missing:
+            return f"incomplete (no {MARKER_FILE}, missing {', '.join(missing)})"
+        files = {}
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} is {file.stat().st_size} bytes, {size} when saved (truncated or changed)"
+    for name in (MODEL_FILE, EMA_FILE):
+        if (path / name).is_file():
+            problem = _safetensors_problem(path / name)
+            if problem:
+                return f"{name}: {problem}"
+    if not zipfile.is_zipfile(path / STATE_FILE):
+        return f"{STATE_FILE} is not a complete torch archive (truncated?)"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (its header must parse and its data end at the file's end)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size - 8:
+                return f"header length {length} exceeds the file ({size} bytes)"
+            header = json.loads(handle.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as exn:
+        return f"not a safetensors file ({type(exn).__name__})"
+    if 8 + length + end != size:
+        return f"{size} bytes, its header needs {8 + length + end} (truncated)"
+    return None
+
+
+def newest_verified_checkpoint(out_dir: str | Path, report: bool = True) -> Path | None:
+    """The newest checkpoint in `out_dir` that verifies; each newer one skipped is logged with its reason."""
+    for path in reversed(list_checkpoints(out_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        if report:
+            log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def find_resume_checkpoint(resume: str | None, out_dir: str | Path, report: bool = True) -> Path | None:
+    """`trainer.resume`: None -> no resume; `auto` -> newest in out_dir that verifies (None if there is none);
+    a checkpoint dir -> that one (CheckpointError if it does not verify); a run dir -> its newest that verifies."""
     if resume is None:
         return None
     if resume == "auto":
-        return latest_checkpoint(out_dir)
+        return newest_verified_checkpoint(out_dir, report)
     path = Path(resume)
-    if (path / STATE_FILE).is_file():
+    if (path / STATE_FILE).is_file() or (path / MARKER_FILE).is_file():
+        problem = verify_checkpoint(path)
+        if problem:
+            raise CheckpointError(f"trainer.resume: {path}: {problem}")
         return path
-    newest = latest_checkpoint(path)
+    newest = newest_verified_checkpoint(path, report) if path.is_dir() else None
     if newest is None:
         raise ConfigError(f"trainer.resume: {resume!r} is neither a checkpoint dir (with {STATE_FILE}) "
-                          "nor a run dir containing ckpt-* checkpoints")
+                          "nor a run dir containing a complete ckpt-* checkpoint")
     return newest
 
 
+# ----------------------------------------------------------------------------------------------- loading
+
+
 def load_train_state(ckpt: str | Path) -> dict[str, Any]:
-    """The `state.pt` dict of a checkpoint (weights_only: no code is unpickled)."""
+    """The `state.pt` dict of a checkpoint (weights_only: no code is unpickled; refusals say why)."""
     path = Path(ckpt) / STATE_FILE
     if not path.is_file():
-        raise PipelineLoadError(f"{ckpt}: not a t2i checkpoint (no {STATE_FILE})")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{ckpt}: not a t2i checkpoint (no {STATE_FILE})")
+    return load_inert(path)
+
+
+def load_inert(path: str | Path) -> Any:
+    """`torch.load(path, weights_only=True)` with one-line CheckpointErrors for corrupt or pickled-code files."""
+    import pickle
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exn:
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: not a torch archive (truncated or not a torch.save file)") from None
+        raise CheckpointError(f"{path}: refused to load: it holds pickled objects or code, not only tensors "
+                              f"({unpickling_reason(exn)})") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exn:
+        first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
+        raise CheckpointError(f"{path}: unreadable torch file ({first[:160]})") from None
+
+
+def unpickling_reason(exn: Exception) -> str:
+    """The informative line of torch's weights_only refusal (e.g. "unsupported GLOBAL posix.system ...")."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(exn).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    return (useful[0] if useful else lines[0] if lines else type(exn).__name__)[:200]
 
 
 def load_weights(ckpt: str | Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -148,8 +333,11 @@ def load_weights(ckpt: str | Path, use_ema: bool = True) -> dict[str, torch.Tens
     ckpt = Path(ckpt)
     path = ckpt / EMA_FILE if use_ema and (ckpt / EMA_FILE).is_file() else ckpt / MODEL_FILE
     if not path.is_file():
-        raise PipelineLoadError(f"{ckpt}: not a t2i checkpoint (no {MODEL_FILE})")
-    return load_file(str(path))
+        raise CheckpointError(f"{ckpt}: not a t2i checkpoint (no {MODEL_FILE})")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exn:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(exn).splitlines()[0][:160]})") from None
 
 
 def load_task_weights(task: Any, ckpt: str | Path, use_ema: bool = True) -> None:

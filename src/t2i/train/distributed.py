@@ -2,12 +2,20 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them the run is a single
 process and every helper here is a no-op. Backend: NCCL on CUDA, gloo on CPU.
+
+Orphans. A worker started by torchrun watches its launcher: if the launcher dies (kill -9 leaves its
+workers running, still training and writing checkpoints), the worker prints one line and exits within about a
+second. A watchdog thread polls the parent PID rather than using PR_SET_PDEATHSIG, which fires when the
+*thread* that spawned the worker exits and is Linux-only. The exit is immediate (`os._exit`): the main thread
+may be blocked in a collective that will never complete, and checkpoints are crash-safe by construction.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +34,7 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False  # True when init_distributed created the process group (and must destroy it)
+    watchdog: threading.Event | None = None  # set to stop the launcher watchdog (torchrun workers only)
 
     @property
     def is_main(self) -> bool:
@@ -47,16 +56,62 @@ def init_distributed() -> DistContext:
     launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ  # torchrun, even with one process
     if not launched and world_size <= 1 and not dist.is_initialized():
         return DistContext(device=device)
+    watchdog = watch_launcher(int(os.environ.get("RANK", "0")))
     owns = False
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
         owns = True
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, owns, watchdog)
 
 
 def cleanup_distributed(ctx: DistContext) -> None:
+    if ctx.watchdog is not None:
+        ctx.watchdog.set()
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    """True in a worker process that torchrun (torch.distributed.run / elastic agent) started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def watch_launcher(rank: int, poll_s: float = 0.5) -> threading.Event | None:
+    """Under torchrun, exit this process (status 1, one line on stderr) once its launcher is gone.
+
+    Returns the Event that stops the watchdog, or None outside torchrun (a single `t2i train` must survive
+    its shell, e.g. under nohup, so it is never watched).
+    """
+    if not launched_by_torchrun():
+        return None
+    launcher = os.getppid()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(poll_s):
+            if os.getppid() != launcher:
+                sys.stderr.write(f"t2i train: error: rank {rank}: the torchrun launcher (pid {launcher}) is gone; "
+                                 "stopping this worker\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+    threading.Thread(target=watch, name="t2i-launcher-watchdog", daemon=True).start()
+    return stop
+
+
+def check_strategy(strategy: str, ctx: DistContext) -> None:
+    """ConfigError for a strategy this process cannot run (FSDP has no CPU backend, distributed or not)."""
+    if strategy == "fsdp" and ctx.device.type != "cuda":
+        from t2i.errors import ConfigError
+
+        where = f"{ctx.world_size} processes" if ctx.is_distributed else "a single process"
+        raise ConfigError(f"trainer.strategy: 'fsdp' needs CUDA devices (FSDP has no CPU backend; this is "
+                          f"{where} on {ctx.device.type}); use ddp")
+    if strategy == "fsdp" and not dist.is_initialized():
+        import warnings
+
+        warnings.warn("trainer.strategy=fsdp outside torchrun: one process has nothing to shard, training "
+                      "unsharded (launch with torchrun --nproc_per_node N to shard)", stacklevel=3)
 
 
 def barrier(ctx: DistContext) -> None:
@@ -74,10 +129,6 @@ def wrap_model(task: nn.Module, ctx: DistContext, strategy: str) -> nn.Module:
         return task
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     if strategy == "fsdp":
-        if ctx.device.type != "cuda":
-            from t2i.errors import ConfigError
-
-            raise ConfigError("trainer.strategy: 'fsdp' needs CUDA devices (FSDP has no CPU backend); use ddp")
         import functools
 
         from torch.distributed.fsdp import FullyShardedDataParallel

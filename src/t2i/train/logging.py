@@ -1,7 +1,13 @@
-"""Run logging on rank 0: console lines, TensorBoard scalars/images (OUT_DIR/tb), `loss.png`, sample grids."""
+"""Run logging on rank 0: console lines, TensorBoard scalars/images (OUT_DIR/tb), `loss.png`, sample grids.
+
+Images are written atomically (`t2i.atomic.save_image`): a full disk leaves the previous `loss.png`
+intact and prints one warning line naming the path and the bytes needed; the run goes on (its next checkpoint
+will stop it with `DiskFullError` if the disk stays full).
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +16,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from t2i.atomic import save_image
 from t2i.data.grid import make_grid
+from t2i.errors import DiskFullError
+
+log = logging.getLogger("t2i.train")
 
 
 class RunLogger:
@@ -50,9 +60,7 @@ class RunLogger:
         """Redraw OUT_DIR/loss.png from the whole loss history."""
         if not self.enabled or not losses:
             return None
-        path = self.out_dir / "loss.png"
-        draw_loss_curve(steps, losses).save(path)
-        return path
+        return self._save(draw_loss_curve(steps, losses), self.out_dir / "loss.png")
 
     def samples(self, step: int, images: list[Image.Image], prompts: list[str]) -> Path | None:
         """Save OUT_DIR/samples/step_000100.png (captioned grid) and log it to TensorBoard."""
@@ -61,10 +69,18 @@ class RunLogger:
         grid = make_grid(images, captions=prompts if len(prompts) == len(images) else None)
         path = self.out_dir / "samples" / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        saved = self._save(grid, path)
         self.writer.add_image("samples", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
         self.writer.flush()
-        return path
+        return saved
+
+    def _save(self, image: Image.Image, path: Path) -> Path | None:
+        """Write `image` atomically; on a full disk print a warning and keep the old file."""
+        try:
+            return save_image(image, path)
+        except DiskFullError as err:
+            self.print(f"warning: {err}; {path.name} not updated")
+            return None
 
     def close(self) -> None:
         if self.writer is not None:

@@ -20,7 +20,9 @@ same losses as an uninterrupted one (bit-exact on CPU). The LR schedule is a pur
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +32,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from t2i.config import RunConfig, save_resolved, to_yaml
+from t2i.atomic import atomic_write
+from t2i.config import RunConfig, to_yaml
 from t2i.errors import DataError
 from t2i.train import checkpoint as ckpt_io
 from t2i.train.distributed import (
     DistContext,
     barrier,
+    check_strategy,
     cleanup_distributed,
     clip_grad_norm,
     full_params,
@@ -49,7 +53,10 @@ from t2i.train.distributed import (
 from t2i.train.ema import EMA
 from t2i.train.logging import RunLogger
 from t2i.train.optim import build_optimizer, lr_at, set_lr
+from t2i.train.runlock import acquire_run_lock
 from t2i.train.task import DiffusionTask, build_task, seed_everything
+
+log = logging.getLogger("t2i.train")
 
 
 @dataclass
@@ -118,15 +125,29 @@ class BatchStream:
     def next(self) -> dict[str, Any]:
         self.start()
         try:
-            batch = next(self._iterator)
+            batch = self._next()
         except StopIteration:
             self._iterator = iter(self.loader)
             try:
-                batch = next(self._iterator)
+                batch = self._next()
             except StopIteration:
                 raise DataError("data.train: the dataloader yielded no batches (empty or fully skipped data)") from None
         self.consumed += 1
         return batch
+
+    def _next(self) -> dict[str, Any]:
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise
+        except Exception as err:
+            # Stop DataLoader workers now: left to the garbage collector (the traceback holds the iterator)
+            # their shutdown waits 5 s per worker.
+            if hasattr(self._iterator, "close"):
+                self._iterator.close()
+            self._iterator = None
+            traceback.clear_frames(err.__traceback__)
+            raise
 
     def skip(self, count: int) -> None:
         for _ in range(count):
@@ -134,11 +155,25 @@ class BatchStream:
 
 
 def train(cfg: RunConfig, task: DiffusionTask | None = None) -> TrainResult:
-    """Train `task` (default: `build_task(cfg)`) as configured; works alone or under torchrun."""
+    """Train `task` (default: `build_task(cfg)`) as configured; works alone or under torchrun.
+
+    Rank 0 holds the run folder's lock (`t2i.train.runlock`) for the whole run, so a second job on the same
+    `trainer.out_dir` fails at once with `RunFolderBusyError`, and sweeps what a killed run left there.
+    """
     ctx = init_distributed()
+    lock = None
     try:
+        check_strategy(cfg.trainer.strategy, ctx)
+        if ctx.is_main:
+            lock = acquire_run_lock(cfg.trainer.out_dir)
+            swept = ckpt_io.sweep_run_folder(cfg.trainer.out_dir)
+            if swept:
+                log.warning("%s: removed leftovers of an interrupted run: %s", cfg.trainer.out_dir, ", ".join(swept))
+        barrier(ctx)  # no rank looks at the folder before it is locked and swept
         return _train(cfg, task, ctx)
     finally:
+        if lock is not None:
+            lock.release()
         cleanup_distributed(ctx)
 
 
@@ -148,7 +183,7 @@ def _train(cfg: RunConfig, task: DiffusionTask | None, ctx: DistContext) -> Trai
     task = task if task is not None else build_task(cfg)
     task.prepare_for_training(cfg, ctx.device)
     task.train()
-    resume_from = ckpt_io.find_resume_checkpoint(tcfg.resume, out_dir)
+    resume_from = ckpt_io.find_resume_checkpoint(tcfg.resume, out_dir, report=ctx.is_main)
     saved = _load_resume_state(resume_from, task)
     model = wrap_model(task, ctx, tcfg.strategy)
     params = task.trainable_parameters()
@@ -167,7 +202,8 @@ def _train(cfg: RunConfig, task: DiffusionTask | None, ctx: DistContext) -> Trai
         _warn_if_unresumed_checkpoints(tcfg.resume, out_dir, ctx)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out_dir / "config.yaml")
+        config = to_yaml(cfg).encode("utf-8")
+        atomic_write(out_dir / "config.yaml", lambda f: f.write(config), needed=len(config))
     return _loop(cfg, ctx, task, model, params, optimizer, precision, generator, batches, state)
 
 

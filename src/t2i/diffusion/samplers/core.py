@@ -3,15 +3,17 @@ Karras' churn, ancestral step sizes and the VP rescaling diffusers' DDIM/PNDM gr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from tqdm.auto import trange
 
-from t2i.diffusion.tensors import Generators, batch_sigma, compute_dtype, noise_like
+from t2i.diffusion.tensors import batch_sigma, compute_dtype
 from t2i.errors import SamplingError
+
+if TYPE_CHECKING:
+    from t2i.diffusion.samplers.registry import SamplerRun
 
 
 class Denoiser(Protocol):
@@ -19,11 +21,6 @@ class Denoiser(Protocol):
 
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
-
-
-def add_noise(x: torch.Tensor, std: torch.Tensor, generator: Generators, s_noise: float = 1.0) -> torch.Tensor:
-    """x plus fresh Gaussian noise of standard deviation s_noise * std."""
-    return x + noise_like(x, generator) * s_noise * std
 
 
 class StepDenoiser:
@@ -48,12 +45,6 @@ class StepDenoiser:
         if self.callback is not None:
             self.callback(i, sigma, x, denoised)
         return denoised
-
-
-def sigma_steps(sigmas: Sequence[Any], progress: bool) -> Iterator[tuple[int, Any, Any]]:
-    """(i, sigma_i, sigma_{i+1}) for every step, with a tqdm progress bar when `progress`."""
-    for i in trange(len(sigmas) - 1, disable=not progress):
-        yield i, sigmas[i], sigmas[i + 1]
 
 
 def prepare_sigmas(x: torch.Tensor, sigmas: torch.Tensor | Sequence[float]) -> torch.Tensor:
@@ -113,34 +104,27 @@ class Churn:
         return min(self.s_churn / steps, 2**0.5 - 1)
 
     def apply(
-        self, x: torch.Tensor, sigma: torch.Tensor, steps: int, generator: Generators
+        self, run: SamplerRun, x: torch.Tensor, sigma: torch.Tensor, steps: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, sigma_hat); without churn x is returned unchanged and no random numbers are drawn."""
         gamma = self.gamma(sigma, steps)
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
-            x = add_noise(x, (sigma_hat**2 - sigma**2).sqrt(), generator, self.s_noise)
+            x = run.add_noise(x, (sigma_hat**2 - sigma**2).sqrt(), self.s_noise)
         return x, sigma_hat
 
 
 def churned_ode_loop(
-    denoise: StepDenoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    churn: Churn,
-    generator: Generators,
-    progress: bool,
-    *,
-    second_order: bool,
+    run: SamplerRun, x: torch.Tensor, sigmas: torch.Tensor, churn: Churn, *, second_order: bool
 ) -> torch.Tensor:
     """Karras et al. 2022, Alg. 2: per step, churn, evaluate at sigma_hat, then an Euler (or, with
     `second_order`, a Heun) step to sigma_{i+1}. The callback sees the step's nominal sigma_i."""
     steps = len(sigmas) - 1
-    for i, sigma, sigma_next in sigma_steps(sigmas, progress):
-        x, sigma_hat = churn.apply(x, sigma, steps, generator)
-        denoised = denoise.step(i, x, sigma, at=sigma_hat)
+    for i, sigma, sigma_next in run.steps(sigmas):
+        x, sigma_hat = churn.apply(run, x, sigma, steps)
+        denoised = run.denoise.step(i, x, sigma, at=sigma_hat)
         if second_order:
-            x = heun_step(denoise, x, sigma_hat, sigma_next, denoised)
+            x = heun_step(run.denoise, x, sigma_hat, sigma_next, denoised)
         else:
             x = euler_step(x, sigma_hat, sigma_next, denoised)
     return x

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from t2i.diffusion.samplers.core import Callback, Denoiser, StepDenoiser, prepare_sigmas, sigma_steps
-from t2i.diffusion.samplers.registry import register_sampler
-from t2i.diffusion.tensors import Generators
+from t2i.diffusion.samplers.core import StepDenoiser, prepare_sigmas
+from t2i.diffusion.samplers.registry import SamplerRun, sampler
 
 
 def flow_velocity(
@@ -26,32 +25,22 @@ def flow_velocity(
     return (z - denoised) / t
 
 
-@register_sampler("flow_heun")
-def sample_flow_heun(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    cond: dict | None = None,
-    *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
+@sampler("flow_heun", prepare=False)
+def sample_flow_heun(run: SamplerRun, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Heun's method in flow time: z_e = z + (t' - t) v(z, t), then z + (t' - t) (v(z, t) + v(z_e, t')) / 2; the
     step to t' = 0 stays Euler (diffusers' FlowMatchHeunDiscreteScheduler). n steps take 2n - 1 model
-    evaluations when the last sigma is 0. Deterministic: `generator` is unused."""
+    evaluations when the last sigma is 0. Deterministic. Times come from the float64 sigmas."""
     wide = prepare_sigmas(x, sigmas)
-    times = (torch.as_tensor(sigmas, dtype=torch.float64) / (1 + torch.as_tensor(sigmas, dtype=torch.float64)))
-    times = times.to(device=x.device, dtype=wide.dtype)
-    denoise = StepDenoiser(denoiser, cond, callback)
+    double = torch.as_tensor(sigmas, dtype=torch.float64)
+    times = (double / (1 + double)).to(device=x.device, dtype=wide.dtype)
     z = x / (1 + wide[0])
-    for i, sigma, sigma_next in sigma_steps(wide, progress):
+    for i, sigma, sigma_next in run.steps(wide):
         t, t_next = times[i], times[i + 1]
-        v = flow_velocity(denoise, z, sigma, t, step=i)
+        v = flow_velocity(run.denoise, z, sigma, t, step=i)
         z_euler = z + (t_next - t) * v
         if sigma_next == 0:
             z = z_euler
             continue
-        v_next = flow_velocity(denoise, z_euler, sigma_next, t_next)
+        v_next = flow_velocity(run.denoise, z_euler, sigma_next, t_next)
         z = z + (t_next - t) * (v + v_next) / 2
     return z * (1 + wide[-1])

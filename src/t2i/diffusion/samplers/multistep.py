@@ -8,9 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from t2i.diffusion.samplers.core import Callback, Denoiser, StepDenoiser, prepare_sigmas, sigma_steps, to_d
-from t2i.diffusion.samplers.registry import register_sampler
-from t2i.diffusion.tensors import Generators, noise_like
+from t2i.diffusion.samplers.core import to_d
+from t2i.diffusion.samplers.registry import SamplerRun, sampler
 
 
 def lms_coefficient(sigmas: Sequence[float], i: int, order: int, j: int) -> float:
@@ -25,23 +24,19 @@ def lms_coefficient(sigmas: Sequence[float], i: int, order: int, j: int) -> floa
     return float(antiderivative(float(sigmas[i + 1])) - antiderivative(float(sigmas[i])))
 
 
-@register_sampler("lms")
+@sampler("lms")
 def sample_lms(
-    denoiser: Denoiser,
+    run: SamplerRun,
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    cond: dict | None = None,
     *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    progress: bool = False,
     order: int = 4,
 ) -> torch.Tensor:
     """Linear multistep (Adams-Bashforth in sigma) on the ODE derivatives, order up to `order`."""
-    sigmas, denoise = prepare_sigmas(x, sigmas), StepDenoiser(denoiser, cond, callback)
+    denoise = run.denoise
     sigma_list = sigmas.double().cpu().tolist()
     derivatives: list[torch.Tensor] = []
-    for i, sigma, _ in sigma_steps(sigmas, progress):
+    for i, sigma, _ in run.steps(sigmas):
         denoised = denoise.step(i, x, sigma)
         derivatives = [to_d(x, sigma, denoised), *derivatives][:order]
         current_order = min(i + 1, order)
@@ -61,24 +56,20 @@ def _second_order_ready(old_denoised: torch.Tensor | None, i: int, n: int, euler
     return old_denoised is not None and not (euler_at_final and i == n - 1)
 
 
-@register_sampler("dpmpp_2m")
+@sampler("dpmpp_2m")
 def sample_dpmpp_2m(
-    denoiser: Denoiser,
+    run: SamplerRun,
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    cond: dict | None = None,
     *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    progress: bool = False,
     euler_at_final: bool = False,
 ) -> torch.Tensor:
     """DPM-Solver++(2M), multistep second order in x0 (Lu et al. 2022, Alg. 2). First and final steps are first
     order (`euler_at_final` forces that for a final sigma > 0, as diffusers' `lower_order_final` does)."""
-    sigmas, denoise = prepare_sigmas(x, sigmas), StepDenoiser(denoiser, cond, callback)
+    denoise = run.denoise
     n = len(sigmas) - 1
     old_denoised, h_last = None, None
-    for i, sigma, sigma_next in sigma_steps(sigmas, progress):
+    for i, sigma, sigma_next in run.steps(sigmas):
         denoised = denoise.step(i, x, sigma)
         if sigma_next == 0:
             x = denoised
@@ -93,28 +84,24 @@ def sample_dpmpp_2m(
     return x
 
 
-@register_sampler("dpmpp_2m_sde")
+@sampler("dpmpp_2m_sde")
 def sample_dpmpp_2m_sde(
-    denoiser: Denoiser,
+    run: SamplerRun,
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    cond: dict | None = None,
     *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    progress: bool = False,
     eta: float = 1.0,
     s_noise: float = 1.0,
     euler_at_final: bool = False,
 ) -> torch.Tensor:
     """SDE variant of DPM-Solver++(2M) (Lu et al. 2022, sec. 5; midpoint form of k-diffusion and diffusers)."""
-    sigmas, denoise = prepare_sigmas(x, sigmas), StepDenoiser(denoiser, cond, callback)
+    denoise = run.denoise
     n = len(sigmas) - 1
     old_denoised, h_last = None, None
-    for i, sigma, sigma_next in sigma_steps(sigmas, progress):
+    for i, sigma, sigma_next in run.steps(sigmas):
         denoised = denoise.step(i, x, sigma)
         # drawn on every step, the last included, so the generator advances as in k-diffusion and diffusers
-        noise = noise_like(x, generator)
+        noise = run.noise_like(x)
         if sigma_next == 0:
             x = denoised
             continue

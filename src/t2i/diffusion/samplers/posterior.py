@@ -5,53 +5,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-from t2i.diffusion.samplers.core import (
-    Callback,
-    Denoiser,
-    StepDenoiser,
-    ancestral_step,
-    landing_sigmas,
-    prepare_sigmas,
-    sigma_steps,
-    to_d,
-    vp_rescale,
-)
-from t2i.diffusion.samplers.registry import register_sampler
-from t2i.diffusion.tensors import Generators, noise_like
+from t2i.diffusion.samplers.core import ancestral_step, landing_sigmas, to_d, vp_rescale
+from t2i.diffusion.samplers.registry import SamplerRun, sampler
 
 
-@register_sampler("ddpm")
-def sample_ddpm(
-    denoiser: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    cond: dict | None = None,
-    *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Ancestral sampling from the DDPM posterior q(x_s | x_t, x0_hat) with the `fixed_small` variance
-    (Ho et al. 2020, eq. 7); on the VE scale the posterior mean is x0 + (sigma_s / sigma_t)^2 (x - x0)."""
-    return sample_ddim(
-        denoiser, x, sigmas, cond, generator=generator, callback=callback, progress=progress, eta=1.0
-    )
-
-
-@register_sampler("ddim")
+@sampler("ddim")
 def sample_ddim(
-    denoiser: Denoiser,
+    run: SamplerRun,
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    cond: dict | None = None,
     *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    progress: bool = False,
     eta: float = 0.0,
     sigmas_to: Sequence[float] | torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -61,9 +27,9 @@ def sample_ddim(
     `sigmas_to` (n,), optional: where each step lands when that differs from `sigmas[i + 1]` (diffusers'
     `t - T // steps` off the `leading` grid); the sample is then read at `sigmas[i + 1]` unchanged in VP scale.
     """
-    sigmas, denoise = prepare_sigmas(x, sigmas), StepDenoiser(denoiser, cond, callback)
+    denoise = run.denoise
     targets = landing_sigmas(x, sigmas, sigmas_to)
-    for i, sigma, sigma_next in sigma_steps(sigmas, progress):
+    for i, sigma, sigma_next in run.steps(sigmas):
         target = targets[i]
         denoised = denoise.step(i, x, sigma)
         eps = to_d(x, sigma, denoised)
@@ -71,9 +37,20 @@ def sample_ddim(
         x = denoised + (target**2 - std**2).clamp(min=0).sqrt() * eps
         if eta > 0:
             # diffusers' operand order (std * noise): half-precision CPU kernels round the two orders differently
-            x = x + std * noise_like(x, generator)
+            x = x + std * run.noise_like(x)
         x = vp_rescale(x, target, sigma_next)
     return x
+
+
+@sampler("ddpm")
+def sample_ddpm(
+    run: SamplerRun,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+) -> torch.Tensor:
+    """Ancestral sampling from the DDPM posterior q(x_s | x_t, x0_hat) with the `fixed_small` variance
+    (Ho et al. 2020, eq. 7); on the VE scale the posterior mean is x0 + (sigma_s / sigma_t)^2 (x - x0)."""
+    return sample_ddim.core(run, x, sigmas, eta=1.0)
 
 
 def _to_v(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -96,16 +73,12 @@ def _plms_combine(outputs: list[torch.Tensor]) -> torch.Tensor:
     return sum(w * out for w, out in zip(weights[len(outputs)], outputs))
 
 
-@register_sampler("plms")
+@sampler("plms")
 def sample_plms(
-    denoiser: Denoiser,
+    run: SamplerRun,
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    cond: dict | None = None,
     *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    progress: bool = False,
     sigmas_to: Sequence[float] | torch.Tensor | None = None,
     sigma_correct_from: float | None = None,
     multistep_space: str = "eps",
@@ -118,7 +91,7 @@ def sample_plms(
     `sample_ddim`); `sigma_correct_from` the sigma the corrector restarts from; `multistep_space="v"` combines the
     raw v outputs instead of eps, as that scheduler does for v-prediction models.
     """
-    sigmas, denoise = prepare_sigmas(x, sigmas), StepDenoiser(denoiser, cond, callback)
+    denoise = run.denoise
     n = len(sigmas) - 1
     targets = landing_sigmas(x, sigmas, sigmas_to)
     as_output = _to_v if multistep_space == "v" else to_d
@@ -130,7 +103,7 @@ def sample_plms(
         return x_ + (target - sigma) * eps
 
     history: list[torch.Tensor] = []
-    for i, sigma, sigma_next in sigma_steps(sigmas, progress):
+    for i, sigma, sigma_next in run.steps(sigmas):
         out = as_output(x, sigma, denoise.step(i, x, sigma))
         history = [out, *history][:4]
         if i == 0 and n > 1:
@@ -144,16 +117,11 @@ def sample_plms(
     return x
 
 
-@register_sampler("ddpm_continuous")
+@sampler("ddpm_continuous", prepare=False)
 def sample_ddpm_continuous(
-    denoiser: Denoiser,
+    run: SamplerRun,
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    cond: dict[str, Any] | None = None,
-    *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    progress: bool = False,
 ) -> torch.Tensor:
     """Ancestral sampling from the posterior between consecutive levels of a continuous-time grid (NeMo's
     `DDPMSampler`; Kingma et al. 2021, eq. 33). With c = 1 - SNR_t / SNR_s = 1 - (sigma_s / sigma_t)^2 it reads,
@@ -166,11 +134,11 @@ def sample_ddpm_continuous(
     # Python floats, so the posterior coefficients are taken in double precision whatever x's dtype
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).tolist()
     steps = len(sigmas) - 1
-    denoise = StepDenoiser(denoiser, cond, callback)
-    for i, sigma, sigma_next in sigma_steps(sigmas, progress):
+    denoise = run.denoise
+    for i, sigma, sigma_next in run.steps(sigmas):
         denoised = denoise.step(i, x, torch.tensor(sigma), at=torch.tensor(sigma, dtype=x.dtype))
         ratio2 = (sigma_next / sigma) ** 2
         x = denoised + ratio2 * (x - denoised)
         if i < steps - 1 and sigma_next > 0:
-            x = x + sigma_next * math.sqrt(1 - ratio2) * noise_like(x, generator)
+            x = x + sigma_next * math.sqrt(1 - ratio2) * run.noise_like(x)
     return x

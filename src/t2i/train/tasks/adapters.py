@@ -91,8 +91,10 @@ class TaskWrapper(DiffusionTask):
 class LoraTask(TaskWrapper):
     """Low-rank adapters on the family's backbone (and optionally its text encoder); the rest stays frozen.
 
-    `model_state_dict` (checkpoints, EMA) holds the adapter weights alone; `export` writes `lora.safetensors` in
-    diffusers/PEFT naming, which `t2i sample --lora`, `pipe.load_lora` and diffusers' `load_lora_weights` read.
+    `model_state_dict` (checkpoints, EMA) holds the adapter weights alone; `export` writes `lora.safetensors`:
+    LoRA and DoRA in diffusers/PEFT naming (what `t2i sample --lora`, `pipe.load_lora` and diffusers'
+    `load_lora_weights` read), LoHa and LoKr (`model.lora.type`) in LyCORIS' kohya naming (what A1111 and
+    ComfyUI read).
     """
 
     def __init__(self, inner: DenoisingTask, lora: LoraConfig) -> None:
@@ -102,14 +104,17 @@ class LoraTask(TaskWrapper):
         family.requires_grad_(False)
         components = family.adapter_components()
         self.components = {"unet": components["unet"]}
-        self.targets = apply_lora(self.components["unet"], lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+        kind = {"kind": lora.type, "dora": lora.dora}
+        self.targets = apply_lora(
+            self.components["unet"], lora.rank, lora.alpha, lora.dropout, lora.target_modules, **kind
+        )
         if lora.train_text_encoder:
             if "text_encoder" not in components:
                 raise ConfigError(
                     "model.lora.train_text_encoder: this family's text encoder takes no adapters; set it false"
                 )
             encoder = components["text_encoder"]
-            apply_lora(getattr(encoder, "model", encoder), lora.rank, lora.alpha, lora.dropout)
+            apply_lora(getattr(encoder, "model", encoder), lora.rank, lora.alpha, lora.dropout, **kind)
             self.components["text_encoder"] = encoder
 
     def lora_parameters(self) -> dict[str, nn.Parameter]:
@@ -134,12 +139,14 @@ class LoraTask(TaskWrapper):
         return list(self.components.values())
 
     def export(self, out_dir: str | Path, use_ema: bool = True) -> Path:
-        """Write `out_dir/lora.safetensors` (PEFT/diffusers naming, alpha folded); returns the file."""
+        """Write `out_dir/lora.safetensors` (PEFT/diffusers naming with alpha folded for LoRA/DoRA, LyCORIS naming
+        for LoHa/LoKr); returns the file."""
         from t2i.lora.files import save_lora_file
 
         lora, family = self.lora, self.family
         base = getattr(family.cfg.model, "from_pretrained", None) or family.cfg.model.unet_config.from_pretrained
         meta = {"rank": lora.rank, "alpha": lora.alpha, "targets": lora.target_modules, "base": str(base),
+                "type": lora.type, "dora": lora.dora,
                 **getattr(family, "lora_metadata", dict)()}  # fmt: skip
         components = {prefix: getattr(m, "model", m) for prefix, m in self.components.items()}
         with self.ema_weights(use_ema):

@@ -119,20 +119,14 @@ class ImagenTask(DenoisingTask):
 
     def low_res_training_cond(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The SR stage's conditioning from full-size training images: shrink, then noise-augment."""
+        from t2i.diffusion.noise_aug import augment_low_res
+
         s = self.settings
         low_res = resize_images(images, s.low_res_size)
         self._preview = {"low_res": low_res[:8].detach()}
-        if not s.augments_low_res:
-            return {"x_low_res": low_res}
-        from t2i.diffusion.noise_aug import augment_low_res
-
-        x_aug, aug_cond = augment_low_res(
-            low_res, generator=generator, per_sample=s.noise_aug.per_sample, **self.train_aug_options()
-        )
-        cond = {"x_low_res": x_aug}
-        if s.unet.noise_cond_aug:
-            cond["aug_cond"] = aug_cond
-        return cond
+        per_sample, options = s.noise_aug.per_sample, self.train_aug_options()
+        return self.stage.augmented(low_res, lambda x: augment_low_res(x, generator=generator, per_sample=per_sample,
+                                                                       **options))  # fmt: skip
 
     def train_aug_options(self) -> dict[str, Any]:
         """How training draws the augmentation level: EDM's log-normal, or t in [0, max_level] under DDPM."""
