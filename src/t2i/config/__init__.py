@@ -32,10 +32,13 @@ from t2i.config.imagen import (
 from t2i.config.latent import (
     AutoencoderConfig,
     AutoencoderLossConfig,
+    ConditionerConfig,
     CondStageConfig,
     DDConfig,
+    EmbedderConfig,
     FirstStageConfig,
     LatentDiffusionConfig,
+    SizeEmbedderConfig,
     UNetConfig,
 )
 from t2i.config.loading import (
@@ -51,6 +54,7 @@ from t2i.config.loading import (
 )
 from t2i.config.run import (
     MODEL_SCHEMAS,
+    BucketConfig,
     DataConfig,
     EMAConfig,
     ModelConfig,
@@ -65,13 +69,16 @@ __all__ = [
     "PRIOR_LOSSES",
     "AutoencoderConfig",
     "AutoencoderLossConfig",
+    "BucketConfig",
     "CondStageConfig",
+    "ConditionerConfig",
     "ContinuousDDPMConfig",
     "DDConfig",
     "DataConfig",
     "EDMConfig",
     "EMAConfig",
     "EfficientUNetConfig",
+    "EmbedderConfig",
     "FirstStageConfig",
     "FlowConfig",
     "FlowFirstStageConfig",
@@ -91,6 +98,7 @@ __all__ = [
     "RunConfig",
     "SampleConfig",
     "SchedConfig",
+    "SizeEmbedderConfig",
     "TrainerConfig",
     "UNetConfig",
     "available_configs",

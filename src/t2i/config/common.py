@@ -24,15 +24,22 @@ class SchedConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW hyper-parameters plus the LR schedule."""
+    """AdamW hyper-parameters, its implementation and the LR schedule."""
 
     lr: float = 1.0e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1.0e-8
     weight_decay: float = 0.01
     sched: SchedConfig = field(default_factory=SchedConfig)
+    # torch.optim.AdamW's implementation: `fused` (one kernel for all parameters; CUDA, and CPU in recent torch)
+    # or `foreach` (multi-tensor ops); null = torch's default (foreach on CUDA). Both only change speed and
+    # peak memory, not the update.
+    fused: bool | None = None
+    foreach: bool | None = None
 
     def check(self, key: str) -> None:
+        _require(not (self.fused and self.foreach), f"{key}.fused", self.fused,
+                 "not true together with foreach: true (pick one implementation)")  # fmt: skip
         _require(self.lr > 0, f"{key}.lr", self.lr, "a number > 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{key}.betas", self.betas,
                  "two numbers in [0, 1)")

@@ -79,7 +79,13 @@ class FirstStageConfig:
 
 @dataclass
 class CondStageConfig:
-    """Text encoder: `kind` picks the family, `path` a local folder (None = the kind's default location)."""
+    """Text encoder: `kind` picks the family, `path` a local folder (None = the kind's default location).
+
+    `layer`: `last`, `penultimate` (SD 2), `penultimate_hidden` (SDXL: hidden_states[-2], no final norm) or a
+    hidden-state index. `always_return_pooled` (NeMo's name): the encoder's pooled output (CLIP: the end token's
+    final-norm state, through the projection when there is one) also conditions the UNet, as the first part of
+    the ADM vector y (SDXL's bigG). Openclip: `version` is a local open_clip checkpoint (or an sgm/SD 2 single
+    file), `path` the tokenizer folder, `arch` the tower (`ViT-bigG-14`, ...)."""
 
     kind: Literal["clip", "openclip", "t5", "minilm"] = "minilm"
     path: str | None = None
@@ -87,14 +93,84 @@ class CondStageConfig:
     max_length: int = 77
     arch: str | None = None
     version: str | None = None
+    always_return_pooled: bool = False
 
     def check(self, key: str) -> None:
         _require(self.max_length >= 1, f"{key}.max_length", self.max_length, "an integer >= 1 (tokens per prompt)")
 
 
+# Batch keys a conditioner reads (NeMo / sgm names). Size keys hold (B, 2) (height, width) or (top, left);
+# `aesthetic_score` (B,) or (B, 1).
+TEXT_INPUT_KEY = "captions"
+SIZE_INPUT_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple", "aesthetic_score")
+InputKey = Literal["captions", "original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple",
+                   "aesthetic_score"]  # fmt: skip
+
+
+@dataclass
+class SizeEmbedderConfig:
+    """sgm's ConcatTimestepEmbedderND: each value of the input (sizes, crop offsets, aesthetic score) embedded
+    like a timestep into `outdim` features (cosine half first), concatenated into the ADM vector y."""
+
+    kind: Literal["size"] = "size"
+    outdim: int = 256
+
+    def check(self, key: str) -> None:
+        _require(self.outdim >= 2 and self.outdim % 2 == 0, f"{key}.outdim", self.outdim, "an even integer >= 2")
+
+
+@dataclass
+class EmbedderConfig:
+    """One embedder of the conditioner (NeMo's `emb_models` entry): what it reads from the batch (`input_key`),
+    its classifier-free-guidance dropout (`ucg_rate`: the probability that a training sample gets its null
+    conditioning) and the model (`emb_model`, picked by `kind`: a text encoder or `size`).
+
+    The null conditioning is zeros (sgm's default), or for text embedders the encoding of `legacy_ucg_value`
+    when set (`""`: the empty prompt, SD 1/2's dropout)."""
+
+    input_key: InputKey = "captions"
+    ucg_rate: float = 0.0
+    legacy_ucg_value: str | None = None
+    emb_model: CondStageConfig | SizeEmbedderConfig = field(default_factory=CondStageConfig)
+
+    @property
+    def is_text(self) -> bool:
+        return not isinstance(self.emb_model, SizeEmbedderConfig)
+
+    def check(self, key: str) -> None:
+        _require(0 <= self.ucg_rate <= 1, f"{key}.ucg_rate", self.ucg_rate, "a number in [0, 1]")
+        _require(self.legacy_ucg_value in (None, ""), f"{key}.legacy_ucg_value", self.legacy_ucg_value,
+                 'null (zeros) or "" (the empty prompt)')  # fmt: skip
+        if self.is_text:
+            _require(self.input_key == TEXT_INPUT_KEY, f"{key}.input_key", self.input_key,
+                     f"{TEXT_INPUT_KEY} for a text embedder ({self.emb_model.kind})")  # fmt: skip
+        else:
+            _require(self.input_key in SIZE_INPUT_KEYS, f"{key}.input_key", self.input_key,
+                     f"one of {', '.join(SIZE_INPUT_KEYS)} for a size embedder")  # fmt: skip
+            _require(self.legacy_ucg_value is None, f"{key}.legacy_ucg_value", self.legacy_ucg_value,
+                     "null for a size embedder (its null conditioning is zeros)")  # fmt: skip
+
+
+@dataclass
+class ConditionerConfig:
+    """Several embedders (NeMo's `conditioner_config.emb_models`), applied in order. Text embedders' token
+    embeddings are concatenated feature-wise into `context` (SDXL: 768 + 1280 = 2048); pooled text
+    (`always_return_pooled`) and size embeddings are concatenated, in order, into the ADM vector y."""
+
+    emb_models: list[EmbedderConfig] = field(default_factory=list)
+
+    def check(self, key: str) -> None:
+        _require(any(e.is_text for e in self.emb_models), f"{key}.emb_models",
+                 [e.emb_model.kind for e in self.emb_models], "at least one text embedder")  # fmt: skip
+
+
 @dataclass
 class LatentDiffusionConfig:
-    """Stable Diffusion family: a discrete-time UNet in a VAE latent space, conditioned on text."""
+    """Stable Diffusion family: a discrete-time UNet in a VAE latent space, conditioned on text.
+
+    Conditioning: SD 1/2 name one text encoder, `cond_stage_config`, dropped to the empty prompt at
+    `text_drop_rate`. SDXL sets `conditioner_config` (several embedders, each with its own `ucg_rate`), and then
+    `cond_stage_config` and `text_drop_rate` are unused. `embedders()` gives the list in both cases."""
 
     kind: Literal["latent_diffusion"] = "latent_diffusion"
     parameterization: Literal["eps", "v", "x0"] = "eps"
@@ -114,8 +190,16 @@ class LatentDiffusionConfig:
     unet_config: UNetConfig = field(default_factory=UNetConfig)
     first_stage_config: FirstStageConfig = field(default_factory=FirstStageConfig)
     cond_stage_config: CondStageConfig = field(default_factory=CondStageConfig)
+    conditioner_config: ConditionerConfig | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig | None = None
+
+    def embedders(self) -> list[EmbedderConfig]:
+        """The conditioner's embedders: `conditioner_config.emb_models`, or SD 1/2's one text embedder
+        (`cond_stage_config`, empty-prompt dropout at `text_drop_rate`)."""
+        if self.conditioner_config is not None:
+            return list(self.conditioner_config.emb_models)
+        return [EmbedderConfig(TEXT_INPUT_KEY, self.text_drop_rate, "", self.cond_stage_config)]
 
     def check(self, key: str) -> None:
         _require(self.timesteps >= 1, f"{key}.timesteps", self.timesteps, "an integer >= 1")

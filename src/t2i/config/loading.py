@@ -99,15 +99,34 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; lists and scalars in `update` replace those in `base`."""
+def _deep_merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Recursive dict merge; lists and scalars in `update` replace those in `base`, except that a mapping with
+    integer keys updates a list item by item (`emb_models.1.ucg_rate=0` from the command line)."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = _deep_merge(merged[key], value, f"{where}{key}.")
+        elif isinstance(value, dict) and isinstance(merged.get(key), list) and value and all(
+            str(k).isdigit() for k in value
+        ):
+            merged[key] = _merge_list_items(merged[key], value, f"{where}{key}")
         else:
             merged[key] = value
     return merged
+
+
+def _merge_list_items(items: list[Any], update: dict[str, Any], where: str) -> list[Any]:
+    """`items` with item `int(k)` merged with (a mapping) or replaced by (anything else) `update[k]`."""
+    items = list(items)
+    for k, value in update.items():
+        index = int(k)
+        if index >= len(items):
+            raise ConfigError(f"{where}.{k}: index out of range; the list has {len(items)} items")
+        if isinstance(value, dict) and isinstance(items[index], dict):
+            items[index] = _deep_merge(items[index], value, f"{where}.{k}.")
+        else:
+            items[index] = value
+    return items
 
 
 def _resolve(data: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Typed-dataclass validation: a plain dict (parsed YAML) becomes a config dataclass, every key and value checked,
 every problem a one-line `ConfigError` naming the full dotted key.
 
-Unions of dataclasses that each have a `kind: Literal[...]` field are picked by the mapping's `kind` value. A field
+Unions of dataclasses that each have a `kind: Literal[...]` field are picked by the mapping's `kind` value (a
+schema whose Literal lists several values serves each of them). A field
 may instead be picked by a sibling key (NeMo's `preconditioning_type` picks `preconditioning`'s schema): its
 metadata `{"kind_from": (sibling, {sibling value: kind})}` names the sibling and maps its values to kinds.
 """
@@ -133,7 +134,7 @@ def _coerce_union(args: tuple, value: Any, key: str, aliases: dict[Any, Any] | N
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got null")
     options = [a for a in args if a is not type(None)]
     if all(dataclasses.is_dataclass(a) and "kind" in {f.name for f in dataclasses.fields(a)} for a in options):
-        schemas = {_kind_of(a): a for a in options}
+        schemas = {kind: a for a in options for kind in _kinds_of(a)}
         kind = value.get("kind") if isinstance(value, dict) else None
         if kind not in schemas:
             raise ConfigError(f"{key}.kind: {kind!r} is not one of {', '.join(schemas)}")
@@ -157,7 +158,12 @@ def _coerce_choice(choices: tuple, value: Any, key: str, aliases: dict[Any, Any]
 
 
 def _kind_of(schema: type) -> str:
-    return typing.get_args(typing.get_type_hints(schema)["kind"])[0]
+    return _kinds_of(schema)[0]
+
+
+def _kinds_of(schema: type) -> tuple[str, ...]:
+    """Every value a schema's `kind: Literal[...]` admits (a text-encoder schema serves clip, openclip, ...)."""
+    return typing.get_args(typing.get_type_hints(schema)["kind"])
 
 
 def _type_name(tp: Any) -> str:

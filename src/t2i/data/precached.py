@@ -8,8 +8,11 @@ Format (one webdataset sample per image; every tensor blob is safetensors bytes,
   and optionally ``pooled`` (D,).
 - ``{key}.txt``: the caption (for sample prompts and debugging).
 
-Readers yield ``{"image_encoded": {"mean", "logvar"}, "captions_encoded": {"embeddings", "mask"[, "pooled"]},
-"captions": str, ...}``; the DataLoader's default collate stacks the inner tensors to (B, ...).
+The ``image_encoded`` blob may also hold the image's micro-conditioning (``original_size_as_tuple``,
+``crop_coords_top_left``, ``target_size_as_tuple``, each (2,) int64; `t2i.data.buckets`), which readers return as
+top-level entries like online batches. Readers yield ``{"image_encoded": {"mean", "logvar"},
+"captions_encoded": {"embeddings", "mask"[, "pooled"]}, "captions": str[, "original_size_as_tuple", ...]}``;
+the DataLoader's default collate stacks the inner tensors to (B, ...).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from t2i.data.buckets import MICRO_CONDITIONING
 from t2i.data.readers import ShardDataset, default_rank
 from t2i.data.sources import resolve_sources
 from t2i.data.stats import BadSample, DataStats
@@ -41,21 +45,24 @@ def encode_precached_sample(
     mask: torch.Tensor,
     caption: str | None = None,
     pooled: torch.Tensor | None = None,
+    micro: dict[str, torch.Tensor] | None = None,
+    more_text: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Tar members of one precached sample, ready for ``webdataset.TarWriter.write``.
 
-    Shapes: mean/logvar (C, h, w), embeddings (T, D), mask (T,), pooled (D,). Tensors are stored as given
-    (dtype kept), made contiguous and moved to CPU.
+    Shapes: mean/logvar (C, h, w), embeddings (T, D), mask (T,), pooled (D,); `micro` = the image's
+    micro-conditioning (`t2i.data.buckets.MICRO_CONDITIONING`, each (2,)), stored beside the moments; `more_text` =
+    more text tensors stored beside the embeddings (SDXL's second encoder: `embeddings_1`, `mask_1`, `pooled_1`).
+    Tensors are stored as given (dtype kept), made contiguous and moved to CPU.
     """
     if mean.shape != logvar.shape or embeddings.shape[0] != mask.shape[0]:
         raise InvalidInputError(
             f"precache {key}: mean {tuple(mean.shape)} / logvar {tuple(logvar.shape)} and embeddings "
             f"{tuple(embeddings.shape)} / mask {tuple(mask.shape)} must agree"
         )
-    moments = {"mean": mean, "logvar": logvar}
-    text = {"embeddings": embeddings, "mask": mask.bool()} | (
-        {"pooled": pooled} if pooled is not None else {}
-    )
+    moments = {"mean": mean, "logvar": logvar} | (micro or {})
+    extra = {k: v.bool() if k.startswith("mask") else v for k, v in (more_text or {}).items()}
+    text = {"embeddings": embeddings, "mask": mask.bool()} | ({"pooled": pooled} if pooled is not None else {}) | extra
     sample = {
         "__key__": key,
         IMAGE_ENCODED: save_tensors({k: v.detach().cpu().contiguous() for k, v in moments.items()}),
@@ -137,7 +144,8 @@ class PrecachedDecoder:
         text = _load_blob(raw, CAPTIONS_ENCODED, "missing_caption", ("embeddings", "mask"))
         text["mask"] = text["mask"].bool()
         caption = raw["txt"].decode("utf-8", errors="replace").strip() if "txt" in raw else ""
-        return {IMAGE_ENCODED: moments, CAPTIONS_ENCODED: text, "captions": caption}
+        micro = {k: moments.pop(k) for k in MICRO_CONDITIONING if k in moments}  # top-level, as online batches
+        return {IMAGE_ENCODED: moments, CAPTIONS_ENCODED: text, "captions": caption} | micro
 
 
 def build_precached_dataset(

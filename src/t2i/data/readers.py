@@ -47,6 +47,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,7 +123,7 @@ class ImageDecoder:
     first decoded at a reduced scale, see `decode_image`).
     """
 
-    transform: ImageTransform
+    transform: Callable[..., Any]  # (PIL image, rng) -> tensor (ImageTransform) or dict (BucketTransform)
     image_keys: tuple[str, ...] = IMAGE_KEYS
     caption_keys: tuple[str, ...] = CAPTION_KEYS
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
@@ -154,7 +155,8 @@ class ImageDecoder:
             raise BadSample("too_large", f"{raw['__url__']}: {raw['__key__']}: {exn}") from None
         except Exception as exn:  # noqa: BLE001 -- PIL raises many exception types for bad bytes
             raise BadSample("undecodable", f"{raw['__url__']}: {raw['__key__']}: {exn}") from None
-        return {"images": self.transform(image, rng), "captions": caption}
+        out = self.transform(image, rng)  # a tensor, or a dict with "images" (+ micro-conditioning)
+        return (out if isinstance(out, dict) else {"images": out}) | {"captions": caption}
 
 
 def _shuffled(items: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -210,6 +212,8 @@ class ShardDataset(IterableDataset):
         self._num_workers: int | None = None
         self._next_worker = 0  # the DataLoader asks workers round-robin; resume starts at this one
         self._resume: dict | None = None
+        # (worker, epoch, index) -> True: pass over that raw sample without decoding it (bucket resume)
+        self.skip_sample: Callable[[int, int, int], bool] | None = None
 
     # ---- bookkeeping the trainer uses -------------------------------------------------------------
     @property
@@ -331,7 +335,7 @@ class ShardDataset(IterableDataset):
             raw = _shuffled(raw, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, gid]))
         produced = 0
         for index, item in enumerate(raw, start=1):
-            if index <= skip:
+            if index <= skip or (self.skip_sample is not None and self.skip_sample(worker, epoch, index)):
                 continue
             try:
                 sample = self._decode(item, np.random.default_rng([self.seed, epoch, gid, index]))
@@ -433,20 +437,21 @@ def build_dataset(
     shuffle: bool = True,
     shuffle_buffer: int = 1000,
     repeat: bool = False,
+    transform: Callable[..., Any] | None = None,
 ) -> ShardDataset:
     """Image-caption dataset over webdataset shards and/or image folders.
 
     Yields ``{"images": (3, resolution, resolution) float in [-1, 1], "captions": str, "__key__": str, ...}``.
     rank/world_size default to torch.distributed's when it is initialized, else 0/1. Raises DataError when
-    a source matches nothing.
+    a source matches nothing. `transform` replaces the square `ImageTransform(resolution, center_crop, random_flip)`
+    (e.g. a `t2i.data.buckets.BucketTransform`, whose extra entries join the sample).
     """
     stats = DataStats()
     units = resolve_sources(sources, stats)
     if isinstance(caption_keys, str):
         caption_keys = [caption_keys]
-    decoder = ImageDecoder(
-        ImageTransform(resolution, center_crop, random_flip), tuple(image_keys), tuple(caption_keys), max_image_pixels
-    )
+    transform = transform or ImageTransform(resolution, center_crop, random_flip)
+    decoder = ImageDecoder(transform, tuple(image_keys), tuple(caption_keys), max_image_pixels)
     rank, world_size = default_rank(rank, world_size)
     return ShardDataset(
         units, decoder, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,

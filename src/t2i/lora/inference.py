@@ -88,7 +88,9 @@ def load_lora(
     from the file's `.alpha` keys or its `lora_adapter_metadata` header. Returns the adapter name.
 
     In a cascade the LoRA goes on stage `stage`; by default on the one stage whose UNet it fits."""
-    path = Path(path)
+    if path is None or not isinstance(path, (str, Path)):
+        raise LoraError(f"path: {path!r}; expected the path of a LoRA .safetensors file")
+    path, scale = Path(path), check_scale(scale)
     if any(_is_fused(c) for c in components_of(pipe)):
         raise LoraError(f"{path}: the pipeline's LoRAs are fused; call unfuse_lora(pipe) before loading more")
     pairs = parse_lora_state_dict(read_lora_file(path), read_adapter_metadata(path), str(path))
@@ -192,6 +194,7 @@ def activate(pipe: Any) -> None:
 
 def set_lora_scale(pipe: Any, name: str, scale: float) -> None:
     """Change the scale of a loaded LoRA (unfused pipelines only)."""
+    scale = check_scale(scale)
     if name not in loaded_loras(pipe):
         raise LoraError(
             f"name: no LoRA {name!r} is loaded; loaded: {', '.join(loaded_loras(pipe)) or 'none'}"
@@ -264,14 +267,25 @@ def unfuse_lora(pipe: Any) -> int:
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
-    """`PATH[:SCALE]` (the CLI's --lora value) -> (path, scale); scale defaults to 1."""
+    """`PATH[:SCALE]` (the CLI's --lora value) -> (path, scale); scale defaults to 1. A suffix after the last
+    colon that is neither a path part nor a number is a bad scale (LoraError), unless the whole spec is a file."""
     path, sep, scale = spec.rpartition(":")
-    if sep and path:
-        try:
-            return Path(path), float(scale)
-        except ValueError:
-            pass
-    return Path(spec), 1.0
+    if not sep or not path or Path(spec).exists() or "/" in scale or "\\" in scale:
+        return Path(spec), 1.0
+    try:
+        return Path(path), check_scale(float(scale), spec)
+    except ValueError:
+        raise LoraError(f"--lora {spec}: scale {scale!r} is not a number; expected PATH or PATH:SCALE such as "
+                        "style.safetensors:0.8") from None
+
+
+def check_scale(scale: Any, what: str = "scale") -> float:
+    """A finite LoRA scale as a float; LoraError otherwise."""
+    import math
+
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise LoraError(f"{what}: scale {scale!r}; expected a finite number (1 = the LoRA as trained)")
+    return float(scale)
 
 
 def load_loras_from_specs(pipe: Any, specs: list[str]) -> list[str]:

@@ -1,30 +1,18 @@
-"""Atomic file writes: a temporary file in the target's folder, renamed over the target when complete."""
+"""The metrics' file writes, through `t2i.atomic` (whole or not at all; a full disk is one line)."""
 
 from __future__ import annotations
 
-import io
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
+from t2i.atomic import atomic_write, save_image
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` so that readers see the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
-    return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda handle: handle.write(data), needed=len(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -32,6 +20,5 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_save_png(path: str | Path, image: Image.Image) -> Path:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return atomic_write_bytes(path, buffer.getvalue())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return save_image(image, Path(path).with_suffix(".png") if not str(path).endswith(".png") else path)

@@ -24,6 +24,7 @@ from torch import nn
 from t2i.diffusion.denoisers import FlowDenoiser
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.plans import SamplingPlan, make_plan
+from t2i.diffusion.samplers import Callback
 from t2i.diffusion.schedules import FlowSchedule, flux_sampling_times, image_seq_len
 from t2i.diffusion.tensors import Generators, randn
 from t2i.errors import InvalidInputError
@@ -249,11 +250,13 @@ class FluxPipeline(LoraMethods):
         eta: float | None = None,
         progress: bool = True,
         generator: Generators = None,
+        callback: Callback | None = None,
     ) -> GenerationOutput:
         """Text-to-image. `latents` (B, C, h, w) are unit-variance initial noise at latent size (unpacked, as for
         every t2i family; diffusers' FluxPipeline takes them packed), B = len(prompts) * num_images; when None they
         are drawn from `generator` (or `seed`) exactly as diffusers draws them. `guidance_scale` (None: the model's
-        default) and `true_cfg_scale`: see the module docstring."""
+        default) and `true_cfg_scale`: see the module docstring. `callback(i, sigma, x, x0)` runs after each
+        step's model evaluation (the samplers' callback)."""
         prompts = normalize_prompts(prompt)
         cfg_scale, embedded = self.guidance(guidance_scale, true_cfg_scale)
         if not isinstance(num_images, int) or num_images < 1:
@@ -276,6 +279,7 @@ class FluxPipeline(LoraMethods):
             latents.to(self.device, torch.float32),
             cond,
             generator=generator,
+            callback=callback,
             progress=progress,
             **options,
         )

@@ -1,6 +1,7 @@
-"""Writing a Flux pipeline as a diffusers `FluxPipeline` folder (+ t2i's `t2i.yaml`), and the `kind: flow` config
-that describes loaded modules. diffusers' `text_encoder` (CLIP) holds the config's `pooled_encoder`,
-`text_encoder_2` (T5) its `context_encoder`; a pipeline without a pooled encoder writes no `text_encoder/`."""
+"""Writing a Flux pipeline as a diffusers `FluxPipeline` folder (+ t2i's `t2i.yaml`; the files t2i writes itself
+go through `t2i.atomic`), and the `kind: flow` config that describes loaded modules. diffusers' `text_encoder`
+(CLIP) holds the config's `pooled_encoder`, `text_encoder_2` (T5) its `context_encoder`; a pipeline without a
+pooled encoder writes no `text_encoder/`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from t2i.atomic import atomic_write, write_safetensors
 from t2i.pipelines.build import as_model_config
 
 MODEL_INDEX = "model_index.json"
@@ -82,7 +84,7 @@ def save_flux_pipeline(pipe: Any, path: str | Path) -> Path:
     )
     (root / "scheduler").mkdir(exist_ok=True)
     scheduler = {"_diffusers_version": DIFFUSERS_VERSION, **pipe.scheduler_config}
-    (root / SCHEDULER_CONFIG).write_text(json.dumps(scheduler, indent=2))
+    _write_text(root / SCHEDULER_CONFIG, json.dumps(scheduler, indent=2))
     index = {
         "_class_name": "FluxPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -96,7 +98,7 @@ def save_flux_pipeline(pipe: Any, path: str | Path) -> Path:
         "image_encoder": [None, None],
         "feature_extractor": [None, None],
     }
-    (root / MODEL_INDEX).write_text(json.dumps(index, indent=2))
+    _write_text(root / MODEL_INDEX, json.dumps(index, indent=2))
     base = pipe.model_config or {}
     described = derived_model_config(
         pipe.transformer, pipe.vae, pipe.context_encoder, pipe.pooled_encoder, pipe.scheduler_config,
@@ -105,20 +107,22 @@ def save_flux_pipeline(pipe: Any, path: str | Path) -> Path:
     )  # fmt: skip
     model = config_to_dict(described)
     model.update({k: base[k] for k in TRAINING_KEYS if k in base})
-    (root / T2I_CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create({"model": model})))
+    _write_text(root / T2I_CONFIG, OmegaConf.to_yaml(OmegaConf.create({"model": model})))
     return root
 
 
-def _save_vae(pipe: Any, folder: Path) -> None:
-    from safetensors.torch import save_file
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
+
+def _save_vae(pipe: Any, folder: Path) -> None:
     from t2i.convert.vae_diffusers import config_to_diffusers, state_dict_to_diffusers
 
     folder.mkdir(parents=True, exist_ok=True)
     config = {**pipe.vae.config_dict(), "scale_factor": pipe.scale_factor, "shift_factor": pipe.shift_factor}
-    (folder / "config.json").write_text(json.dumps(config_to_diffusers(config), indent=2))
+    _write_text(folder / "config.json", json.dumps(config_to_diffusers(config), indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in state_dict_to_diffusers(pipe.vae.state_dict()).items()}
-    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    atomic_write(folder / "diffusion_pytorch_model.safetensors", lambda handle: write_safetensors(handle, state))
 
 
 def _save_text(encoder: nn.Module, root: Path, sub: str, tokenizer_sub: str) -> tuple[str, str]:

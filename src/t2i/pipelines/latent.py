@@ -10,6 +10,14 @@ folder reproduces diffusers' `DDIMScheduler.from_config(pipe.scheduler.config)`.
 Classifier-free guidance (SD family, as diffusers): the unconditional branch is the encoding of
 `negative_prompt`, or of the empty string "" when none is given; guidance is off for `guidance_scale <= 1`.
 Cross-attention is not masked (the text mask is only used inside BERT/T5 encoders).
+
+Conditioning goes through a `t2i.text.conditioner.Conditioner`: SD 1/2 have one text embedder (the `context`
+above); SDXL has two text encoders (`text_encoder`, `text_encoder_2`; the refiner only the second), whose token
+embeddings concatenate into `context` and whose pooled output starts the ADM vector `y`, followed by the
+micro-conditioning (`t2i.pipelines.conditioning`). With no negative prompt and a conditioner whose text drops to
+zeros (diffusers' `force_zeros_for_empty_prompt`), the unconditional text is zeros. Base and refiner form an
+ensemble of experts through `generate(denoising_end=, output_type="latent")` and `reconstruct(image=latents,
+denoising_start=)`.
 """
 
 from __future__ import annotations
@@ -34,7 +42,15 @@ from t2i.diffusion.schedules import DiscreteSchedule
 from t2i.diffusion.tensors import Generators, randn
 from t2i.errors import InvalidInputError
 from t2i.models.first_stage import LatentFirstStage
+from t2i.pipelines.conditioning import (
+    MicroConditioning,
+    head_plan,
+    latents_to_sampler_scale,
+    refiner_start,
+    size_inputs,
+)
 from t2i.pipelines.lora_methods import LoraMethods
+from t2i.text.conditioner import Conditioner, TextEmbedder
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
@@ -42,11 +58,14 @@ DEFAULT_GUIDANCE = 7.5
 
 @dataclass
 class GenerationOutput:
-    """images: PIL images; latents (B, C, h, w): final scaled latents; pixels (B, 3, H, W) float in [0, 1] (CPU)."""
+    """images: PIL images; latents (B, C, h, w): final scaled latents; pixels (B, 3, H, W) float in [0, 1] (CPU).
+
+    With `output_type="latent"` nothing is decoded: images is [] and pixels None (a base stopped at
+    `denoising_end` hands its noisy latents to a refiner)."""
 
     images: list[Any]
     latents: torch.Tensor
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None
 
 
 def normalize_prompts(prompt: str | list[str], name: str = "prompt") -> list[str]:
@@ -91,6 +110,20 @@ def to_pil(pixels: torch.Tensor) -> list[Any]:
     return [Image.fromarray(a) for a in array]
 
 
+def micro_conditioning_of(options: dict[str, Any]) -> MicroConditioning:
+    """generate()/reconstruct()'s extra keywords as MicroConditioning; InvalidInputError for unknown ones."""
+    try:
+        return MicroConditioning(**options)
+    except TypeError:
+        from dataclasses import fields
+
+        valid = [f.name for f in fields(MicroConditioning)]
+        unknown = sorted(set(options) - set(valid))
+        raise InvalidInputError(
+            f"{unknown[0]}: unknown argument; expected the usual ones or micro-conditioning ({', '.join(valid)})"
+        ) from None
+
+
 def tail_plan(plan: SamplingPlan, start: int) -> SamplingPlan:
     """The plan from step `start` on (img2img): sigmas and per-step options sliced, the input taken as is."""
     options = dict(plan.options)
@@ -109,10 +142,14 @@ class LatentPipeline(LoraMethods):
     Args:
         unet: t2i `UNetModel` (eps / v / x0 prediction per the scheduler config).
         vae: t2i `AutoencoderKL`; latents are scaled by `scale_factor`.
-        text_encoder: a frozen `t2i.text.encoders.TextEncoder`.
+        text_encoder: a frozen `t2i.text.encoders.TextEncoder` (None for the SDXL refiner).
         scheduler_config: diffusers scheduler config dict; `_class_name` picks the default sampler.
-        model_config: the `model:` config section (dict) this pipeline was built from, if any.
+        model_config: the `model:` config section (dict) this pipeline was built from, if any; its
+            `conditioner_config` (SDXL) defines the conditioner when `conditioner` is None.
         default_sampler: sampler used when `generate(sampler=None)`.
+        text_encoder_2: SDXL's second text encoder (bigG, pooled).
+        conditioner: the conditioning; None: built from `model_config` (SDXL) or SD's single text embedder. Its
+            text embedders read `self.<name>` for the names of `conditioner.text_encoder_names()`.
     """
 
     def __init__(
@@ -124,10 +161,13 @@ class LatentPipeline(LoraMethods):
         scale_factor: float,
         default_sampler: str,
         model_config: dict[str, Any] | None = None,
+        text_encoder_2: nn.Module | None = None,
+        conditioner: Conditioner | None = None,
     ):
         self.unet = unet
         self.first_stage = LatentFirstStage(vae, scale_factor, getattr(vae, "shift_factor", None) or 0.0)
         self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
         self.scheduler_config = dict(scheduler_config)
         self.schedule = DiscreteSchedule.from_scheduler_config(self.scheduler_config)
         self.prediction = normalize_prediction(
@@ -135,14 +175,32 @@ class LatentPipeline(LoraMethods):
         )
         self.default_sampler = default_sampler
         self.model_config = model_config
+        self.conditioner = conditioner if conditioner is not None else self.default_conditioner()
+
+    def default_conditioner(self) -> Conditioner:
+        """The model config's conditioner (SDXL), else SD's one text embedder (dropped to "")."""
+        if (self.model_config or {}).get("conditioner_config") is None:
+            return Conditioner([TextEmbedder(lambda: self.text_encoder)])
+        from t2i.pipelines.build import as_model_config
+        from t2i.text.conditioner import build_conditioner, text_encoder_names
+
+        cfg = as_model_config(self.model_config)
+        names = text_encoder_names([e.emb_model.always_return_pooled for e in cfg.embedders() if e.is_text])
+        return build_conditioner(cfg, [lambda name=name: getattr(self, name) for name in names])
+
+    @property
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """{diffusers component name: TextEncoder} of the conditioner's text embedders, in order."""
+        return {name: getattr(self, name) for name in self.conditioner.text_encoder_names()}
 
     def adapter_slots(self) -> list[dict[str, nn.Module]]:
-        """Where LoRA files land (`t2i.lora`): one slot, the UNet and the text encoder's transformer."""
-        return [{"unet": self.unet, "text_encoder": getattr(self.text_encoder, "model", self.text_encoder)}]
+        """Where LoRA files land (`t2i.lora`): one slot, the UNet and each text encoder's transformer."""
+        texts = {name: getattr(e, "model", e) for name, e in self.text_encoders.items()}
+        return [{"unet": self.unet, **texts}]
 
     def freeze(self) -> LatentPipeline:
         """Eval mode and no gradients for every component (what a loaded pipeline is)."""
-        for module in (self.unet, self.first_stage, self.text_encoder):
+        for module in (self.unet, self.first_stage, *self.text_encoders.values()):
             module.eval().requires_grad_(False)
         return self
 
@@ -184,7 +242,8 @@ class LatentPipeline(LoraMethods):
         text_dtype = (
             dtype if dtype is not None and device is not None and torch.device(device).type != "cpu" else None
         )
-        self.text_encoder.to(device=device, dtype=text_dtype)
+        for encoder in self.text_encoders.values():
+            encoder.to(device=device, dtype=text_dtype)
         return self
 
     # ------------------------------------------------------------------------------------ building blocks
@@ -196,23 +255,35 @@ class LatentPipeline(LoraMethods):
         inner = DiscreteDenoiser(self.unet, self.schedule, self.prediction, **options).to(self.device)
         return CFGDenoiser(inner, guidance_scale) if guidance_scale > 1 else inner
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """prompts (B) -> context (B, T, D) float32 on the UNet's device."""
-        return self.text_encoder.encode(prompts).embeddings.to(self.device, torch.float32)
-
     def conditioning(
         self,
         prompts: list[str],
         negative_prompt: str | list[str] | None,
         num_images: int,
         guidance_scale: float,
+        size: tuple[int, int] | None = None,
+        micro: MicroConditioning | None = None,
     ) -> dict[str, torch.Tensor]:
-        """cond dict for the (CFG) denoiser; each prompt repeated `num_images` times in a row, as diffusers does."""
-        cond = {"context": self.encode_prompts(prompts).repeat_interleave(num_images, dim=0)}
+        """cond dict for the (CFG) denoiser; each prompt repeated `num_images` times in a row, as diffusers does.
+
+        `size` (height, width) of the images and `micro` feed the size embedders (SDXL); the unconditional branch
+        is `uncond_<key>` for every entry (`context`, `y`): the negative prompts' encoding, or zeros for the
+        text when no negative prompt is given and the conditioner drops text to zeros."""
+        micro = micro or MicroConditioning()
+        height, width = size or (self.default_size, self.default_size)
+        count = len(prompts)
+        batch = {"captions": prompts, **size_inputs(self.conditioner, micro, height, width, count)}
+        cond = self.conditioner.encode(batch, self.device)
         if guidance_scale > 1:
-            negatives = negative_prompts(negative_prompt, len(prompts))
-            cond["uncond_context"] = self.encode_prompts(negatives).repeat_interleave(num_images, dim=0)
-        return cond
+            negatives = negative_prompts(negative_prompt, count)
+            zero_text = negative_prompt is None and self.conditioner.zeros_for_empty_negative
+            uncond_batch = {
+                "captions": negatives,
+                **size_inputs(self.conditioner, micro, height, width, count, negative=True),
+            }
+            uncond = self.conditioner.encode(uncond_batch, self.device, zero_text=zero_text)
+            cond |= {f"uncond_{k}": v for k, v in uncond.items()}
+        return {k: v.repeat_interleave(num_images, dim=0) for k, v in cond.items()}
 
     def plan(self, sampler: str | None, steps: int, use_karras_sigmas: bool = False) -> SamplingPlan:
         """The sampling plan of `sampler` (default: the scheduler config's) for `steps` steps."""
@@ -298,18 +369,30 @@ class LatentPipeline(LoraMethods):
         progress: bool = True,
         generator: Generators = None,
         callback: Callback | None = None,
+        denoising_end: float | None = None,
+        output_type: str = "pil",
+        **micro_conditioning: Any,
     ) -> GenerationOutput:
         """Text-to-image. `latents` (B, C, h, w) are unit-variance initial noise (diffusers' `latents=`), with
         B = len(prompts) * num_images; when None they are drawn from `generator` (or `seed`). `generator` may be a
         list of B generators: each image then draws all its noise from its own, so it is the same whatever else
         shares its batch. `eta` None keeps the sampler's default (ancestral samplers: 1, DDIM: 0).
-        `callback(i, sigma, x, x0)` runs after each step's model evaluation (see `t2i.diffusion.samplers`)."""
+
+        `callback(i, sigma, x, x0)` runs after each step's model evaluation (see `t2i.diffusion.samplers`).
+        SDXL: `micro_conditioning` takes diffusers' keywords (`original_size`, `crops_coords_top_left`,
+        `target_size`, `aesthetic_score` and their `negative_` forms; see `t2i.pipelines.conditioning`).
+        `denoising_end` (0, 1) stops before the steps whose timestep is below `(1 - denoising_end) * T`
+        (diffusers' cutoff) and, with `output_type="latent"`, returns the still-noisy latents for a refiner's
+        `reconstruct(image=latents, denoising_start=...)`."""
         prompts = normalize_prompts(prompt)
         guidance_scale = check_guidance_scale(guidance_scale)
+        micro = micro_conditioning_of(micro_conditioning)
         if not isinstance(num_images, int) or num_images < 1:
             raise InvalidInputError(f"num_images: expected an integer >= 1, got {num_images!r}")
         height, width = self.check_size(height, width)
         plan = self.plan(sampler, steps, use_karras_sigmas)
+        if denoising_end is not None:
+            plan = head_plan(plan, self.schedule, denoising_end)
         options = self.sampler_options(plan.sampler, eta)
         f = self.first_stage.downsample_factor
         shape = (len(prompts) * num_images, self.first_stage.latent_channels, height // f, width // f)
@@ -318,7 +401,7 @@ class LatentPipeline(LoraMethods):
             latents = randn(shape, generator)
         elif tuple(latents.shape) != shape:
             raise InvalidInputError(f"latents: shape {tuple(latents.shape)}; expected {shape}")
-        cond = self.conditioning(prompts, negative_prompt, num_images, guidance_scale)
+        cond = self.conditioning(prompts, negative_prompt, num_images, guidance_scale, (height, width), micro)
         x = plan.sample(
             self.denoiser(guidance_scale, plan),
             latents.to(self.device, torch.float32),
@@ -328,8 +411,16 @@ class LatentPipeline(LoraMethods):
             progress=progress,
             **options,
         )
-        pixels = self.decode(x)
-        return GenerationOutput(to_pil(pixels), x, pixels)
+        return self.output(x, output_type)
+
+    def output(self, latents: torch.Tensor, output_type: str) -> GenerationOutput:
+        """`pil`: decoded images and pixels; `latent`: the latents alone."""
+        if output_type == "latent":
+            return GenerationOutput([], latents, None)
+        if output_type != "pil":
+            raise InvalidInputError(f"output_type: {output_type!r}; expected pil or latent")
+        pixels = self.decode(latents)
+        return GenerationOutput(to_pil(pixels), latents, pixels)
 
     @torch.no_grad()
     def reconstruct(
@@ -349,42 +440,58 @@ class LatentPipeline(LoraMethods):
         progress: bool = True,
         generator: Generators = None,
         callback: Callback | None = None,
+        denoising_start: float | None = None,
+        output_type: str = "pil",
+        **micro_conditioning: Any,
     ) -> GenerationOutput:
         """Image-to-image (SDEdit): encode `image`, noise it to the sigma `strength` of the way into the plan
         (diffusers' img2img `get_timesteps`: skip the first `steps - int(steps * strength)` steps), denoise.
 
-        `image`: a PIL image, a list of them (one per prompt), or a tensor (B, 3, H, W) in [0, 1].
-        `generator` and `callback` as in `generate` (a list: one generator per prompt).
+        `image`: a PIL image, a list of them (one per prompt), a tensor (B, 3, H, W) in [0, 1], or latents
+        (B, latent channels, h, w) scaled as `generate(output_type="latent")` returns them.
+        `denoising_start` (0, 1), with latents from a base's `generate(denoising_end=...)`: the refiner half of
+        an ensemble of experts. It replaces `strength`, and the latents are taken as they are (no noise added).
+        `micro_conditioning`: as in `generate`; sizes default to the image's. `generator` and `callback` as in
+        `generate` (a list: one generator per prompt).
         """
         prompts = normalize_prompts(prompt)
         guidance_scale = check_guidance_scale(guidance_scale)
+        micro = micro_conditioning_of(micro_conditioning)
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise InvalidInputError(f"strength: {strength!r}; expected a number in (0, 1]")
         plan = self.plan(sampler, steps, use_karras_sigmas)
-        denoise_steps = min(int(steps * strength), steps)
-        if denoise_steps < 1:
-            raise InvalidInputError(
-                f"strength: {strength} x steps {steps} leaves no step; expected strength*steps >= 1"
-            )
         options = self.sampler_options(plan.sampler, eta)
         generator = self.make_generator(seed, generator, len(prompts))
-        pixels = self.prepare_images(image, len(prompts), height, width)
-        z0 = self.encode_images(pixels.to(self.device) * 2 - 1, generator).float()
-        tail = tail_plan(plan, steps - denoise_steps)
-        noise = randn(z0.shape, generator)
-        x = z0 + float(tail.sigmas[0]) * noise.to(z0.device)
-        cond = self.conditioning(prompts, negative_prompt, 1, guidance_scale)
+        given_latents = self.given_latents(image, len(prompts))
+        if denoising_start is not None:
+            if given_latents is None:
+                raise InvalidInputError(
+                    "image: denoising_start needs latents from generate(denoising_end=..., output_type='latent')"
+                )
+            tail = tail_plan(plan, refiner_start(plan, self.schedule, denoising_start))
+            x = latents_to_sampler_scale(given_latents.to(self.device, torch.float32), tail)
+        else:
+            denoise_steps = min(int(steps * strength), steps)
+            if denoise_steps < 1:
+                raise InvalidInputError(
+                    f"strength: {strength} x steps {steps} leaves no step; expected strength*steps >= 1"
+                )
+            if given_latents is None:
+                pixels = self.prepare_images(image, len(prompts), height, width)
+                z0 = self.encode_images(pixels.to(self.device) * 2 - 1, generator).float()
+            else:
+                z0 = given_latents.to(self.device, torch.float32)
+            tail = tail_plan(plan, steps - denoise_steps)
+            noise = randn(z0.shape, generator)
+            x = z0 + float(tail.sigmas[0]) * noise.to(z0.device)
+        f = self.first_stage.downsample_factor
+        size = (int(x.shape[2]) * f, int(x.shape[3]) * f)
+        cond = self.conditioning(prompts, negative_prompt, 1, guidance_scale, size, micro)
         x = tail.sample(
-            self.denoiser(guidance_scale, tail),
-            x,
-            cond,
-            generator=generator,
-            callback=callback,
-            progress=progress,
+            self.denoiser(guidance_scale, tail), x, cond, generator=generator, callback=callback, progress=progress,
             **options,
-        )
-        out = self.decode(x)
-        return GenerationOutput(to_pil(out), x, out)
+        )  # fmt: skip
+        return self.output(x, output_type)
 
     def encode_images(self, images: torch.Tensor, generator: Generators) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> sampled latents; with a list, row i's sample from generator i."""
@@ -394,6 +501,19 @@ class LatentPipeline(LoraMethods):
         return torch.cat(
             [self.first_stage.z_from_moments(mean[i : i + 1], logvar[i : i + 1], g) for i, g in enumerate(generator)]
         )
+
+    def given_latents(self, image: Any, count: int) -> torch.Tensor | None:
+        """`image` when it is a latent tensor (B, latent channels, h, w) of a valid size, expanded to `count`."""
+        channels = self.first_stage.latent_channels
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != channels or channels == 3:
+            return None
+        f = self.first_stage.downsample_factor
+        self.check_size(int(image.shape[2]) * f, int(image.shape[3]) * f)
+        if image.shape[0] == 1:
+            image = image.expand(count, -1, -1, -1)
+        if image.shape[0] != count:
+            raise InvalidInputError(f"image: {image.shape[0]} latents for {count} prompts; expected 1 or {count}")
+        return image
 
     def prepare_images(self, image: Any, count: int, height: int | None, width: int | None) -> torch.Tensor:
         """PIL image(s) or a [0, 1] tensor -> (count, 3, H, W) float32 in [0, 1] at a valid size."""
@@ -441,7 +561,12 @@ class LatentPipeline(LoraMethods):
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write a t2i pipeline folder: the diffusers layout (loads in `StableDiffusionPipeline`) + `t2i.yaml`."""
+        """Write a t2i pipeline folder: the diffusers layout (loads in `StableDiffusionPipeline`, SDXL in
+        `StableDiffusionXLPipeline` / the refiner in `StableDiffusionXLImg2ImgPipeline`) + `t2i.yaml`."""
+        if "text_encoder_2" in self.text_encoders:
+            from t2i.pipelines.sdxl_folder import save_sdxl_pipeline
+
+            return save_sdxl_pipeline(self, path)
         from t2i.pipelines.sd_folder import save_pipeline
 
         return save_pipeline(self, path)

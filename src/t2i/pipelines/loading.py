@@ -2,7 +2,8 @@
 `t2i.pipelines.flux_folder` reads diffusers' FluxPipeline folders and BFL single files with a `kind: flow` config).
 
 1. A diffusers SD folder: `model_index.json` + `unet/ vae/ text_encoder/ tokenizer/ scheduler/`. Its scheduler
-   config picks the default sampler and fixes the schedule every sampler follows.
+   config picks the default sampler and fixes the schedule every sampler follows. An SDXL folder (with
+   `text_encoder_2/ tokenizer_2/`; the refiner without `text_encoder/`) is read by `t2i.pipelines.sdxl_folder`.
 2. A single-file original checkpoint (`.safetensors`, or `.ckpt` read with `weights_only=True`) with CompVis /
    NeMo key names, plus `config=` naming its architecture (`sd15`, `sd2`, `sd21-v` or a YAML path).
 3. A t2i pipeline folder: the diffusers layout plus `t2i.yaml` (`t2i.pipelines.sd_folder`, which also writes it).
@@ -126,9 +127,12 @@ def load_folder(root: Path, model_cfg: Any, dtype: torch.dtype | None) -> Latent
     from t2i.convert.unet_diffusers import load_unet_from_diffusers
     from t2i.convert.vae_diffusers import load_vae
     from t2i.pipelines import flux_folder
+    from t2i.pipelines.sdxl_folder import is_sdxl_folder, load_sdxl_components
 
     if flux_folder.is_flux_folder(root):
         return flux_folder.load_flux_folder(root, model_cfg, dtype)
+    if is_sdxl_folder(root):
+        return LatentPipeline(**load_sdxl_components(root, model_cfg, dtype))
     index = read_model_index(root)
     if model_cfg is None and (root / T2I_CONFIG).is_file():
         model_cfg = _model_config(root / T2I_CONFIG, None)

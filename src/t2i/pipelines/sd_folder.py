@@ -155,7 +155,7 @@ def _saved_cond_stage(text_encoder: nn.Module) -> dict[str, Any]:
 
 def save_pipeline(pipe: Any, path: str | Path) -> Path:
     """Write `pipe` as a t2i pipeline folder: diffusers layout (model_index.json, unet/, vae/, text_encoder/,
-    tokenizer/, scheduler/) + t2i.yaml. Returns the folder."""
+    tokenizer/, scheduler/) + t2i.yaml. Returns the folder. (SDXL pipelines: `sdxl_folder.save_sdxl_pipeline`.)"""
     from t2i.convert.unet_diffusers import save_unet_as_diffusers
 
     root = Path(path)

@@ -434,6 +434,9 @@ def build_text_encoder(kind: str, path: str | Path | None = None, **opts: Any) -
     tokenizer_path, attention_mask (t5: run with the padding mask, default true). None-valued opts fall back to
     defaults; an unknown kind raises ConfigError.
     """
+    max_length = opts.get("max_length")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ConfigError(f"max_length: {max_length!r}; expected null (the encoder's own) or an integer >= 1")
     opts = {k: v for k, v in opts.items() if v is not None}
     max_length = opts.get("max_length")
     if kind == "clip":

@@ -11,13 +11,21 @@ from t2i.config import OptimConfig
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over `params` with the configured lr, betas, eps and (decoupled) weight decay."""
+    """AdamW over `params` with the configured lr, betas, eps, (decoupled) weight decay and implementation
+    (`fused` / `foreach`; null leaves torch's choice)."""
+    from t2i.errors import ConfigError
+
     params = list(params)
     if not params:
-        from t2i.errors import ConfigError
-
         raise ConfigError("model: the task has no trainable parameters (everything is frozen)")
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    implementation = {k: v for k, v in (("fused", cfg.fused), ("foreach", cfg.foreach)) if v is not None}
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay, **implementation)  # fmt: skip
+    except (RuntimeError, ValueError) as err:  # e.g. fused AdamW on a device or dtype torch has no kernel for
+        devices = sorted({str(p.device) for p in params})
+        raise ConfigError(f"model.optim: {implementation} is not supported for parameters on {devices} ({err}); "
+                          "expected fused / foreach null or false there") from None
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

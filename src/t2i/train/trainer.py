@@ -325,7 +325,8 @@ def _build_ema(cfg: RunConfig, model: nn.Module, task: DiffusionTask, resume_fro
     if not ema_cfg.enabled:
         return None
     with full_params(model):
-        ema = EMA(task.model_state_dict(), ema_cfg.decay, ema_cfg.start_step, ema_cfg.warmup)
+        ema = EMA(task.model_state_dict(), ema_cfg.decay, ema_cfg.start_step, ema_cfg.warmup, ema_cfg.device,
+                  ema_cfg.update_every)
     if resume_from is not None and (resume_from / ckpt_io.EMA_FILE).is_file():
         ema.load_state_dict(ckpt_io.load_weights(resume_from, use_ema=True))
     return ema

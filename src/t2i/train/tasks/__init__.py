@@ -17,9 +17,10 @@ class ObservedLoader:
 
     The dataset records the position of each consumed batch (`observe`), so `state_dict()` / `load_state_dict()`
     save and restore the exact data position in checkpoints. Iterating yields the collated batches unchanged.
+    `batch_size` None: the dataset yields whole batches itself (`t2i.data.bucket_batches.BucketBatcher`).
     """
 
-    def __init__(self, dataset: Any, batch_size: int, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(self, dataset: Any, batch_size: int | None, num_workers: int = 0, seed: int = 0) -> None:
         from torch.utils.data import DataLoader
 
         self.dataset = dataset

@@ -63,6 +63,10 @@ class AutoencoderTask(DiffusionTask):
         _check_loss(cfg.model)
         self.cfg = cfg
         self.vae = build_autoencoder(cfg.model)
+        factor, resolution = self.vae.downsample_factor, cfg.data.resolution
+        if resolution % factor:
+            raise ConfigError(f"data.resolution: {resolution} is not a multiple of {factor} (the VAE's downsampling); "
+                              f"use {max(factor, resolution // factor * factor)} or {(resolution // factor + 1) * factor}")
         self._data: ObservedLoader | None = None
         self._probe: torch.Tensor | None = None  # first images seen, for reconstruction grids
 
@@ -74,7 +78,8 @@ class AutoencoderTask(DiffusionTask):
         from t2i.data.readers import build_dataset
 
         d = cfg.data
-        dataset = build_dataset(d.train, d.resolution, d.center_crop, d.random_flip, seed=cfg.seed, rank=rank,
+        dataset = build_dataset(d.train, d.resolution, d.center_crop, d.random_flip, caption_keys=d.caption_key,
+                                max_image_pixels=d.max_image_pixels, seed=cfg.seed, rank=rank,
                                 world_size=world_size, shuffle_buffer=d.shuffle_buffer, repeat=True)
         self._data = ObservedLoader(dataset, d.batch_size, d.num_workers, cfg.seed)
         return self._data

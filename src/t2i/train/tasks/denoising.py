@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from t2i.config import RunConfig
+from t2i.errors import ConfigError
 from t2i.train.task import DiffusionTask
 from t2i.train.tasks import ObservedLoader
 
@@ -34,6 +35,12 @@ class DenoisingTask(DiffusionTask):
     loss: Any
     conditioner: Any
     precached: bool = False
+    # data.buckets: aspect-ratio bucketing (latent families); micro_conditioning: batches carry the recorded
+    # sizes and crop (`t2i.data.buckets.MICRO_CONDITIONING`) even without buckets (SDXL); latent_factor: pixels
+    # per latent cell
+    supports_buckets: bool = False
+    micro_conditioning: bool = False
+    latent_factor: int = 1
     # sampling defaults of the family, used where `trainer.sample` leaves a field null
     default_sample_steps: int = 25
     default_guidance_scale: float = 4.0
@@ -87,6 +94,15 @@ class DenoisingTask(DiffusionTask):
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def check_resolution(self, multiple: int, why: str) -> None:
+        """ConfigError unless `data.resolution` is a multiple of `multiple` (the model's total downsampling)."""
+        resolution = self.cfg.data.resolution
+        if resolution % multiple:
+            lower, upper = max(multiple, resolution // multiple * multiple), (resolution // multiple + 1) * multiple
+            raise ConfigError(
+                f"data.resolution: {resolution} is not a multiple of {multiple} ({why}); use {lower} or {upper}"
+            )
+
     def sample_settings(self) -> dict[str, Any]:
         """`trainer.sample` with the family's defaults filled in: {sampler, steps, guidance_scale}."""
         s = self.cfg.trainer.sample
@@ -101,6 +117,10 @@ class DenoisingTask(DiffusionTask):
         d = cfg.data
         common = {"seed": cfg.seed, "rank": rank, "world_size": world_size, "shuffle_buffer": d.shuffle_buffer,
                   "repeat": True}  # fmt: skip
+        from t2i.train import bucketing
+
+        if d.buckets is not None and not self.supports_buckets:
+            raise ConfigError(f"data.buckets: {type(self).__name__} trains at one square resolution; expected null")
         if self.precached:
             from t2i.data.precached import build_precached_dataset
 
@@ -108,8 +128,16 @@ class DenoisingTask(DiffusionTask):
         else:
             from t2i.data.readers import build_dataset
 
-            dataset = build_dataset(d.train, d.resolution, d.center_crop, d.random_flip, **common)
-        self._data = ObservedLoader(dataset, d.batch_size, d.num_workers, cfg.seed)
+            transform = bucketing.image_transform(d, self.micro_conditioning)
+            dataset = build_dataset(d.train, d.resolution, d.center_crop, d.random_flip, transform=transform,
+                                    caption_keys=d.caption_key, max_image_pixels=d.max_image_pixels, **common)
+        batches = bucketing.batched(dataset, d)
+        if batches is not None and rank == 0:
+            bucketing.print_census(dataset, d, self.precached, self.latent_factor)
+        if batches is None:
+            self._data = ObservedLoader(dataset, d.batch_size, d.num_workers, cfg.seed)
+        else:  # the batcher collates its own single-bucket batches
+            self._data = ObservedLoader(batches, None, d.num_workers, cfg.seed)
         return self._data
 
     def trainable_parameters(self) -> list[nn.Parameter]:

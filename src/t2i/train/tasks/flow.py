@@ -85,9 +85,10 @@ class FlowTask(DenoisingTask):
         self.loss = FlowMatchingLoss(self.schedule, patch_size=self.transformer.patch_size,
                                      **dataclasses.asdict(m.loss))  # fmt: skip
         pooled = (lambda: self.pooled_encoder) if self.pooled_encoder is not None else None
-        self.conditioner = Conditioner(
-            [ContextPooledEmbedder(lambda: self.context_encoder, pooled, m.text_drop_rate, m.mask_text_tokens)]
-        )
+        self.conditioner = Conditioner([
+            ContextPooledEmbedder(lambda: self.context_encoder, m.text_drop_rate, masked=m.mask_text_tokens,
+                                  pooled_encoder=pooled)
+        ])  # fmt: skip
         if self.transformer.guidance_embed:
             self.default_guidance_scale = m.guidance_scale
 

@@ -36,12 +36,21 @@ from t2i.diffusion.losses import DiscreteDiffusionLoss
 from t2i.diffusion.parameterization import normalize_prediction
 from t2i.diffusion.schedules import DiscreteSchedule
 from t2i.errors import ConfigError
-from t2i.text.conditioner import Conditioner, TextEmbedder
+from t2i.text.conditioner import SizeEmbedder
+from t2i.train.bucketing import check_bucket_step
 from t2i.train.task import register_task
 from t2i.train.tasks.denoising import DenoisingTask, _uncompiled
+from t2i.train.tasks.latent_text import (
+    UNCOND_FILE,
+    build_embedder_encoder,
+    find_stored_uncond,
+    task_conditioner,
+    text_encoder_configs,
+)
+
+__all__ = ["UNCOND_FILE", "LatentDiffusionTask", "build_latent_task", "load_unet", "load_vae"]
 
 DEFAULT_SAMPLER = "ddim"
-UNCOND_FILE = "uncond.safetensors"
 
 
 def _check_keys(m: LatentDiffusionConfig) -> None:
@@ -97,21 +106,16 @@ def load_vae(m: LatentDiffusionConfig) -> nn.Module:
     return AutoencoderKL(first.embed_dim, dataclasses.asdict(first.ddconfig))
 
 
-def find_stored_uncond(train: list[str]) -> Path | None:
-    """`uncond.safetensors` in the folder of the first precached source (a folder or a shard pattern), if any."""
-    if not train:
-        return None
-    source = Path(str(train[0]))
-    folder = source if source.is_dir() else source.parent
-    path = folder / UNCOND_FILE
-    return path if path.is_file() else None
+def vae_factor(m: LatentDiffusionConfig) -> int:
+    """Pixels per latent cell of the configured VAE (8 for SD's)."""
+    return 2 ** (len(m.first_stage_config.ddconfig.ch_mult) - 1)
 
 
-def read_stored_uncond(path: Path) -> torch.Tensor:
-    """The encoding of "" (1, T, D) that `t2i precache` stored."""
-    from safetensors.torch import load_file
+def unet_factor(unet: nn.Module) -> int:
+    """Latent cells per cell of the UNet's lowest level (its input sides must be multiples of this)."""
+    from t2i.models.layers import Downsample
 
-    return load_file(str(path))["embeddings"].float().unsqueeze(0)
+    return 2 ** sum(isinstance(module, Downsample) for module in unet.modules())
 
 
 class LatentDiffusionTask(DenoisingTask):
@@ -122,8 +126,12 @@ class LatentDiffusionTask(DenoisingTask):
     fine-tuning of a diffusers folder or single file uses).
 
     Batches: `{"images" (B, 3, H, W), "captions": list[str]}` online, or `{"image_encoded": {"mean", "logvar"}
-    (B, C, h, w), "captions_encoded": {"embeddings" (B, T, D), "mask"}}` precached.
+    (B, C, h, w), "captions_encoded": {"embeddings" (B, T, D), "mask"}}` precached. With `data.buckets` every
+    batch is one bucket (H, W vary between batches) and carries `original_size_as_tuple` /
+    `crop_coords_top_left` / `target_size_as_tuple` (B, 2).
     """
+
+    supports_buckets = True
 
     def __init__(self, cfg: RunConfig, pipe: Any = None) -> None:
         super().__init__()
@@ -141,32 +149,35 @@ class LatentDiffusionTask(DenoisingTask):
             self.scale_factor, self.shift_factor, self.sampler = m.scale_factor, m.shift_factor, DEFAULT_SAMPLER
             if not self.precached:
                 from t2i.models.first_stage import LatentFirstStage
-                from t2i.pipelines.build import build_text_encoder
 
                 self.first_stage = LatentFirstStage(load_vae(m), m.scale_factor, m.shift_factor)
-                self.text_encoder = build_text_encoder(m)
+                for name, emb in text_encoder_configs(m).items():
+                    setattr(self, name, build_embedder_encoder(emb))
         self.loss = DiscreteDiffusionLoss(m.min_snr_gamma, m.offset_noise)
-        self.conditioner = Conditioner([self._text_embedder()])
+        if pipe is not None and m.conditioner_config is None and len(pipe.conditioner.embedders) > 1:
+            self.conditioner = pipe.conditioner  # an SDXL base under a config without its own conditioner
+        else:
+            stored = find_stored_uncond(cfg.data.train) if self.precached else None
+            self.conditioner = task_conditioner(m, self.frozen_text_encoder, self.unet, stored)
+        self.text_names = self.conditioner.text_encoder_names()
+        self.micro_conditioning = any(isinstance(e, SizeEmbedder) for e in self.conditioner.embedders)
+        self.latent_factor = pipe.first_stage.downsample_factor if pipe is not None else vae_factor(m)
+        check_bucket_step(cfg.data, self.latent_factor * unet_factor(self.unet))
+        if cfg.data.buckets is None:
+            factor = unet_factor(self.unet)
+            self.check_resolution(self.latent_factor * factor, f"first stage x{self.latent_factor} * UNet x{factor}")
 
     def _adopt(self, pipe: Any) -> None:
         """Train on a loaded pipeline's own modules and schedule (its parts stay frozen until a wrapper says)."""
-        self.unet, self.first_stage, self.text_encoder = pipe.unet, pipe.first_stage, pipe.text_encoder
+        self.unet, self.first_stage = pipe.unet, pipe.first_stage
+        for name, encoder in pipe.text_encoders.items():
+            setattr(self, name, encoder.requires_grad_(False))
         self.first_stage.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
         self.unet.requires_grad_(True)
         self.schedule, self.prediction = pipe.schedule, pipe.prediction
         self.scale_factor, self.sampler = pipe.scale_factor, pipe.default_sampler
         self.shift_factor = pipe.first_stage.shift_factor
         self._base_scheduler_config = dict(pipe.scheduler_config)
-
-    def _text_embedder(self) -> TextEmbedder:
-        stored = find_stored_uncond(self.cfg.data.train) if self.precached else None
-        return TextEmbedder(
-            self.frozen_text_encoder,
-            drop_rate=self.cfg.model.text_drop_rate,
-            null="empty_prompt",
-            empty=(lambda: read_stored_uncond(stored)) if stored is not None else None,
-        )
 
     # ------------------------------------------------------------------------------------ modules
 
@@ -188,18 +199,28 @@ class LatentDiffusionTask(DenoisingTask):
             self._lazy["first_stage"] = LatentFirstStage(load_vae(m), m.scale_factor, m.shift_factor).to(self.device)
         return self._lazy["first_stage"]
 
-    def frozen_text_encoder(self) -> nn.Module:
-        """The text encoder (built on first use in precached mode)."""
-        if hasattr(self, "text_encoder"):
-            return self.text_encoder
-        if "text_encoder" not in self._lazy:
-            from t2i.pipelines.build import build_text_encoder
+    def frozen_text_encoder(self, name: str = "text_encoder") -> nn.Module:
+        """Text encoder `name` (`text_encoder`, SDXL's `text_encoder_2`), built on first use in precached mode."""
+        if hasattr(self, name):
+            return getattr(self, name)
+        if name not in self._lazy:
+            emb = text_encoder_configs(self.cfg.model)[name]
+            self._lazy[name] = build_embedder_encoder(emb).to(self.device)
+        return self._lazy[name]
 
-            self._lazy["text_encoder"] = build_text_encoder(self.cfg.model).to(self.device)
-        return self._lazy["text_encoder"]
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """{diffusers name: frozen text encoder} of every text embedder, in order."""
+        return {name: self.frozen_text_encoder(name) for name in self.text_names}
 
     def adapter_components(self) -> dict[str, nn.Module]:
-        return {"unet": _uncompiled(self.unet), "text_encoder": self.frozen_text_encoder()}
+        """The UNet and the first text encoder (LoRA's `train_text_encoder`)."""
+        first = self.text_names[0]
+        return {"unet": _uncompiled(self.unet), first: self.frozen_text_encoder(first)}
+
+    def check_prior_preservation(self) -> None:
+        if self.micro_conditioning:
+            raise ConfigError("model.lora.prior: prior preservation does not pass SDXL's size conditioning to the "
+                              "class samples yet; expected null for this model")
 
     def denoiser(self, net: nn.Module | None = None, **options: Any) -> DiscreteDenoiser:
         return DiscreteDenoiser(self.unet if net is None else net, self.schedule, self.prediction, **options)
@@ -241,19 +262,22 @@ class LatentDiffusionTask(DenoisingTask):
         from t2i.config import config_to_dict
         from t2i.pipelines.latent import LatentPipeline
 
-        first_stage = self.frozen_first_stage()
+        first_stage, encoders = self.frozen_first_stage(), self.text_encoders()
         return LatentPipeline(
-            self.unet if unet is None else unet, first_stage.vae, self.frozen_text_encoder(),
+            self.unet if unet is None else unet, first_stage.vae, encoders.get("text_encoder"),
             self.scheduler_config(), first_stage.scale_factor, self.sampler, config_to_dict(self.cfg.model),
+            text_encoder_2=encoders.get("text_encoder_2"), conditioner=self.conditioner,
         )  # fmt: skip
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int, num_images: int = 1, **settings: Any) -> Any:
-        """The pipeline's GenerationOutput for `prompts` at the training resolution (`trainer.sample` defaults)."""
-        size = self.cfg.data.resolution
+        """The pipeline's GenerationOutput for `prompts` at `trainer.sample.height` x `width` (null: the training
+        resolution), with the `trainer.sample` defaults."""
+        s, size = self.cfg.trainer.sample, self.cfg.data.resolution
+        height, width = s.height or size, s.width or size
         options = {**self.sample_settings(), **{k: v for k, v in settings.items() if v is not None}}
         return self.pipeline().generate(
-            list(prompts), num_images=num_images, seed=seed, height=size, width=size, progress=False, **options
+            list(prompts), num_images=num_images, seed=seed, height=height, width=width, progress=False, **options
         )
 
     def sample_images(self, prompts: list[str], seed: int, **settings: Any) -> list[Any]:
@@ -268,14 +292,16 @@ class LatentDiffusionTask(DenoisingTask):
 
     def export(self, out_dir: str | Path, use_ema: bool = True) -> Path:
         """Write a t2i pipeline folder (diffusers layout + t2i.yaml) with the (EMA) UNet."""
-        first_stage, text_encoder = self.frozen_first_stage(), self.frozen_text_encoder()
+        first_stage, encoders = self.frozen_first_stage(), self.text_encoders()
         with self.ema_weights(use_ema):
             unet = copy.deepcopy(_uncompiled(self.unet)).float().cpu()
         pipe = self.pipeline(unet)
         pipe.first_stage = copy.deepcopy(first_stage).cpu()
-        pipe.text_encoder = text_encoder.cpu()
+        for name, encoder in encoders.items():
+            setattr(pipe, name, encoder.cpu())
         path = pipe.save_pretrained(out_dir)
-        text_encoder.to(self.device)
+        for encoder in encoders.values():
+            encoder.to(self.device)
         return Path(path)
 
 
