@@ -198,3 +198,14 @@ def write_safetensors(handle: IO[bytes], tensors: dict[str, torch.Tensor],
         if tensor.numel():
             handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
     return total
+
+
+def output_folder(path: str | Path, what: str = "folder") -> Path:
+    """`path` as an existing or new folder to write into; InvalidInputError when it is a file (or not a path)."""
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise InvalidInputError(f"{what}: {path!r}; expected the path of a folder to write")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(f"{path}: is a file; expected a folder to write the {what} into")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -74,3 +74,31 @@ class DiskFullError(T2IError):
 
 class SamplingError(T2IError):
     """Sampling produced non-finite values (a NaN/inf guidance scale, LoRA weight or overflowing dtype)."""
+
+
+def checked_arguments(fn):
+    """Decorator: a call with an unknown or missing argument raises a one-line `InvalidInputError` naming it (with
+    the closest valid name) instead of Python's TypeError traceback."""
+    import difflib
+    import functools
+    import inspect
+
+    signature = inspect.signature(fn)
+    names = [n for n, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exn:
+            unknown = [k for k in kwargs if k not in names]
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise InvalidInputError(
+                    f"{fn.__name__}: unknown argument {unknown[0]!r}{hint}; valid: {', '.join(names)}"
+                ) from None
+            raise InvalidInputError(f"{fn.__name__}: {exn}") from None
+        return fn(*args, **kwargs)
+
+    return call

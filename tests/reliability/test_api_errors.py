@@ -113,3 +113,97 @@ def test_error_raised_in_a_dataloader_worker_stays_one_line():
         traceback.clear_frames(err.__traceback__)  # lets the worker stop now, not at garbage collection
     del iterator
     assert message == "data.train: nothing usable (in DataLoader worker process 0)"
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    """A tiny random SD pipeline (diffusers-built, see tests/pipelines/sd_helpers.py), loaded by t2i."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+    from sd_helpers import tiny_diffusers_pipeline
+
+    import t2i
+
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    tiny_diffusers_pipeline("sd1").save_pretrained(folder)
+    return t2i.load_pipeline(folder)
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"guidance_scale": "5"}, ("guidance_scale", "finite number")),
+    ({"guidance_scale": math.nan}, ("guidance_scale", "finite number")),
+    ({"seed": "abc"}, ("seed", "integer")),
+    ({"seed": 2**70}, ("seed", "integer")),
+    ({"eta": "x"}, ("eta", "finite number")),
+    ({"eta": -1.0}, ("eta", "finite number >= 0")),
+    ({"sampler": "euler", "eta": 0.5}, ("eta", "not used by sampler 'euler'")),
+    ({"stepz": 3}, ("stepz", "unknown argument")),
+])  # fmt: skip
+def test_generate_rejects_bad_arguments_in_one_line(tiny_pipe, kwargs, words):
+    from t2i.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError) as caught:
+        tiny_pipe.generate("red", steps=1, height=32, width=32, progress=False, **kwargs)
+    assert_one_line(caught.value, InvalidInputError, *words)
+
+
+def test_loaders_name_unknown_arguments_and_bad_paths(tmp_path):
+    import t2i
+    from t2i.errors import InvalidInputError, LoraError, PipelineLoadError
+    from t2i.lora.inference import parse_lora_spec
+
+    with pytest.raises(InvalidInputError) as caught:
+        t2i.load_pipeline(tmp_path, dtpye=torch.float16)
+    assert_one_line(caught.value, InvalidInputError, "dtpye", "did you mean 'dtype'")
+    with pytest.raises(PipelineLoadError) as caught:
+        t2i.load_pipeline(None)
+    assert_one_line(caught.value, PipelineLoadError, "None", "pipeline folder")
+    with pytest.raises(LoraError) as caught:
+        parse_lora_spec("style.safetensors:abc")
+    assert_one_line(caught.value, LoraError, "'abc'", "not a number")
+    assert parse_lora_spec("style.safetensors:0.5")[1] == 0.5
+
+
+def test_lora_scale_must_be_a_finite_number(tiny_pipe):
+    from t2i.errors import LoraError
+
+    with pytest.raises(LoraError) as caught:
+        tiny_pipe.load_lora("missing.safetensors", scale="x")
+    assert_one_line(caught.value, LoraError, "scale", "finite number")
+
+
+def test_save_pretrained_onto_an_existing_file_is_refused(tiny_pipe, tmp_path):
+    from t2i.errors import InvalidInputError
+
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    with pytest.raises(InvalidInputError) as caught:
+        tiny_pipe.save_pretrained(target)
+    assert_one_line(caught.value, InvalidInputError, str(target), "is a file")
+    assert target.read_text() == "not a folder"
+
+
+def test_text_encoder_max_length_below_one_is_refused():
+    from t2i.errors import ConfigError
+    from t2i.text.encoders import build_text_encoder
+
+    with pytest.raises(ConfigError) as caught:
+        build_text_encoder("minilm", max_length=0)
+    assert_one_line(caught.value, ConfigError, "max_length", "integer >= 1")
+
+
+def test_resolution_that_the_model_cannot_downsample_is_named(tmp_path):
+    from t2i.config import build_config
+    from t2i.errors import ConfigError
+    from t2i.train.tasks.latent import LatentDiffusionTask
+
+    unet = {"in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [2],
+            "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2, "context_dim": 384}  # fmt: skip
+    model = {"unet_config": unet, "first_stage_key": "image_encoded", "cond_stage_key": "captions_encoded",
+             "first_stage_config": {"ddconfig": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1}}}  # fmt: skip
+    cfg = build_config({"model": model, "data": {"train": [str(tmp_path)], "resolution": 34}})
+    with pytest.raises(ConfigError) as caught:
+        LatentDiffusionTask(cfg)
+    assert_one_line(caught.value, ConfigError, "data.resolution: 34 is not a multiple of 4", "use 32 or 36")

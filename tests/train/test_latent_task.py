@@ -138,3 +138,28 @@ def test_autoencoder_task_loss_matches_closed_form_and_learns(shapes_and_vae, tm
     torch.testing.assert_close(loss, expected)
     losses = train(cfg, task).losses
     assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_eval_every_logs_the_judge_curve(shapes_and_vae, precached_dir, tmp_path):
+    """trainer.eval_every scores the held-out prompts with the EMA weights and writes eval.json, eval.png and a
+    TensorBoard scalar per metric at every evaluation (here steps 2 and 3, the last)."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from t2i.train.trainer import train
+
+    _, vae_dir, _ = shapes_and_vae
+    cfg = tiny_ldm_config(tmp_path, vae_dir, str(precached_dir), precached=True, eval_every=2,
+                          eval={"seeds": [0], "fid": True, "reference_per_prompt": 1},
+                          sample={"steps": 2, "guidance_scale": 2.0})  # fmt: skip
+    train(cfg, LatentDiffusionTask(cfg))
+    out = tmp_path / "pre"
+    history = json.loads((out / "eval.json").read_text())
+    assert history["steps"] == [2, 3]
+    assert {"eval/colour", "eval/shape", "eval/position", "eval/fid_judge"} <= set(history["values"])
+    assert all(len(v) == 2 for v in history["values"].values())
+    assert (out / "eval.png").stat().st_size > 0
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    assert {"eval/colour", "eval/shape", "eval/position"} <= set(events.Tags()["scalars"])

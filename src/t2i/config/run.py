@@ -143,6 +143,23 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`trainer.eval_every` evaluation (captioned-shapes runs): the analytic judge's accuracy on every prompt of
+    `split` for each of `seeds`, and with `fid` the judge-feature FID/KID against `reference_per_prompt` dataset
+    renderings per prompt. Logged to TensorBoard (`eval/...`), `OUT/eval.json` and `OUT/eval.png`."""
+
+    split: Literal["heldout", "train"] = "heldout"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    fid: bool = True
+    reference_per_prompt: int = 4
+
+    def check(self, key: str) -> None:
+        _require(bool(self.seeds), f"{key}.seeds", self.seeds, "at least one seed")
+        _require(self.reference_per_prompt >= 1, f"{key}.reference_per_prompt", self.reference_per_prompt,
+                 "an integer >= 1")  # fmt: skip
+
+
+@dataclass
 class TrainerConfig:
     """The generic training loop's knobs (see t2i.train.trainer)."""
 
@@ -155,6 +172,8 @@ class TrainerConfig:
     sample_every: int = 200
     sample_prompts: list[str] = field(default_factory=list)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval_every: int = 0  # 0 = never; see `eval`
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint_every: int = 500
     keep_last: int = 3
     out_dir: str = "runs/${name}"
@@ -165,7 +184,7 @@ class TrainerConfig:
     def check(self, key: str) -> None:
         for name in ("max_steps", "grad_accum", "keep_last"):
             _require(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "an integer >= 1")
-        for name in ("log_every", "sample_every", "checkpoint_every"):
+        for name in ("log_every", "sample_every", "eval_every", "checkpoint_every"):
             _require(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "an integer >= 0 (0 = never)")
         if self.grad_clip is not None:
             _require(self.grad_clip >= 0, f"{key}.grad_clip", self.grad_clip, "null or a number >= 0 (0 = off)")

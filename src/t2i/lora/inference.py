@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from t2i.errors import LoraError
+from t2i.errors import LoraError, checked_arguments
 from t2i.lora.adapters import AdapterWeights, LoraPair
 from t2i.lora.files import (
     Component,
@@ -80,6 +80,7 @@ def _unique_name(pipe: Any, name: str | None, path: Path) -> str:
     return candidate
 
 
+@checked_arguments
 def load_lora(
     pipe: Any, path: str | Path, scale: float = 1.0, name: str | None = None, stage: int | None = None
 ) -> str:

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2i.errors import InvalidInputError, PipelineLoadError
+from t2i.atomic import output_folder
+from t2i.errors import InvalidInputError, PipelineLoadError, checked_arguments
 from t2i.pipelines.imagen_stage import ImagenStage, StageDefaults, load_stage, save_stage
 from t2i.pipelines.lora_methods import LoraMethods
 
@@ -128,6 +129,7 @@ class CascadePipeline(LoraMethods):
 
     # ------------------------------------------------------------------------------------ generation
 
+    @checked_arguments
     @torch.no_grad()
     def generate(
         self,
@@ -232,7 +234,7 @@ class CascadePipeline(LoraMethods):
         """Write a cascade folder: cascade.yaml plus one stage folder per stage (`stage0`, `stage1`, ...)."""
         from t2i.config import build_config
 
-        folder = Path(folder)
+        folder = output_folder(folder, "cascade")
         names = list(names or [f"stage{i}" for i in range(len(self.stages))])
         for name, stage, defaults in zip(names, self.stages, self.defaults):
             cfg = build_config({"name": name, "model": stage.model_config})
@@ -285,6 +287,7 @@ def cascade_stage_folders(folder: str | Path) -> list[Path]:
     )
 
 
+@checked_arguments
 def load_cascade(
     path: str | Path | Sequence[str | Path], device: str | torch.device | None = None
 ) -> CascadePipeline:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from t2i.atomic import output_folder
 from t2i.config import EDMConfig, ImagenConfig
 from t2i.diffusion.denoisers import ContinuousDDPMDenoiser, EDMDenoiser
 from t2i.diffusion.schedules import LogSNRSchedule, continuous_sigmas, edm_sigmas
@@ -213,8 +214,7 @@ def save_stage(
 
     from t2i.config import to_yaml
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = output_folder(folder, "Imagen stage")
     settings = stage_config(run_config.model)
     state = {k: v.detach().float().cpu().contiguous() for k, v in unet.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_NAME))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2i.errors import ConfigError, PipelineLoadError
+from t2i.errors import ConfigError, PipelineLoadError, checked_arguments
 from t2i.pipelines.build import as_model_config
 from t2i.pipelines.latent import LatentPipeline
 from t2i.pipelines.sd_folder import (
@@ -35,6 +35,7 @@ from t2i.pipelines.sd_folder import (
 from t2i.pipelines.single_file import SINGLE_FILE_SUFFIXES, load_single_file
 
 
+@checked_arguments
 def load_pipeline(
     path: str | Path,
     config: Any = None,
@@ -54,6 +55,8 @@ def load_pipeline(
         overrides: dotted `key=value` overrides applied to a named/YAML config (e.g.
             `model.cond_stage_config.path=/tokenizer/dir`).
     """
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise PipelineLoadError(f"path: {path!r}; expected the path of a pipeline folder or a checkpoint file")
     path = Path(path)
     if not path.exists():
         raise PipelineLoadError(

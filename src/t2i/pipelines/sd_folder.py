@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from t2i.atomic import output_folder
 from t2i.diffusion.parameterization import DIFFUSERS_PREDICTION, normalize_prediction
 from t2i.diffusion.schedules import DiscreteSchedule
 from t2i.errors import ConfigError, PipelineLoadError
@@ -158,8 +159,7 @@ def save_pipeline(pipe: Any, path: str | Path) -> Path:
     tokenizer/, scheduler/) + t2i.yaml. Returns the folder. (SDXL pipelines: `sdxl_folder.save_sdxl_pipeline`.)"""
     from t2i.convert.unet_diffusers import save_unet_as_diffusers
 
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
+    root = output_folder(path, "pipeline")
     save_unet_as_diffusers(pipe.unet, root / "unet")
     _save_vae(pipe.vae, pipe.scale_factor, root / "vae")
     text_class, tokenizer_class = _save_text_encoder(pipe.text_encoder, root)

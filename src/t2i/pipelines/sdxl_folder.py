@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from t2i.atomic import output_folder
 from t2i.errors import ConfigError, PipelineLoadError
 from t2i.pipelines.build import as_model_config, read_json
 from t2i.pipelines.sd_folder import (
@@ -202,6 +203,7 @@ def save_sdxl_pipeline(pipe: Any, path: str | Path) -> Path:
     StableDiffusionXLImg2ImgPipeline) loads: the diffusers layout + t2i.yaml. Returns the folder."""
     from t2i.convert.unet_diffusers import save_unet_as_diffusers
 
+    path = output_folder(path, "pipeline")
     conditioner = pipe.conditioner
     size_keys, outdim = _size_layout(conditioner)
     encoders = pipe.text_encoders

@@ -5,7 +5,8 @@
         lr = lr_at(step); zero grads
         for each of grad_accum micro-batches:  loss = task(batch, generator) / grad_accum; backward
         unscale, clip, optimizer step (GradScaler under fp16); EMA update
-        every log_every: console + TensorBoard + loss.png; every sample_every: sample grid (EMA weights)
+        every log_every: console + TensorBoard + loss.png; every sample_every: sample grid (EMA weights);
+        every eval_every: the held-out judge (+ judge FID) -> TensorBoard + eval.png
         every checkpoint_every (and at the end): atomic checkpoint
 
 Precision: `32` (no autocast), `bf16` (autocast to bfloat16), `fp16` (autocast to float16 + GradScaler).
@@ -214,6 +215,7 @@ def _loop(cfg: RunConfig, ctx: DistContext, task: DiffusionTask, model: nn.Modul
     show_bar = ctx.is_main and tcfg.progress_bar
     progress = tqdm(total=tcfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True, disable=not show_bar)
     logger = RunLogger(out_dir, enabled=ctx.is_main, progress=progress if show_bar else None)
+    evaluator = _build_evaluator(cfg, ctx)
     last_ckpt, window = None, _Window()
     try:
         while state.step < tcfg.max_steps:
@@ -233,6 +235,8 @@ def _loop(cfg: RunConfig, ctx: DistContext, task: DiffusionTask, model: nn.Modul
                 _log(logger, ctx, task, state, window, lr, grad_norm, progress)
             if tcfg.sample_prompts and _due(state.step, tcfg.sample_every, None):
                 _sample(cfg, ctx, task, model, logger, state.step)
+            if _due(state.step, tcfg.eval_every, tcfg.max_steps):
+                _evaluate(cfg, ctx, task, model, logger, evaluator, state.step)
             if _due(state.step, tcfg.checkpoint_every, tcfg.max_steps):
                 last_ckpt = _save(cfg, ctx, task, model, optimizer, precision, generator, batches, state)
     finally:
@@ -318,6 +322,32 @@ def _sample(cfg: RunConfig, ctx: DistContext, task: DiffusionTask, model: nn.Mod
     path = logger.samples(step, images, list(cfg.trainer.sample_prompts))
     if path is not None:
         logger.print(f"step {step}: samples -> {path}")
+
+
+def _build_evaluator(cfg: RunConfig, ctx: DistContext) -> Any:
+    """The `trainer.eval_every` evaluator (built once, on rank 0), or None when evaluation is off."""
+    if not cfg.trainer.eval_every or not ctx.is_main:
+        return None
+    from t2i.metrics.training import shapes_evaluator
+
+    e = cfg.trainer.eval
+    return shapes_evaluator(cfg.trainer.out_dir, cfg.data.resolution, split=e.split, seeds=e.seeds, fid=e.fid,
+                            reference_per_prompt=e.reference_per_prompt)  # fmt: skip
+
+
+def _evaluate(cfg: RunConfig, ctx: DistContext, task: DiffusionTask, model: nn.Module, logger: RunLogger,
+              evaluator: Any, step: int) -> None:
+    """Score samples of the evaluation prompts with the EMA weights on rank 0 (every rank unshards under FSDP)."""
+    if not (ctx.is_main or is_fsdp(model)):
+        return
+    task.eval()
+    try:
+        with full_params(model), task.ema_weights(True), torch.no_grad():
+            scores = evaluator(step, task.sample_images, writer=logger.writer) if evaluator is not None else {}
+    finally:
+        task.train()
+    if scores:
+        logger.print(f"step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
 
 
 def _build_ema(cfg: RunConfig, model: nn.Module, task: DiffusionTask, resume_from: Path | None) -> EMA | None:
