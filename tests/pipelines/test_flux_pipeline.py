@@ -145,6 +145,14 @@ def test_bad_inputs_name_what_was_expected(dev_folder):
         pipe.generate("a", height=30, width=SIZE, progress=False)
     with pytest.raises(InvalidInputError, match="guidance_scale"):
         pipe.generate("a", height=SIZE, width=SIZE, guidance_scale=float("nan"), progress=False)
+    with pytest.raises(InvalidInputError, match="unknown argument 'guidence_scale' \\(did you mean 'guidance_scale'"):
+        pipe.generate("a", guidence_scale=3.0)
+
+
+def test_save_pretrained_onto_a_file_is_refused(dev_folder, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(InvalidInputError, match="is a file"):
+        load(dev_folder).save_pretrained(tmp_path / "taken")
 
 
 def test_info_on_a_flux_folder_counts_what_loads(dev_folder):

@@ -27,7 +27,7 @@ from t2i.diffusion.plans import SamplingPlan, make_plan
 from t2i.diffusion.samplers import Callback
 from t2i.diffusion.schedules import FlowSchedule, flux_sampling_times, image_seq_len
 from t2i.diffusion.tensors import Generators, randn
-from t2i.errors import InvalidInputError
+from t2i.errors import InvalidInputError, checked_arguments
 from t2i.models.first_stage import LatentFirstStage
 from t2i.pipelines.latent import (
     GenerationOutput,
@@ -232,6 +232,7 @@ class FluxPipeline(LoraMethods):
 
     # ------------------------------------------------------------------------------------ public API
 
+    @checked_arguments
     @torch.no_grad()
     def generate(
         self,

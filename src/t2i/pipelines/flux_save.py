@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from t2i.atomic import atomic_write, write_safetensors
+from t2i.atomic import atomic_write, output_folder, write_safetensors
 from t2i.pipelines.build import as_model_config
 
 MODEL_INDEX = "model_index.json"
@@ -74,8 +74,7 @@ def save_flux_pipeline(pipe: Any, path: str | Path) -> Path:
     from t2i.config import config_to_dict
     from t2i.convert.flux_diffusers import save_flux_transformer_as_diffusers
 
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
+    root = output_folder(path, "pipeline")
     save_flux_transformer_as_diffusers(pipe.transformer, root / "transformer")
     _save_vae(pipe, root / "vae")
     context = _save_text(pipe.context_encoder, root, "text_encoder_2", "tokenizer_2")
