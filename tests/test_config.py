@@ -39,7 +39,7 @@ def test_every_bundled_config_loads():
     assert "sd/sd15" in names
     for name in names:
         cfg = load_config(name)
-        assert cfg.model.kind in {"latent_diffusion", "autoencoder", "imagen"}, name
+        assert cfg.model.kind in {"latent_diffusion", "autoencoder", "imagen", "flow"}, name
 
 
 def test_imagen_and_autoencoder_schemas():

@@ -76,3 +76,12 @@ def test_flux_smoke_matches_diffusers_and_prints_a_ratio(capsys):
     assert ratio_of(out) > 0
     diff = float(re.search(r"max \|output diff\| (\S+)", out).group(1))
     assert diff <= 1e-5  # same weights and inputs: the two transformers compute the same velocity
+
+
+def test_flux_pipeline_smoke_prints_both_libraries_and_a_ratio(capsys):
+    import flux_pipeline_vs_diffusers
+
+    flux_pipeline_vs_diffusers.main(["--smoke", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"max \|image diff\| (\d\.\d+e-0[5-9]|0\.0+e\+00)", out), out  # the same images
+    assert ratio_of(out) > 0

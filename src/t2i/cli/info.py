@@ -5,9 +5,10 @@
     vae: AutoencoderKL 83,653,863
     text_encoder: CLIPTextModel 123,060,480
 
-Works for a config name or YAML (`sd15`, `sd2`, `sd21-v`, `sdxl`, `sdxl-refiner`, imagen configs), a pipeline
-folder (diffusers or t2i, SDXL too) and a single-file checkpoint (CompVis, NeMo or sgm key names). Modules are built on the meta device and checkpoints are read for their shapes
-only, so nothing is allocated and no weights are loaded.
+Works for a config name or YAML (`sd15`, `sd2`, `sd21-v`, `sdxl`, `sdxl-refiner`, imagen and flux configs), a
+pipeline folder (diffusers or t2i: SD, SDXL or Flux) and a single-file checkpoint (CompVis, NeMo or sgm key names).
+Modules are built on the meta device and checkpoints are read for their shapes only, so nothing is allocated and
+no weights are loaded.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def describe(target: str, overrides: list[str] | None = None) -> dict[str, tuple
 
     path = Path(target)
     if path.is_dir():
+        from t2i.pipelines import flux_folder
+
+        if flux_folder.is_flux_folder(path):
+            return _count_modules(flux_folder.folder_components_on_meta(path))
         return _count_modules(folder_components_on_meta(path))
     if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
         return single_file_counts(path)
@@ -67,8 +72,11 @@ def describe(target: str, overrides: list[str] | None = None) -> dict[str, tuple
         )
     from t2i.config import load_config
     from t2i.pipelines.build import build_components
+    from t2i.pipelines.flux_folder import build_flow_components
 
-    return _count_modules(build_components(load_config(target, overrides or []).model, device="meta"))
+    model = load_config(target, overrides or []).model
+    build = build_flow_components if model.kind == "flow" else build_components
+    return _count_modules(build(model, device="meta"))
 
 
 def _count_modules(modules: dict[str, Any]) -> dict[str, tuple[str, int]]:

@@ -79,7 +79,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale, <= 1: off (default 7.5; a cascade: each stage's own)",
+        help="guidance scale, <= 1: off (default 7.5; a cascade: each stage's own; Flux: the model's own)",
     )
     group.add_argument("--seed", type=int, default=None)
     group.add_argument("--height", type=int, default=None)
@@ -189,7 +189,7 @@ def generate_from_args(pipe: Any, args: argparse.Namespace) -> Any:
         "height": args.height,
         "width": args.width,
         "steps": 30 if args.steps is None else args.steps,
-        "guidance_scale": 7.5 if args.guidance is None else args.guidance,
+        "guidance_scale": getattr(pipe, "default_guidance", 7.5) if args.guidance is None else args.guidance,
         "sampler": args.sampler,
         "seed": args.seed,
         "use_karras_sigmas": args.karras,

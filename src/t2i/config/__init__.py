@@ -6,11 +6,20 @@ resolved by OmegaConf, and the result is converted into the dataclasses of this 
 model schema. Every problem raises a one-line `ConfigError` naming the full dotted key, e.g.
 `trainer.precision: 'fp8' is not one of 32, bf16, fp16`.
 
-Modules: `common` (optimiser, LoRA), `latent` (SD family, autoencoder), `imagen` (Imagen stages), `run` (data,
-trainer, the whole run), `validation` (dict -> dataclass checking), `loading` (YAML, overrides, output).
+Modules: `common` (optimiser, LoRA), `latent` (SD family, autoencoder), `imagen` (Imagen stages), `flow`
+(rectified-flow transformers: Flux), `run` (data, trainer, the whole run), `validation` (dict -> dataclass
+checking), `loading` (YAML, overrides, output).
 """
 
 from t2i.config.common import PRIOR_LOSSES, LoraConfig, LoraPriorConfig, OptimConfig, SchedConfig
+from t2i.config.flow import (
+    FlowConfig,
+    FlowFirstStageConfig,
+    FlowLossConfig,
+    FlowScheduleConfig,
+    FlowTextConfig,
+    FluxTransformerConfig,
+)
 from t2i.config.imagen import (
     ContinuousDDPMConfig,
     EDMConfig,
@@ -73,6 +82,12 @@ __all__ = [
     "EmbedderConfig",
     "EvalConfig",
     "FirstStageConfig",
+    "FlowConfig",
+    "FlowFirstStageConfig",
+    "FlowLossConfig",
+    "FlowScheduleConfig",
+    "FlowTextConfig",
+    "FluxTransformerConfig",
     "ImagenConditioningConfig",
     "ImagenConfig",
     "ImagenUNetConfig",

@@ -6,15 +6,17 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from t2i.config.flow import FlowConfig
 from t2i.config.imagen import ImagenConfig
 from t2i.config.latent import AutoencoderConfig, LatentDiffusionConfig
 from t2i.config.validation import require as _require
 
-ModelConfig = LatentDiffusionConfig | AutoencoderConfig | ImagenConfig
+ModelConfig = LatentDiffusionConfig | AutoencoderConfig | ImagenConfig | FlowConfig
 MODEL_SCHEMAS: dict[str, type] = {
     "latent_diffusion": LatentDiffusionConfig,
     "autoencoder": AutoencoderConfig,
     "imagen": ImagenConfig,
+    "flow": FlowConfig,
 }
 
 

@@ -6,6 +6,7 @@ the one contract that samplers, guidance and the pipelines see.
   input) and the (fractional) timestep whose sigma matches, found by interpolating log-sigma.
 - `EDMDenoiser`: EDM preconditioning (Karras et al. 2022, Table 1) around any backbone.
 - `ContinuousDDPMDenoiser`: a continuous-time DDPM network on a log-SNR schedule (Imagen; NeMo's DDPM).
+- `FlowDenoiser`: a rectified-flow network predicting the velocity v = eps - x0 (Flux, SD3): x0 = z_t - t v.
 
 Every denoiser exposes `sigma_min` and `sigma_max` and keeps its backbone as `.net`.
 """
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from t2i.diffusion.parameterization import normalize_prediction, x0_from_output
-from t2i.diffusion.schedules import DiscreteSchedule, LogSNRSchedule
+from t2i.diffusion.schedules import DiscreteSchedule, LogSNRSchedule, flow_sigma_to_t, flow_t_to_sigma
 from t2i.diffusion.tensors import append_dims, batch_sigma, compute_dtype
 from t2i.errors import ConfigError
 
@@ -216,3 +217,60 @@ class ContinuousDDPMDenoiser(nn.Module):
         z_t = x.to(wide) / (1 + s**2).sqrt()
         out = self.net(z_t.to(x.dtype), self.condition(logsnr).to(wide), **(cond or {}))
         return x0_from_output(out.to(wide), x.to(wide), s, self.prediction).to(x.dtype)
+
+
+class FlowDenoiser(nn.Module):
+    """A rectified-flow (velocity) network under the denoiser contract D(x, sigma, cond) -> x0.
+
+    The flow sample is z_t = (1 - t) x0 + t eps and the network predicts v = eps - x0, so x0 = z_t - t v. On the
+    VE scale x = z_t / (1 - t) = x0 + sigma eps with sigma = t / (1 - t), i.e. t = sigma / (1 + sigma) and
+    z_t = x / (1 + sigma). t = 1 (pure noise) is sigma = `FLOW_SIGMA_AT_ONE`, where float32 rounds t to 1.
+
+    Args:
+        net: backbone `net(z_t (B,C,H,W), t (B,) in [0, 1], **cond) -> v (B,C,H,W)`; cond carries the text
+            (`context`, `pooled`) and, for guidance-distilled models, `guidance` (B,).
+        t_min, t_max: the range of times the model serves (`sigma_min` / `sigma_max` on the VE scale).
+    """
+
+    def __init__(self, net: Callable[..., torch.Tensor], t_min: float = 1e-3, t_max: float = 1.0) -> None:
+        super().__init__()
+        if not 0 < t_min < t_max <= 1:
+            raise ConfigError(f"flow denoiser t_min, t_max: {t_min}, {t_max}; expected 0 < t_min < t_max <= 1")
+        self.net = net
+        self.t_min, self.t_max = float(t_min), float(t_max)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(flow_t_to_sigma(self.t_min))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(flow_t_to_sigma(self.t_max))
+
+    @staticmethod
+    def sigma_to_t(sigma: torch.Tensor | float) -> torch.Tensor:
+        """Flow time t = sigma / (1 + sigma), float64."""
+        return flow_sigma_to_t(sigma)
+
+    @staticmethod
+    def t_to_sigma(t: torch.Tensor | float) -> torch.Tensor:
+        """VE noise level sigma = t / (1 - t), float64 (`FLOW_SIGMA_AT_ONE` at t = 1)."""
+        return flow_t_to_sigma(t)
+
+    def velocity(
+        self, z: torch.Tensor, t: torch.Tensor, cond: dict[str, Any] | None = None
+    ) -> torch.Tensor:
+        """The network's velocity at the flow sample z (B, ...) and time t (B,), in z's dtype."""
+        return self.net(z, t.to(device=z.device, dtype=compute_dtype(z)), **(cond or {}))
+
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor | float, cond: dict[str, Any] | None = None
+    ) -> torch.Tensor:
+        """x (B,C,H,W) on the VE scale, sigma (B,) or scalar -> x0_hat (B,C,H,W) in x's dtype."""
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float64)
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        t = self.sigma_to_t(sigma)
+        wide = compute_dtype(x)
+        z = x.to(wide) / append_dims(1 + sigma, x.ndim).to(wide)
+        v = self.velocity(z.to(x.dtype), t, cond)
+        return (z - append_dims(t, x.ndim).to(wide) * v.to(wide)).to(x.dtype)

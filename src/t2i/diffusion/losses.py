@@ -14,10 +14,13 @@ distillation with the loss's own weighting.
   (sigma sd)^2 on the x0 error of the preconditioned denoiser.
 - `ContinuousDDPMLoss` (NeMo's continuous DDPM): t ~ U(0, 1) on a log-SNR schedule, unweighted error on the
   noise / x0 / v target.
+- `FlowMatchingLoss` (rectified flow; Esser et al. 2024, SD3): z_t = (1 - t) x0 + t eps, the velocity target
+  eps - x0, t from SD3's densities (uniform, logit-normal, mode) through the model's shift, SD3's loss weights.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from t2i.diffusion.parameterization import regression_target
-from t2i.diffusion.schedules import vp_coefficients
+from t2i.diffusion.schedules import FlowSchedule, image_seq_len, vp_coefficients
 from t2i.diffusion.tensors import append_dims, compute_dtype, noise_like
 from t2i.errors import ConfigError
 
@@ -221,3 +224,113 @@ class ContinuousDDPMLoss:
         else:
             target = teacher.net(z_t, time_cond, **(cond or {})).detach()
         return regression_loss(denoiser.net(z_t, time_cond, **(cond or {})), target, self.loss_type)
+
+
+# ------------------------------------------------------------------------------------------ rectified flow
+
+# diffusers' `weighting_scheme` names (train_dreambooth_sd3 / _flux): the first two pick the density of the
+# times, the next two the loss weight of uniformly drawn times, `none` is uniform and unweighted.
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+
+
+def sample_flow_times(
+    batch: int,
+    weighting_scheme: str = "none",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Unshifted times u (batch,) float32 in [0, 1] from SD3's training densities (Esser et al. 2024, sec. 3.1):
+    `logit_normal` sigmoid(N(mean, std^2)); `mode` 1 - u - s (cos^2(pi u / 2) - 1 + u) of u ~ U(0, 1) (mode
+    sampling with heavy tails); otherwise U(0, 1). The draws are diffusers' `compute_density_for_timestep_sampling`
+    ones, one for one."""
+    if weighting_scheme not in WEIGHTING_SCHEMES:
+        raise ConfigError(
+            f"model.loss.weighting_scheme: {weighting_scheme!r} is not one of {', '.join(WEIGHTING_SCHEMES)}"
+        )
+    where = _device_of(generator, torch.device(device))
+    if weighting_scheme == "logit_normal":
+        u = torch.normal(logit_mean, logit_std, size=(batch,), generator=generator, device=where).sigmoid()
+    else:
+        u = torch.rand(batch, generator=generator, device=where)
+        if weighting_scheme == "mode":
+            u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u.to(device)
+
+
+def flow_loss_weight(t: torch.Tensor, weighting_scheme: str = "none") -> torch.Tensor:
+    """SD3's loss weight at flow times t (shaped like t; diffusers' `compute_loss_weighting_for_sd3`): `sigma_sqrt`
+    t^-2, `cosmap` 2 / (pi (1 - 2t + 2t^2)), otherwise 1."""
+    if weighting_scheme == "sigma_sqrt":
+        return t.float() ** -2.0
+    if weighting_scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * t + 2 * t**2))
+    return torch.ones_like(t)
+
+
+class FlowMatchingLoss:
+    """Rectified-flow loss of a `FlowDenoiser`'s backbone: weight(t) x err(v(z_t, t), eps - x0), per sample.
+
+    t = schedule.shifted(u) with u from `sample_flow_times` (Flux's dynamic shift takes mu from the latent's
+    token count, x0 (B, C, H, W) packed into `patch_size` patches), clamped to [1 / T, 1]. With `teacher=` the
+    target is the teacher backbone's velocity at the same (z_t, t).
+
+    Args:
+        schedule: the model's `FlowSchedule` (shift, dynamic shifting), shared with its sampling plan.
+        weighting_scheme: diffusers' name (`none`, `logit_normal`, `mode`, `sigma_sqrt`, `cosmap`).
+        logit_mean, logit_std, mode_scale: the densities' parameters (SD3: 0, 1, 1.29).
+        patch_size: side of the latent patch one transformer token covers (Flux: 2).
+        loss_type: `l2` (the papers'), `l1` or `huber`.
+    """
+
+    def __init__(
+        self,
+        schedule: FlowSchedule | None = None,
+        weighting_scheme: str = "none",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        patch_size: int = 2,
+        loss_type: str = "l2",
+    ) -> None:
+        _check_loss_type(loss_type)
+        sample_flow_times(1, weighting_scheme)  # validates the name
+        self.schedule = schedule or FlowSchedule()
+        self.weighting_scheme = weighting_scheme
+        self.logit_mean, self.logit_std, self.mode_scale = float(logit_mean), float(logit_std), float(mode_scale)
+        self.patch_size = int(patch_size)
+        self.loss_type = loss_type
+
+    def sample_times(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Training times t (B,) float32, shifted as the schedule says, in [1 / T, 1]."""
+        u = sample_flow_times(
+            x0.shape[0], self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale, generator,
+            x0.device,
+        )  # fmt: skip
+        mu = None
+        if self.schedule.use_dynamic_shifting:
+            mu = self.schedule.mu(image_seq_len(x0.shape[-2], x0.shape[-1], self.patch_size))
+        t = self.schedule.shifted(u.double(), mu)
+        return t.clamp(1 / self.schedule.num_train_timesteps, 1).float()
+
+    def __call__(
+        self, denoiser: Any, x0: torch.Tensor, cond: dict[str, Any] | None = None,
+        generator: torch.Generator | None = None, teacher: Any = None, t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Per-sample losses (B,) float32; `t` (B,) / `noise` override the random draws (t first, then noise)."""
+        t = self.sample_times(x0, generator) if t is None else t.to(x0.device, torch.float32)
+        noise = noise_like(x0, generator) if noise is None else noise
+        t_b = append_dims(t, x0.ndim).to(x0.dtype)
+        z_t = (1 - t_b) * x0 + t_b * noise
+        if teacher is None:
+            target = noise - x0
+        else:
+            target = teacher.velocity(z_t, t, cond).detach()
+        prediction = denoiser.velocity(z_t, t, cond)
+        root_weight = append_dims(flow_loss_weight(t, self.weighting_scheme).sqrt(), x0.ndim)
+        return regression_loss(
+            root_weight * prediction.float(), root_weight * target.float(), self.loss_type
+        )

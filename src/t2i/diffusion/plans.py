@@ -8,6 +8,11 @@ Usage in a pipeline:
 diffusers schedulers keep their sample either on the VP scale (DDIM, PNDM, DDPM, DPM-Solver: init_noise_sigma 1)
 or on the VE scale (Euler, Heun, LMS: init_noise_sigma ~ sigma_max); `init_noise_scale` maps their initial latents
 to our VE scale and `final_scale` maps our result back to what their loop returns.
+
+Flow-matching configs (`FlowMatchEulerDiscreteScheduler`, `FlowMatchHeunDiscreteScheduler`: rectified-flow models
+such as Flux and SD3) keep the flow sample z_t = x / (1 + sigma): `euler` is the VE Euler step (the same step in
+other coordinates), `heun` is `flow_heun` (Heun's method in t), and every other sampler runs on the same times
+with t capped at 1 - 1/T, where the VE scale is finite.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ import numpy as np
 import torch
 
 from t2i.diffusion.samplers import Callback, Denoiser, get_sampler
-from t2i.diffusion.schedules import DiscreteSchedule, interpolate_sigmas, karras_sigmas, spaced_timesteps
+from t2i.diffusion.schedules import (
+    DiscreteSchedule,
+    FlowSchedule,
+    flow_t_to_sigma,
+    interpolate_sigmas,
+    karras_sigmas,
+    spaced_timesteps,
+)
 from t2i.diffusion.tensors import Generators
 from t2i.errors import ConfigError, UnknownSamplerError
 
@@ -173,7 +185,10 @@ def make_plan(
     scheduler_config: Mapping[str, Any],
     steps: int,
     use_karras_sigmas: bool = False,
-    schedule: DiscreteSchedule | None = None,
+    schedule: DiscreteSchedule | FlowSchedule | None = None,
+    *,
+    mu: float | None = None,
+    times: Any = None,
 ) -> SamplingPlan:
     """The plan with which `sampler` reproduces diffusers' matching scheduler for `scheduler_config`.
 
@@ -184,8 +199,13 @@ def make_plan(
         steps: number of inference steps.
         use_karras_sigmas: Karras et al. (rho = 7) sigmas between the grid's end points (also on if the config says).
         schedule: the model's training schedule, when the caller holds it (else read from `scheduler_config`).
+        mu, times: flow-matching configs only: Flux's resolution-dependent shift (required with
+            `use_dynamic_shifting`) and a pipeline's own times (FluxPipeline's `flux_sampling_times`).
     """
     get_sampler(sampler)
+    if is_flow_config(scheduler_config):
+        flow = schedule if isinstance(schedule, FlowSchedule) else None
+        return _flow_plan(sampler, scheduler_config, steps, use_karras_sigmas, flow, mu, times)
     if schedule is None:
         schedule = DiscreteSchedule.from_scheduler_config(scheduler_config)
     if sampler not in SCHEDULER_FOR_SAMPLER:
@@ -305,3 +325,48 @@ def _vp_init(sigmas: torch.Tensor) -> float:
 
 def _vp_final(sigmas: torch.Tensor) -> float:
     return 1 / math.sqrt(1 + float(sigmas[-1]) ** 2)
+
+
+# ------------------------------------------------------------------------------------------ flow matching
+
+FLOW_SCHEDULERS = {"euler": "FlowMatchEulerDiscreteScheduler", "heun": "FlowMatchHeunDiscreteScheduler"}
+# samplers that run a flow grid from t = 1 as diffusers does; `heun` there is Heun's method in flow time
+FLOW_NATIVE = {"euler": "euler", "heun": "flow_heun", "flow_heun": "flow_heun"}
+_FLOW_UNSUPPORTED = ("invert_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")
+
+
+def is_flow_config(scheduler_config: Mapping[str, Any]) -> bool:
+    """Whether a scheduler config is one of diffusers' flow-matching schedulers (rectified-flow models)."""
+    return str(scheduler_config.get("_class_name", "")).startswith("FlowMatch")
+
+
+def flow_scheduler_config_for(sampler: str) -> str:
+    """The diffusers flow-matching scheduler class whose loop `sampler` reproduces (Euler for the others)."""
+    return FLOW_SCHEDULERS.get("heun" if FLOW_NATIVE.get(sampler) == "flow_heun" else "euler")
+
+
+def _flow_plan(
+    sampler: str,
+    config: Mapping[str, Any],
+    steps: int,
+    karras: bool,
+    schedule: FlowSchedule | None,
+    mu: float | None,
+    times: Any,
+) -> SamplingPlan:
+    """Times as diffusers' flow-matching `set_timesteps` lays them out, on the VE scale; the sample starts as
+    unit noise z (x = z (1 + sigma_0)) and ends as the clean flow sample (final sigma 0)."""
+    for key in _FLOW_UNSUPPORTED:
+        if config.get(key):
+            raise ConfigError(f"scheduler.{key}: unsupported value {config[key]!r}; t2i supports false")
+    schedule = schedule or FlowSchedule.from_scheduler_config(config)
+    if str(config.get("_class_name")) == "FlowMatchHeunDiscreteScheduler" and schedule.use_dynamic_shifting:
+        raise ConfigError("scheduler.use_dynamic_shifting: FlowMatchHeunDiscreteScheduler has a fixed shift only")
+    grid = schedule.sampling_times(steps, mu, times, config.get("shift_terminal"))
+    if karras or config.get("use_karras_sigmas"):
+        grid[:-1] = karras_sigmas(len(grid) - 1, float(grid[-2]), float(grid[0])).float().double()
+    name = FLOW_NATIVE.get(sampler, sampler)
+    if name not in FLOW_NATIVE.values():
+        grid = grid.clamp(max=1 - 1 / schedule.num_train_timesteps)
+    sigmas = flow_t_to_sigma(grid)
+    return SamplingPlan(name, sigmas, 1 + float(sigmas[0]), 1.0)

@@ -11,6 +11,7 @@ CompVis) sees the same numbers here; derived sigmas are float64.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -296,3 +297,169 @@ def continuous_sigmas(steps: int, schedule: LogSNRSchedule, *, final_zero: bool 
     if final_zero:
         sigmas[-1] = 0.0
     return sigmas
+
+
+# ------------------------------------------------------------------------------------------ rectified flow
+
+TIME_SHIFT_TYPES = ("exponential", "linear")
+# t = 1 (pure noise) on the VE scale: sigma = t / (1 - t) is infinite there, so the first level of a flow grid is
+# this stand-in. t = sigma / (1 + sigma) then differs from 1 by 1e-10, which float32 rounds to exactly 1, and x =
+# z (1 + sigma) stays far inside the float32 range.
+FLOW_SIGMA_AT_ONE = 1e10
+
+
+def flow_t_to_sigma(t: torch.Tensor | float) -> torch.Tensor:
+    """VE noise level (float64, shaped like t) of rectified-flow time t: sigma = t / (1 - t); t = 1 gives
+    `FLOW_SIGMA_AT_ONE`. A flow sample z_t = (1 - t) x0 + t eps is x = z_t / (1 - t) = x0 + sigma eps."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return torch.where(t >= 1, torch.full_like(t, FLOW_SIGMA_AT_ONE), t / (1 - t).clamp(min=1e-300))
+
+
+def flow_sigma_to_t(sigma: torch.Tensor | float) -> torch.Tensor:
+    """Rectified-flow time (float64) of a VE noise level: t = sigma / (1 + sigma), the inverse of
+    `flow_t_to_sigma`."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return sigma / (1 + sigma)
+
+
+def shift_times(t: Any, shift: float) -> Any:
+    """SD3's timestep shift (Esser et al. 2024, eq. 23): t' = shift t / (1 + (shift - 1) t); shift > 1 spends
+    more of the schedule at high noise. Works on floats, numpy arrays and tensors (dtype kept)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def time_shift(mu: float, t: Any, sigma: float = 1.0, kind: str = "exponential") -> Any:
+    """Flux's resolution-dependent shift: e^mu / (e^mu + (1/t - 1)^sigma) (`exponential`), or mu / (mu +
+    (1/t - 1)^sigma) (`linear`); t = 1 stays 1. Works on floats, numpy arrays and tensors (dtype kept)."""
+    if kind not in TIME_SHIFT_TYPES:
+        raise ConfigError(f"time_shift_type: {kind!r} is not one of {', '.join(TIME_SHIFT_TYPES)}")
+    scale = math.exp(mu) if kind == "exponential" else mu
+    return scale / (scale + (1 / t - 1) ** sigma)
+
+
+def flux_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """Flux's shift mu for an image of `image_seq_len` packed tokens: the line through (base_seq_len, base_shift)
+    and (max_seq_len, max_shift), extrapolated beyond them (diffusers' `calculate_shift`)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+def image_seq_len(height: int, width: int, patch_size: int = 2) -> int:
+    """Tokens of a (height, width) latent packed into patch_size x patch_size patches."""
+    return (height // patch_size) * (width // patch_size)
+
+
+def flux_sampling_times(steps: int) -> np.ndarray:
+    """The times FluxPipeline hands its scheduler: `steps` evenly spaced from 1 down to 1 / steps (float64)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise InvalidInputError(f"steps: got {steps!r}; expected an integer >= 1")
+    return np.linspace(1.0, 1 / steps, steps)
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """The time schedule of a rectified-flow model, shared by the training loss and the sampling plan. Fields use
+    the names of diffusers' `FlowMatchEulerDiscreteScheduler` config.
+
+    Times t run from 0 (data) to 1 (noise). `shift` is SD3's fixed shift; with `use_dynamic_shifting` the shift is
+    Flux's `time_shift(mu, t)` with mu = `mu(image_seq_len)` instead (the fixed shift is then unused).
+    """
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"
+
+    def __post_init__(self) -> None:
+        if self.num_train_timesteps < 1:
+            raise ConfigError(f"num_train_timesteps: {self.num_train_timesteps}; expected an integer >= 1")
+        if self.shift <= 0:
+            raise ConfigError(f"shift: {self.shift}; expected a number > 0")
+        if self.time_shift_type not in TIME_SHIFT_TYPES:
+            raise ConfigError(
+                f"time_shift_type: {self.time_shift_type!r} is not one of {', '.join(TIME_SHIFT_TYPES)}"
+            )
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping[str, Any]) -> FlowSchedule:
+        """From a diffusers FlowMatch* scheduler config; missing keys take diffusers' defaults."""
+        defaults = cls()
+
+        def get(name: str) -> Any:
+            value = config.get(name)
+            return getattr(defaults, name) if value is None else value
+
+        return cls(
+            num_train_timesteps=int(get("num_train_timesteps")),
+            shift=float(get("shift")),
+            use_dynamic_shifting=bool(get("use_dynamic_shifting")),
+            base_shift=float(get("base_shift")),
+            max_shift=float(get("max_shift")),
+            base_image_seq_len=int(get("base_image_seq_len")),
+            max_image_seq_len=int(get("max_image_seq_len")),
+            time_shift_type=str(get("time_shift_type")),
+        )
+
+    def scheduler_config(self) -> dict[str, Any]:
+        """The schedule's keys of a diffusers FlowMatchEulerDiscreteScheduler config."""
+        return dataclasses.asdict(self)
+
+    def mu(self, seq_len: int) -> float:
+        """Flux's mu for an image of `seq_len` packed tokens (`flux_mu` with this schedule's end points)."""
+        return flux_mu(seq_len, self.base_image_seq_len, self.max_image_seq_len, self.base_shift, self.max_shift)
+
+    def shifted(self, t: Any, mu: float | None = None) -> Any:
+        """t after this schedule's shift: Flux's time_shift(mu, t) with dynamic shifting (mu required), else SD3's
+        fixed shift. Floats, numpy arrays and tensors (dtype kept)."""
+        if self.use_dynamic_shifting:
+            if mu is None:
+                raise InvalidInputError("mu: required with use_dynamic_shifting (Flux's shift for the image size)")
+            return time_shift(mu, t, 1.0, self.time_shift_type)
+        return shift_times(t, self.shift)
+
+    def train_times(self) -> np.ndarray:
+        """The scheduler's table of training times (T,) float32, 1 down to 1/T, fixed shift applied when not
+        dynamic (diffusers' `FlowMatchEulerDiscreteScheduler.__init__`)."""
+        steps = self.num_train_timesteps
+        t = np.linspace(1, steps, steps, dtype=np.float32)[::-1].copy() / np.float32(steps)
+        return t if self.use_dynamic_shifting else shift_times(t, float(self.shift)).astype(np.float32)
+
+    def sampling_times(
+        self,
+        steps: int,
+        mu: float | None = None,
+        times: Sequence[float] | np.ndarray | None = None,
+        shift_terminal: float | None = None,
+    ) -> torch.Tensor:
+        """Decreasing flow times (steps + 1,) float64 ending at 0, as `FlowMatchEulerDiscreteScheduler.set_timesteps`
+        lays them out (float32 values, like diffusers').
+
+        Without `times` the grid spans the training table's end points (so a fixed shift acts twice, as in
+        diffusers); `times` (steps,) are a pipeline's own times (FluxPipeline: `flux_sampling_times`), shifted
+        here. `mu` is Flux's shift (dynamic shifting); `shift_terminal` stretches the grid to end there.
+        """
+        if times is None:
+            if not isinstance(steps, int) or steps < 1:
+                raise InvalidInputError(f"steps: got {steps!r}; expected an integer >= 1")
+            table = self.train_times()
+            t_max, t_min = float(table[0]), float(table[-1])
+            n = self.num_train_timesteps
+            t = np.linspace(t_max * n, t_min * n, steps) / n
+        else:
+            t = np.asarray(times, dtype=np.float32)
+        t = self.shifted(t, mu)
+        if shift_terminal:
+            one_minus = 1 - t
+            t = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
+        grid = torch.from_numpy(np.asarray(t)).to(torch.float32).double()
+        return torch.cat([grid, grid.new_zeros(1)])

@@ -25,6 +25,9 @@ kohya files name the encoders `lora_te1_` / `lora_te2_` and the UNet by its sgm 
 (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, t2i's own paths), which t2i writes for an SDXL
 (ADM) UNet; UNet names in either spelling (diffusers or sgm paths) are read for every SD UNet.
 
+Flux transformers (component `transformer`) read diffusers', kohya's and BFL's namings and write diffusers'; their
+fused modules make the mapping many-to-one, so `t2i.lora.flux_names` resolves it.
+
 Every key of a file must land on a module: unknown or unmatched keys raise `LoraError` naming them.
 """
 
@@ -50,7 +53,9 @@ __all__ = ["LoraPair", "parse_lora_state_dict", "save_lora_file"]
 
 KOHYA_KEY = re.compile(r"^lora_(?P<prefix>unet|te[12]?)_(?P<flat>[A-Za-z0-9_]+)\.(?P<part>[A-Za-z0-9_.]+)$")
 KOHYA_PREFIX = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
-PREFIXES = ("unet", "text_encoder", "text_encoder_2")
+PREFIXES = ("unet", "text_encoder", "text_encoder_2", "transformer")
+# kohya's `lora_unet_` names the diffusion backbone, whatever the component is called
+KOHYA_BACKBONE = ("unet", "transformer")
 METADATA_KEY = "t2i_lora"
 # file suffix -> canonical part (the field names of t2i.lora.adapters), per naming
 LYCORIS_PARTS = {part: part for part in LohaWeights.MATRICES + LokrWeights.MATRICES}
@@ -70,12 +75,14 @@ PEFT_SUFFIXES = sorted(PEFT_PARTS, key=len, reverse=True)
 
 @dataclass
 class Component:
-    """A module that carries LoRAs, the file prefix of its keys and its module-path translation."""
+    """A module that carries LoRAs, the file prefix of its keys and its module-path translation; `naming`, when
+    set, maps file modules to ours many-to-one (`resolve`) and back (`split`) instead (Flux's fused modules)."""
 
     prefix: str
     module: nn.Module
     to_file: Callable[[str], str]
     own_paths: bool = False  # the module's own paths name it in files too (sgm paths of the SD UNet)
+    naming: Any = None  # a many-to-one file naming (Flux's fused modules: t2i.lora.flux_names)
 
 
 # ------------------------------------------------------------------------------------------ naming
@@ -143,6 +150,10 @@ def _component(prefix: str, module: nn.Module) -> Component:
         raise LoraError(f"lora component {prefix!r}: unknown; expected one of {', '.join(PREFIXES)}")
     if prefix == "unet":
         return unet_component(module)
+    if prefix == "transformer" and hasattr(module, "flux_config"):
+        from t2i.lora.flux_names import FluxLoraNaming
+
+        return Component(prefix, module, lambda path: path, naming=FluxLoraNaming(module))
     to_file = with_projection_path if prefix == "text_encoder_2" else (lambda path: path)
     return Component(prefix, getattr(module, "model", module), to_file)
 
@@ -193,9 +204,11 @@ def parse_lora_state_dict(
     LoraError names the keys that are neither PEFT/diffusers (`unet.<path>.lora_A.weight`) nor kohya/LyCORIS
     keys, and the modules whose weights are incomplete.
     """
+    from t2i.lora.flux_names import canonical_keys
+
     grouped: dict[tuple[str, str, bool], dict[str, torch.Tensor]] = {}
     unknown = []
-    for key, tensor in state.items():
+    for key, tensor in canonical_keys(state).items():
         located = _locate_key(key)
         if located is None:
             unknown.append(key)
@@ -256,20 +269,29 @@ def match_to_modules(
     """{component prefix: {our module path: adapter weights}}; LoraError naming every key that matches no
     module."""
     by_prefix = {c.prefix: c for c in components}
-    indexes = {c.prefix: file_name_index(c) for c in components}
+    for c in components:  # kohya files call the backbone `unet` whatever the component is called
+        if c.prefix in KOHYA_BACKBONE:
+            by_prefix.setdefault("unet", c)
+    indexes = {c.prefix: file_name_index(c) for c in components if c.naming is None}
     flat_indexes = {p: {k.replace(".", "_"): v for k, v in idx.items()} for p, idx in indexes.items()}
     matched: dict[str, dict[str, AdapterWeights]] = {}
+    renamed: dict[str, dict[tuple[str, bool], AdapterWeights]] = {}
     unmatched = []
     for ident, pair in pairs.items():
         prefix, name, flat = ident
-        index = (flat_indexes if flat else indexes).get(prefix, {})
-        path = index.get(name)
-        if prefix not in by_prefix or path is None:
+        component = by_prefix.get(prefix)
+        if component is not None and component.naming is not None:
+            renamed.setdefault(component.prefix, {})[(name, flat)] = pair
+            continue
+        path = None if component is None else (flat_indexes if flat else indexes)[component.prefix].get(name)
+        if path is None:
             unmatched.append(_display(ident))
             continue
-        matched.setdefault(prefix, {})[path] = pair
+        matched.setdefault(component.prefix, {})[path] = pair
     if unmatched:
         raise LoraError(_listing(f"{source}: LoRA keys that match no module of the model", unmatched))
+    for prefix, file_pairs in renamed.items():
+        matched[prefix] = by_prefix[prefix].naming.resolve(file_pairs, source)
     return matched
 
 
@@ -406,11 +428,15 @@ def _state_and_modules(
         for path, adapter in adapter_weights(component.module, adapter_name).items():
             name = component.to_file(path)
             chosen = naming or ("peft" if kind_of(adapter) == "lora" else "kohya")
-            key = f"{component.prefix}.{name}" if chosen == "peft" else kohya_module_name(component, path, sdxl)
-            for suffix, tensor in file_parts(adapter, chosen).items():
-                state[f"{key}.{suffix}"] = tensor
-            if chosen == "peft":
-                peft_modules.setdefault(component.prefix, {})[name] = adapter
+            parts = [(path, name, adapter)]
+            if component.naming is not None and chosen == "peft":
+                parts = [(path, n, a) for n, a in component.naming.split(path, adapter)]  # a fused module's parts
+            for own_path, file_name, part in parts:
+                key = f"{component.prefix}.{file_name}" if chosen == "peft" else kohya_module_name(component, own_path, sdxl)
+                for suffix, tensor in file_parts(part, chosen).items():
+                    state[f"{key}.{suffix}"] = tensor
+                if chosen == "peft":
+                    peft_modules.setdefault(component.prefix, {})[file_name] = part
     if not state:
         raise LoraError(f"adapter {adapter_name!r}: the model holds no LoRA weights of that name")
     return state, peft_modules
@@ -419,7 +445,7 @@ def _state_and_modules(
 def kohya_module_name(component: Component, path: str, sdxl: bool) -> str:
     """kohya-ss's flat name of module `path`: `lora_unet_` + the diffusers path (SD 1/2) or the sgm path (SDXL);
     `lora_te_` (SD 1/2) or `lora_te1_` / `lora_te2_` (SDXL) + the encoder's file path (`text_model_encoder_...`)."""
-    if component.prefix == "unet":
+    if component.prefix in KOHYA_BACKBONE:
         name = path if sdxl and component.own_paths else component.to_file(path)
         return "lora_unet_" + name.replace(".", "_")
     kohya = {"text_encoder": "lora_te1" if sdxl else "lora_te", "text_encoder_2": "lora_te2"}[component.prefix]

@@ -38,6 +38,10 @@ SD_RESBLOCK = ("in_layers.2", "out_layers.3", "emb_layers.1", "skip_connection")
 IMAGEN_RESBLOCK = ("in_conv", "out_conv", "emb_proj", "skip", "shortcut")
 # Hugging Face text encoders (CLIP attention names).
 TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+# Flux blocks (BFL names): the double blocks' fused q/k/v and output projections per stream, the single blocks'
+# fused in (q, k, v, MLP in) and out (attention, MLP out) projections; `ff` adds the double blocks' MLPs.
+FLUX_ATTENTION = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2")
+FLUX_FEED_FORWARD = ("img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2")
 TARGET_GROUPS = ("attention", "ff", "conv")
 
 
@@ -75,6 +79,12 @@ def _is_attention_parent(module: nn.Module) -> bool:
     return isinstance(module, (CrossAttention, AttentionBlockBase))
 
 
+def _is_flux_block(module: nn.Module) -> bool:
+    from t2i.models.flux import DoubleStreamBlock, SingleStreamBlock
+
+    return isinstance(module, (DoubleStreamBlock, SingleStreamBlock))
+
+
 def _is_feed_forward_parent(module: nn.Module) -> bool:
     from t2i.models.imagen_blocks import GEGLUFeedForward
     from t2i.models.unet import FeedForward
@@ -110,7 +120,7 @@ def _children_matching(
 def default_targets(model: nn.Module, groups: Sequence[str] = ("attention",)) -> list[str]:
     """Full module paths of `model` that get a LoRA: attention q/k/v/out projections (`attention`), the
     feed-forward linears (`ff`) and/or the ResBlock convolutions with their time-embedding projections
-    (`conv`), for the SD UNet, the Imagen UNets and Hugging Face text encoders."""
+    (`conv`), for the SD UNet, the Imagen UNets, the Flux transformer's blocks and Hugging Face text encoders."""
     unknown = [g for g in groups if g not in TARGET_GROUPS]
     if unknown:
         raise LoraError(f"lora target group {unknown[0]!r}: unknown; expected {', '.join(TARGET_GROUPS)}")
@@ -120,6 +130,11 @@ def default_targets(model: nn.Module, groups: Sequence[str] = ("attention",)) ->
             found += _children_matching(name, module, SD_ATTENTION + IMAGEN_ATTENTION)
         if "ff" in groups and _is_feed_forward_parent(module):
             found += _children_matching(name, module, SD_FEED_FORWARD + IMAGEN_FEED_FORWARD)
+        if _is_flux_block(module):
+            if "attention" in groups:
+                found += _children_matching(name, module, FLUX_ATTENTION)
+            if "ff" in groups:
+                found += _children_matching(name, module, FLUX_FEED_FORWARD)
         if "conv" in groups and _is_resblock_parent(module):
             found += _children_matching(name, module, SD_RESBLOCK + IMAGEN_RESBLOCK, (nn.Linear, nn.Conv2d))
         if (

@@ -33,6 +33,19 @@ CLIP_L_TEXT = {
     "num_attention_heads": 12,
     "projection_dim": 768,
 }
+# T5 encoders by `arch` (FLUX.1's and Imagen's T5 v1.1 XXL), for building on meta without a local config.
+T5_ARCHS = {
+    "t5-v1_1-xxl": {
+        "vocab_size": 32128,
+        "d_model": 4096,
+        "d_kv": 64,
+        "d_ff": 10240,
+        "num_layers": 24,
+        "num_heads": 64,
+        "feed_forward_proj": "gated-gelu",
+        "tie_word_embeddings": False,
+    },
+}
 
 
 def as_model_config(model_cfg: Any) -> Any:
@@ -187,6 +200,10 @@ def _text_config(cond: Any, folder: str | Path | None) -> Any:
         )
     if cond.kind == "openclip":
         return _openclip_default_config(cond.arch)
+    if cond.kind == "t5" and cond.arch in T5_ARCHS:
+        from transformers import T5Config
+
+        return T5Config(**T5_ARCHS[cond.arch])
     raise ConfigError(
         f"model.cond_stage_config.path: missing; a {cond.kind} encoder needs a local folder with "
         "config.json to be built"
@@ -225,7 +242,8 @@ def _openclip_default_config(arch: str | None) -> Any:
 
 def build_components(model_cfg: Any, device: str | torch.device | None = None) -> dict[str, nn.Module]:
     """{"unet", "vae", "text_encoder"[, "text_encoder_2"]} for `latent_diffusion` (SDXL's refiner: "text_encoder_2"
-    alone); {"unet"} for `imagen` (text encoders are separate)."""
+    alone); {"unet"} for `imagen` (text encoders are separate). (`flow` models:
+    `t2i.pipelines.flux_folder.build_flow_components`.)"""
     cfg = as_model_config(model_cfg)
     if cfg.kind == "imagen":
         return {"unet": build_unet(cfg, device)}

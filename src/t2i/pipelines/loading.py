@@ -1,4 +1,5 @@
-"""`load_pipeline`: one entry point for the three on-disk forms of a Stable Diffusion model.
+"""`load_pipeline`: one entry point for the three on-disk forms of a Stable Diffusion model (and of a Flux model:
+`t2i.pipelines.flux_folder` reads diffusers' FluxPipeline folders and BFL single files with a `kind: flow` config).
 
 1. A diffusers SD folder: `model_index.json` + `unet/ vae/ text_encoder/ tokenizer/ scheduler/`. Its scheduler
    config picks the default sampler and fixes the schedule every sampler follows. An SDXL folder (with
@@ -42,7 +43,8 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     overrides: list[str] | None = None,
 ) -> LatentPipeline:
-    """Load a diffusers folder, a t2i pipeline folder or a single-file checkpoint as a `LatentPipeline`.
+    """Load a diffusers folder, a t2i pipeline folder or a single-file checkpoint as a `LatentPipeline` (a
+    `FluxPipeline` for Flux folders and `kind: flow` configs).
 
     Args:
         path: the folder or file.
@@ -66,10 +68,15 @@ def load_pipeline(
     elif path.suffix in SINGLE_FILE_SUFFIXES:
         if model_cfg is None:
             raise PipelineLoadError(
-                f"{path}: a single-file checkpoint needs config= (sd15, sd2, sd21-v or a YAML "
-                "path) describing its architecture"
+                f"{path}: a single-file checkpoint needs config= (sd15, sd2, sd21-v, flux/flux-dev or a "
+                "YAML path) describing its architecture"
             )
-        pipe = pipeline_from_single_file(path, model_cfg, dtype)
+        if model_cfg.kind == "flow":
+            from t2i.pipelines import flux_folder
+
+            pipe = flux_folder.pipeline_from_single_file(path, model_cfg, dtype)
+        else:
+            pipe = pipeline_from_single_file(path, model_cfg, dtype)
     else:
         raise PipelineLoadError(
             f"{path}: unknown file type {path.suffix!r}; expected a pipeline folder or one of "
@@ -128,8 +135,11 @@ def load_folder(root: Path, model_cfg: Any, dtype: torch.dtype | None) -> Latent
     """A diffusers or t2i folder; `model_cfg` (when given) replaces t2i.yaml."""
     from t2i.convert.unet_diffusers import load_unet_from_diffusers
     from t2i.convert.vae_diffusers import load_vae
+    from t2i.pipelines import flux_folder
     from t2i.pipelines.sdxl_folder import is_sdxl_folder, load_sdxl_components
 
+    if flux_folder.is_flux_folder(root):
+        return flux_folder.load_flux_folder(root, model_cfg, dtype)
     if is_sdxl_folder(root):
         return LatentPipeline(**load_sdxl_components(root, model_cfg, dtype))
     index = read_model_index(root)

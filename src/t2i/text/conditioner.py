@@ -10,6 +10,9 @@ backbone:
 - `SizeEmbedder` (inputs `original_size_as_tuple`, `crop_coords_top_left`, `target_size_as_tuple`,
   `aesthetic_score`): numbers (B, N) embedded like timesteps -> `y` (B, N * outdim) (sgm's
   ConcatTimestepEmbedderND).
+- `ContextPooledEmbedder` (a flow transformer's text, Flux): one encoder's tokens -> `context` [+ `context_mask`]
+  and a pooled vector -> `pooled` (a second encoder's, FLUX.1's CLIP, or the first one's own), dropped together
+  to the encodings of "".
 
 A dropped sample gets the embedder's null conditioning: for text the encoding of "" (`null="empty_prompt"`, the
 SD family: what diffusers samples the unconditional branch with) or zeros (`null="zeros"`: Imagen, SDXL, whose
@@ -262,6 +265,50 @@ class SizeEmbedder(Dropout):
 
     def null_like(self, entries: dict[str, torch.Tensor], null: NullKind | None = None) -> dict[str, torch.Tensor]:
         return {k: torch.zeros_like(v) for k, v in entries.items()}
+
+
+@dataclass
+class ContextPooledEmbedder(TextEmbedder):
+    """Text conditioning of a flow transformer: `context` (B, T, D) [+ `context_mask`] from `encoder`'s tokens and
+    `pooled` (B, D_pooled) from `pooled_encoder`'s pooled output (None: `encoder`'s own), one dropout decision per
+    sample for both, to the encodings of "" (what FluxPipeline's CFG branch uses). Online captions only."""
+
+    pooled_encoder: Callable[[], Any] | None = None
+
+    def encode_prompts(self, prompts: Sequence[str], device: torch.device | str) -> dict[str, torch.Tensor]:
+        """prompts -> {context, pooled[, context_mask]} float32 on `device` (frozen encoders, no gradients)."""
+        encoding = self.encoder().encode(list(prompts))
+        pooled = encoding.pooled
+        if self.pooled_encoder is not None:
+            pooled = self.pooled_encoder().encode(list(prompts)).pooled
+        entries = self.entries(encoding.embeddings, encoding.mask, device)
+        entries["pooled"] = pooled.float().to(device)
+        return entries
+
+    def encode_batch(self, batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
+        if "captions_encoded" in batch:
+            raise ConfigError(
+                "model.cond_stage_key: precached text for flow models is not supported yet; expected captions"
+            )
+        return super().encode_batch(batch, device)
+
+    def empty_encoding(self) -> dict[str, torch.Tensor]:
+        """The encodings of "" ({context, pooled[, context_mask]}, batch 1, CPU), computed once."""
+        if self._empty is None:
+            self._empty = {k: v[:1].detach().cpu() for k, v in self.encode_prompts([""], "cpu").items()}
+        return self._empty
+
+    def null_like(self, entries: dict[str, torch.Tensor], null: NullKind | None = None) -> dict[str, torch.Tensor]:
+        if (null or self.null) == "zeros":
+            return {k: torch.zeros_like(v) for k, v in entries.items()}
+        empty = self.empty_encoding()
+        return {k: empty[k].to(v.device, v.dtype).expand_as(v) for k, v in entries.items()}
+
+    def zeros(self, count: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+        out = super().zeros(count, device)
+        pooled = self.pooled_encoder() if self.pooled_encoder is not None else self.encoder()
+        out["pooled"] = torch.zeros(count, pooled.pooled_dim, device=device)
+        return out
 
 
 Embedder = TextEmbedder | SizeEmbedder

@@ -175,19 +175,29 @@ class MaskedMeanEncoder(TextEncoder):
     """Encoder-only transformer (T5 encoder, BERT) run with the padding mask; pooled = masked mean.
 
     `normalize_pooled` L2-normalises the pooled vector (sentence-transformers' all-MiniLM-L6-v2 does).
+    `attention_mask=False` runs the transformer without the padding mask (FLUX.1's T5, as diffusers' FluxPipeline
+    encodes); the pooled mean still covers the real tokens only.
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer: Any, max_length: int, kind: str, normalize_pooled: bool = False
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        max_length: int,
+        kind: str,
+        normalize_pooled: bool = False,
+        attention_mask: bool = True,
     ):
         super().__init__(tokenizer, max_length, model.config.hidden_size)
         self.model = model
         self.kind = kind
         self.normalize_pooled = normalize_pooled
+        self.attention_mask = attention_mask
         self.freeze()
 
     def forward_tokens(self, input_ids: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
-        hidden = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+        attention = mask.long() if self.attention_mask else None
+        hidden = self.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
         pooled = masked_mean(hidden, mask)
         if self.normalize_pooled:
             pooled = F.normalize(pooled, p=2, dim=-1)
@@ -260,7 +270,10 @@ def read_architectures(folder: Path) -> list[str]:
 
 
 def build_t5(
-    path: str | Path | None, tokenizer_path: str | None = None, max_length: int | None = None
+    path: str | Path | None,
+    tokenizer_path: str | None = None,
+    max_length: int | None = None,
+    attention_mask: bool = True,
 ) -> MaskedMeanEncoder:
     """T5EncoderModel from a local folder (or a pipeline root with text_encoder/ and tokenizer/)."""
     from transformers import T5EncoderModel
@@ -269,7 +282,7 @@ def build_t5(
     folder = model_folder(path, "text_encoder", what)
     tokenizer = load_tokenizer(tokenizer_folder(tokenizer_path, folder))
     model = load_hf_model(T5EncoderModel, folder, what)
-    return MaskedMeanEncoder(model, tokenizer, max_length or 128, kind="t5")
+    return MaskedMeanEncoder(model, tokenizer, max_length or 128, kind="t5", attention_mask=attention_mask)
 
 
 def build_minilm(path: str | Path | None = None, max_length: int | None = None) -> MaskedMeanEncoder:
@@ -418,7 +431,8 @@ def build_text_encoder(kind: str, path: str | Path | None = None, **opts: Any) -
     """Build a frozen text encoder from local files.
 
     kind: clip | openclip | t5 | minilm. opts (the cond_stage_config keys): layer, max_length, arch, version,
-    tokenizer_path. None-valued opts fall back to defaults; an unknown kind raises ConfigError.
+    tokenizer_path, attention_mask (t5: run with the padding mask, default true). None-valued opts fall back to
+    defaults; an unknown kind raises ConfigError.
     """
     max_length = opts.get("max_length")
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
@@ -438,7 +452,7 @@ def build_text_encoder(kind: str, path: str | Path | None = None, **opts: Any) -
             version, opts.get("arch"), tokenizer_path, opts.get("layer", "last"), max_length
         )
     if kind == "t5":
-        return build_t5(path, opts.get("tokenizer_path"), max_length)
+        return build_t5(path, opts.get("tokenizer_path"), max_length, opts.get("attention_mask", True))
     if kind == "minilm":
         return build_minilm(path, max_length)
     raise ConfigError(

@@ -135,6 +135,7 @@ TASK_MODULES = {
     "latent_diffusion": "t2i.train.tasks.latent",
     "autoencoder": "t2i.train.tasks.autoencoder",
     "imagen": "t2i.train.tasks.imagen",
+    "flow": "t2i.train.tasks.flow",
 }
 
 

@@ -9,11 +9,12 @@ generator, or one per batch row). A non-finite x0 estimate stops sampling with a
 written as a core over a `SamplerRun` and registered with `@sampler(name)` (`registry.py`).
 
 Modules: `euler` (Euler, Euler ancestral, Heun with Karras' churn), `multistep` (LMS, DPM-Solver++ 2M and its SDE),
-`posterior` (DDPM, DDIM, PLMS, continuous-time DDPM ancestral). Importing this package registers all of them.
+`posterior` (DDPM, DDIM, PLMS, continuous-time DDPM ancestral), `flow` (Heun in rectified-flow time). Importing this
+package registers all of them.
 The algorithms match diffusers' schedulers step for step when driven by `t2i.diffusion.plans.make_plan`.
 """
 
-from t2i.diffusion.samplers import euler, multistep, posterior  # noqa: F401  (they register on import)
+from t2i.diffusion.samplers import euler, flow, multistep, posterior  # noqa: F401  (they register on import)
 from t2i.diffusion.samplers.core import Callback, Denoiser, StepDenoiser
 from t2i.diffusion.samplers.registry import (
     SAMPLERS,

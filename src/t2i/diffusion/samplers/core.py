@@ -60,8 +60,12 @@ def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.
 def euler_step(
     x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, denoised: torch.Tensor
 ) -> torch.Tensor:
-    """One Euler step of the probability-flow ODE from sigma to sigma_next, given D(x, sigma)."""
-    return x + to_d(x, sigma, denoised) * (sigma_next - sigma)
+    """One Euler step of the probability-flow ODE from sigma to sigma_next, given D(x, sigma).
+
+    Written as D + (sigma_next / sigma)(x - D), which equals x + (x - D) / sigma * (sigma_next - sigma) but stays
+    exact from a huge sigma (a flow model's t = 1, `FLOW_SIGMA_AT_ONE`), where the textbook form cancels two
+    numbers of size sigma."""
+    return denoised + (x - denoised) * (sigma_next / sigma)
 
 
 def heun_step(
