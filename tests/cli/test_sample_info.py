@@ -160,3 +160,33 @@ def test_cli_entry_point_runs_in_a_subprocess():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "unet: UNetModel 859,520,964"
+
+
+def test_sdxl_sample_takes_micro_conditioning_and_diffusers_default_guidance(capsys, tmp_path):
+    from sdxl_helpers import tiny_sdxl_pipeline
+
+    folder = tmp_path / "sdxl"
+    tiny_sdxl_pipeline(False).save_pretrained(folder)
+    pipe = t2i.load_pipeline(folder)
+    assert pipe.default_guidance == 5.0  # diffusers' StableDiffusionXLPipeline default
+    out = tmp_path / "micro.png"
+    argv = sample_args(folder, out, "--sampler", "euler", "--original-size", "64", "96", "--crops", "8", "0")
+    assert main(argv) == 0
+    capsys.readouterr()
+    common = {"height": SIZE, "width": SIZE, "steps": 2, "sampler": "euler", "seed": 3, "progress": False}
+    expected = pipe.generate("a red circle", guidance_scale=5.0, original_size=(64, 96),
+                             crops_coords_top_left=(8, 0), **common).images[0]  # fmt: skip
+    plain = pipe.generate("a red circle", **common).images[0]
+    written = np.asarray(Image.open(out))
+    assert np.array_equal(written, np.asarray(expected))
+    assert not np.array_equal(written, np.asarray(plain))  # the flags reached the size embedders
+    # the base reads no aesthetic score (the refiner does): one line naming the input, exit 2
+    assert main(sample_args(folder, tmp_path / "x.png", "--aesthetic-score", "7")) == 2
+    err = capsys.readouterr().err
+    assert "aesthetic_score: this model is not conditioned on it" in err and err.count("\n") == 1
+
+
+def test_micro_conditioning_on_an_sd1_pipeline_is_one_line(capsys, tmp_path, sd1_folder):
+    assert main(sample_args(sd1_folder, tmp_path / "x.png", "--target-size", "64", "64")) == 2
+    err = capsys.readouterr().err
+    assert "target_size: this model is not conditioned on it" in err and err.count("\n") == 1

@@ -18,12 +18,18 @@ from t2i.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
 
+from sdxl_helpers import POOLED_DIM as POOLED
+from sdxl_helpers import (
+    TEXT_DIM,
+    TEXT_DIM_2,
+    TIME_DIM,
+)
+
 SIZES = [(48, 24), (24, 48), (36, 36), (40, 38)]
-TIME_DIM, POOLED, TEXT = 8, 32, 32  # the tiny encoders of tests/pipelines/sdxl_helpers.py
 UNET = {"in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [2],
         "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": -1, "num_head_channels": 8,
         "use_spatial_transformer": True, "use_linear_in_transformer": True, "transformer_depth": [0, 1],
-        "context_dim": 2 * TEXT, "num_classes": "sequential", "adm_in_channels": POOLED + 6 * TIME_DIM,
+        "context_dim": TEXT_DIM + TEXT_DIM_2, "num_classes": "sequential", "adm_in_channels": POOLED + 6 * TIME_DIM,
         "legacy": False}  # fmt: skip
 DD = {"double_z": True, "z_channels": 4, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
       "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}  # fmt: skip
@@ -90,7 +96,7 @@ def test_sdxl_trains_on_mixed_aspects_and_samples_a_non_square_bucket(sdxl_parts
     assert len({tuple(b["images"].shape[-2:]) for b in batches}) >= 2  # several buckets, one per batch
     for batch, call in zip(batches, recorder.calls, strict=True):
         height, width = batch["images"].shape[-2:]
-        assert call["x"][-2:] == (height // 2, width // 2) and call["context"][-1] == 2 * TEXT
+        assert call["x"][-2:] == (height // 2, width // 2) and call["context"][-1] == TEXT_DIM + TEXT_DIM_2
         sizes = torch.cat([batch[k] for k in SIZE_KEYS], dim=1).float()  # (B, 6): h, w, top, left, h, w
         assert sizes[:, 4:].tolist() == [[height, width]] * len(sizes)
         # y = [bigG pooled (dropped rows: zeros) | size embeddings of the recorded original size, crop, target]
@@ -109,13 +115,13 @@ def test_each_text_embedder_drops_at_its_configured_rate(sdxl_parts, tmp_path):
     root, shards = sdxl_parts
     task = LatentDiffusionTask(sdxl_config(root, shards, tmp_path / "run", precached=True))
     n, tokens = 4000, 16
-    encoded = {"embeddings": torch.ones(n, tokens, TEXT), "mask": torch.ones(n, tokens, dtype=torch.bool),
-               "embeddings_1": torch.ones(n, tokens, TEXT), "mask_1": torch.ones(n, tokens, dtype=torch.bool),
+    encoded = {"embeddings": torch.ones(n, tokens, TEXT_DIM), "mask": torch.ones(n, tokens, dtype=torch.bool),
+               "embeddings_1": torch.ones(n, tokens, TEXT_DIM_2), "mask_1": torch.ones(n, tokens, dtype=torch.bool),
                "pooled_1": torch.ones(n, POOLED)}  # fmt: skip
     batch = {"captions_encoded": encoded} | {k: torch.full((n, 2), 24) for k in SIZE_KEYS}
     cond = task.conditioner(batch, torch.Generator().manual_seed(0), "cpu")
-    first = cond["context"][:, 0, :TEXT].eq(0).all(dim=1)
-    second = cond["context"][:, 0, TEXT:].eq(0).all(dim=1)
+    first = cond["context"][:, 0, :TEXT_DIM].eq(0).all(dim=1)
+    second = cond["context"][:, 0, TEXT_DIM:].eq(0).all(dim=1)
     assert 0.18 < first.float().mean() < 0.22 and 0.27 < second.float().mean() < 0.33
     assert torch.equal(cond["y"][:, :POOLED].eq(0).all(dim=1), second)  # bigG's pooled drops with its tokens
     assert 0.04 < (first & second).float().mean() < 0.08  # independent draws: 0.2 x 0.3
@@ -173,7 +179,7 @@ def test_sdxl_lora_on_an_sdxl_folder(sdxl_parts, tmp_path):
     reference.load_lora_weights(str(lora_file))
     gen = torch.Generator().manual_seed(0)
     x, t = torch.randn(1, 4, 8, 16, generator=gen), torch.tensor([500])
-    context, pooled = torch.randn(1, 16, 2 * TEXT, generator=gen), torch.randn(1, POOLED, generator=gen)
+    context, pooled = torch.randn(1, 16, TEXT_DIM + TEXT_DIM_2, generator=gen), torch.randn(1, POOLED, generator=gen)
     time_ids = torch.tensor([[16.0, 32.0, 0.0, 0.0, 16.0, 32.0]])
     with torch.no_grad():
         theirs = reference.unet(

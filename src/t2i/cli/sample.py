@@ -27,6 +27,7 @@ def register(subparsers: Any) -> None:
     add_prompt_arguments(parser)
     add_sampling_arguments(parser)
     add_image_to_image_arguments(parser)
+    add_micro_conditioning_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -79,7 +80,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
         "--guidance",
         type=float,
         default=None,
-        help="guidance scale, <= 1: off (default 7.5; a cascade: each stage's own; Flux: the model's own)",
+        help="guidance scale, <= 1: off (default: SD 7.5, SDXL 5.0; a cascade: each stage's own; Flux: the model's own)",
     )
     group.add_argument("--seed", type=int, default=None)
     group.add_argument("--height", type=int, default=None)
@@ -99,6 +100,51 @@ def add_image_to_image_arguments(parser: argparse.ArgumentParser) -> argparse._A
         "--strength", type=float, default=0.6, help="how much of the schedule to run, in (0, 1]"
     )
     return group
+
+
+# --flag -> diffusers' keyword; pairs are (height, width) or (top, left)
+MICRO_PAIRS = {
+    "original_size": "original_size", "target_size": "target_size", "crops": "crops_coords_top_left",
+    "negative_original_size": "negative_original_size", "negative_target_size": "negative_target_size",
+    "negative_crops": "negative_crops_coords_top_left",
+}  # fmt: skip
+MICRO_SCORES = {"aesthetic_score": "aesthetic_score", "negative_aesthetic_score": "negative_aesthetic_score"}
+
+
+def add_micro_conditioning_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group(
+        "SDXL micro-conditioning", "diffusers' defaults: sizes = the image's, crops 0 0, aesthetic score 6 / 2.5"
+    )
+    for flag in MICRO_PAIRS:
+        metavar = ("TOP", "LEFT") if "crops" in flag else ("H", "W")
+        group.add_argument("--" + flag.replace("_", "-"), type=int, nargs=2, metavar=metavar, default=None)
+    group.add_argument("--aesthetic-score", type=float, default=None, help="the refiner's (default 6.0)")
+    group.add_argument("--negative-aesthetic-score", type=float, default=None, help="the refiner's (default 2.5)")
+    return group
+
+
+def micro_conditioning_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The given micro-conditioning flags as diffusers' keywords (the pipeline rejects those its model ignores)."""
+    out: dict[str, Any] = {}
+    for flag, keyword in MICRO_PAIRS.items():
+        if getattr(args, flag, None) is not None:
+            out[keyword] = tuple(getattr(args, flag))
+    for flag, keyword in MICRO_SCORES.items():
+        if getattr(args, flag, None) is not None:
+            out[keyword] = getattr(args, flag)
+    return out
+
+
+def micro_conditioning_of_pipeline(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+    micro = micro_conditioning_from_args(args)
+    from t2i.pipelines.latent import LatentPipeline
+
+    if micro and not isinstance(pipe, LatentPipeline):
+        from t2i.errors import InvalidInputError
+
+        flag = "--" + next(f for f in {**MICRO_PAIRS, **MICRO_SCORES} if getattr(args, f, None) is not None)
+        raise InvalidInputError(f"{flag.replace('_', '-')}: micro-conditioning is for SDXL pipelines, not {type(pipe).__name__}")
+    return micro
 
 
 def load_from_args(args: argparse.Namespace) -> Any:
@@ -195,6 +241,7 @@ def generate_from_args(pipe: Any, args: argparse.Namespace) -> Any:
         "use_karras_sigmas": args.karras,
         "eta": args.eta,
         "progress": True,
+        **micro_conditioning_of_pipeline(pipe, args),
     }
     if args.init_image:
         if args.num_images < 1:
@@ -241,6 +288,7 @@ def reject_latent_only_options(args: argparse.Namespace) -> None:
         "--karras": args.karras or None,
         "--eta": args.eta,
         "--config": args.config,
+        **{"--" + flag.replace("_", "-"): getattr(args, flag, None) for flag in {**MICRO_PAIRS, **MICRO_SCORES}},
     }
     used = [flag for flag, value in given.items() if value is not None]
     if used:

@@ -109,10 +109,12 @@ def validate_unet_config(c: dict[str, Any]) -> None:
 def _validate_attention(c: dict[str, Any]) -> None:
     """Every attention resolution names a level, and every attention site's heads tile its channels exactly."""
     factors = [2**level for level in range(len(c["channel_mult"]))]
-    stray = [r for r in c["attention_resolutions"] if r not in factors]
-    if stray:
+    wanted = list(c["attention_resolutions"])
+    # CompVis ignores entries past the last level, and shared configs rely on that; asking for attention and
+    # getting none at all is the mistake worth stopping for.
+    if wanted and not any(r in factors for r in wanted):
         raise ConfigError(
-            f"model.unet_config.attention_resolutions: {stray} match no level; expected downsampling factors of "
+            f"model.unet_config.attention_resolutions: {wanted} match no level; expected downsampling factors of "
             f"the levels of channel_mult ({', '.join(map(str, factors))})"
         )
     sites = [level for level, on in enumerate(attention_levels(c)) if on] + [len(c["channel_mult"]) - 1]

@@ -54,6 +54,7 @@ from t2i.text.conditioner import Conditioner, TextEmbedder
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
+SDXL_DEFAULT_GUIDANCE = 5.0  # diffusers' StableDiffusionXL*Pipeline default
 
 
 @dataclass
@@ -187,6 +188,11 @@ class LatentPipeline(LoraMethods):
         cfg = as_model_config(self.model_config)
         names = text_encoder_names([e.emb_model.always_return_pooled for e in cfg.embedders() if e.is_text])
         return build_conditioner(cfg, [lambda name=name: getattr(self, name) for name in names])
+
+    @property
+    def default_guidance(self) -> float:
+        """The guidance scale `generate` / `reconstruct` use when given None: diffusers' (SDXL 5.0, SD 7.5)."""
+        return SDXL_DEFAULT_GUIDANCE if "text_encoder_2" in self.text_encoders else DEFAULT_GUIDANCE
 
     @property
     def text_encoders(self) -> dict[str, nn.Module]:
@@ -359,7 +365,7 @@ class LatentPipeline(LoraMethods):
         height: int | None = None,
         width: int | None = None,
         steps: int = DEFAULT_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE,
+        guidance_scale: float | None = None,
         sampler: str | None = None,
         seed: int | None = None,
         num_images: int = 1,
@@ -385,7 +391,7 @@ class LatentPipeline(LoraMethods):
         (diffusers' cutoff) and, with `output_type="latent"`, returns the still-noisy latents for a refiner's
         `reconstruct(image=latents, denoising_start=...)`."""
         prompts = normalize_prompts(prompt)
-        guidance_scale = check_guidance_scale(guidance_scale)
+        guidance_scale = self.default_guidance if guidance_scale is None else check_guidance_scale(guidance_scale)
         micro = micro_conditioning_of(micro_conditioning)
         if not isinstance(num_images, int) or num_images < 1:
             raise InvalidInputError(f"num_images: expected an integer >= 1, got {num_images!r}")
@@ -432,7 +438,7 @@ class LatentPipeline(LoraMethods):
         height: int | None = None,
         width: int | None = None,
         steps: int = DEFAULT_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE,
+        guidance_scale: float | None = None,
         sampler: str | None = None,
         seed: int | None = None,
         use_karras_sigmas: bool = False,
@@ -456,7 +462,7 @@ class LatentPipeline(LoraMethods):
         `generate` (a list: one generator per prompt).
         """
         prompts = normalize_prompts(prompt)
-        guidance_scale = check_guidance_scale(guidance_scale)
+        guidance_scale = self.default_guidance if guidance_scale is None else check_guidance_scale(guidance_scale)
         micro = micro_conditioning_of(micro_conditioning)
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise InvalidInputError(f"strength: {strength!r}; expected a number in (0, 1]")

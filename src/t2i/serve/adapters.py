@@ -195,12 +195,12 @@ class LatentAdapter(ModelAdapter):
 
     def __init__(self, model_id: str, pipeline: Any, lora_dir: Path | None = None) -> None:
         from t2i.diffusion.samplers import available_samplers
-        from t2i.pipelines.latent import DEFAULT_GUIDANCE, DEFAULT_STEPS
+        from t2i.pipelines.latent import DEFAULT_STEPS
 
         super().__init__(model_id, pipeline, lora_dir)
         self.size_multiple = pipeline.size_multiple
         self.default_size = (pipeline.default_size, pipeline.default_size)
-        self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
+        self.default_steps, self.default_guidance = DEFAULT_STEPS, pipeline.default_guidance
         self.default_sampler = pipeline.default_sampler
         self.samplers = tuple(name for name in available_samplers() if self._plans(name))
         encoders = list(pipeline.text_encoders.values())  # SDXL: both CLIP tokenizers count alike
