@@ -150,16 +150,31 @@ def count_up_levels(keys: list[str], pattern: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+# (diffusers, CompVis) prefixes of the mid block and the encoder's down levels; `#` stands for the level index.
+MID_AND_DOWN_NAMES = [
+    ("mid_block.resnets.0.", "mid.block_1."),
+    ("mid_block.resnets.1.", "mid.block_2."),
+    ("mid_block.attentions.0.", "mid.attn_1."),
+    ("down_blocks.#.resnets.", "down.#.block."),
+    ("down_blocks.#.attentions.", "down.#.attn."),
+    ("down_blocks.#.downsamplers.0.", "down.#.downsample."),
+]
+
+
+def rename_mid_and_down(key: str, to_diffusers: bool) -> str:
+    """Rename the mid-block and down-level prefixes of one key in either direction."""
+    for theirs, ours in MID_AND_DOWN_NAMES:
+        source, target = (ours, theirs) if to_diffusers else (theirs, ours)
+        pattern = re.escape(source).replace("\\#", r"(\d+)")
+        key = re.sub(pattern, target.replace("#", r"\1"), key)
+    return key
+
+
 def key_from_diffusers(key: str, n_up: int) -> str:
     """Rename one diffusers VAE key to its CompVis name (see module docstring)."""
     for old, new in OLD_ATTENTION_NAMES.items():
         key = re.sub(rf"(attentions\.\d+)\.{old}\.", rf"\1.{new}.", key)
-    key = re.sub(r"mid_block\.resnets\.0\.", "mid.block_1.", key)
-    key = re.sub(r"mid_block\.resnets\.1\.", "mid.block_2.", key)
-    key = re.sub(r"mid_block\.attentions\.0\.", "mid.attn_1.", key)
-    key = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", key)
-    key = re.sub(r"down_blocks\.(\d+)\.attentions\.", r"down.\1.attn.", key)
-    key = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", key)
+    key = rename_mid_and_down(key, to_diffusers=False)
     key = re.sub(r"up_blocks\.(\d+)\.", lambda m: f"up.{n_up - 1 - int(m.group(1))}.", key)
     key = re.sub(r"(up\.\d+)\.resnets\.", r"\1.block.", key)
     key = re.sub(r"(up\.\d+)\.attentions\.", r"\1.attn.", key)
@@ -175,12 +190,7 @@ def key_to_diffusers(key: str, n_up: int) -> str:
     for ours, theirs in ATTENTION_TO_DIFFUSERS.items():
         key = re.sub(rf"(attn(?:_1|\.\d+))\.{ours}\.", rf"\1.{theirs}.", key)
     key = key.replace("norm_out.", "conv_norm_out.").replace(".nin_shortcut.", ".conv_shortcut.")
-    key = re.sub(r"mid\.block_1\.", "mid_block.resnets.0.", key)
-    key = re.sub(r"mid\.block_2\.", "mid_block.resnets.1.", key)
-    key = re.sub(r"mid\.attn_1\.", "mid_block.attentions.0.", key)
-    key = re.sub(r"down\.(\d+)\.block\.", r"down_blocks.\1.resnets.", key)
-    key = re.sub(r"down\.(\d+)\.attn\.", r"down_blocks.\1.attentions.", key)
-    key = re.sub(r"down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0.", key)
+    key = rename_mid_and_down(key, to_diffusers=True)
     key = re.sub(r"up\.(\d+)\.block\.", r"up.\1.resnets.", key)
     key = re.sub(r"up\.(\d+)\.attn\.", r"up.\1.attentions.", key)
     key = re.sub(r"up\.(\d+)\.upsample\.", r"up.\1.upsamplers.0.", key)

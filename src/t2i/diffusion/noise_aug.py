@@ -68,6 +68,9 @@ def noise_low_res(
     return x_aug, logsnr if time_cond == "logsnr" else level
 
 
+LEVEL_OPTIONS = ("p_mean", "p_std", "max_level")
+
+
 def sample_aug_levels(
     batch: int,
     kind: str = "EDM",
@@ -95,18 +98,15 @@ def augment_low_res(
     kind: str = "EDM",
     generator: torch.Generator | None = None,
     per_sample: bool = True,
-    *,
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
-    max_level: float = 1.0,
-    **encoding: Any,
+    **options: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training-time augmentation at random levels. x_low (B, C, h, w) -> (x_aug (B, C, h, w), aug_cond (B,)).
 
-    `encoding`: the `noise_low_res` options (sigma_data, noise_schedule, time_cond)."""
-    levels = sample_aug_levels(x_low.shape[0], kind, generator, per_sample, p_mean=p_mean, p_std=p_std,
-                               max_level=max_level, device=x_low.device)  # fmt: skip
-    return noise_low_res(x_low, levels, kind, generator, **encoding)
+    `options`: the level distribution of `sample_aug_levels` (p_mean, p_std, max_level) and the `noise_low_res`
+    encoding (sigma_data, noise_schedule, time_cond)."""
+    level_options = {name: options.pop(name) for name in LEVEL_OPTIONS if name in options}
+    levels = sample_aug_levels(x_low.shape[0], kind, generator, per_sample, device=x_low.device, **level_options)
+    return noise_low_res(x_low, levels, kind, generator, **options)
 
 
 def fixed_augment(

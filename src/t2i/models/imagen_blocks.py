@@ -33,7 +33,7 @@ from t2i.models.imagen_attention import (
     maybe_checkpoint,
 )
 from t2i.models.imagen_conditioning import POOLING_TYPES, ScalarEmbedding, TextConditioner
-from t2i.models.layers import fitted_normalization, zero_module
+from t2i.models.layers import fitted_normalization, run_conditioned_layers, zero_module
 
 __all__ = [  # attention names are re-exported for callers that import them from here
     "ATTENTION_TYPES",
@@ -143,14 +143,7 @@ class CondSequential(nn.ModuleList):
     def forward(
         self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        for layer in self:
-            if isinstance(layer, (ResBlock, EfficientResBlock)):
-                x = layer(x, emb)
-            elif isinstance(layer, AttentionBlockBase):
-                x = layer(x, context, mask)
-            else:
-                x = layer(x)
-        return x
+        return run_conditioned_layers(self, x, emb, context, mask, (ResBlock, EfficientResBlock), (AttentionBlockBase,))
 
 
 # ------------------------------------------------------------------------------------------------ UNet base

@@ -33,7 +33,7 @@ from t2i.models.imagen_blocks import (
     reject_unknown_keys,
     signature_keys,
 )
-from t2i.models.layers import fitted_normalization, zero_module
+from t2i.models.layers import fitted_normalization, run_skip_levels, zero_module
 
 __all__ = ["UNET_TYPES", "EfficientUNet", "ImagenUNet", "build_imagen_unet", "valid_unet_keys"]
 
@@ -192,14 +192,7 @@ class ImagenUNet(ImagenUNetBase):
     def _forward_layers(
         self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        h, skips = x, []
-        for block in self.input_blocks:
-            h = block(h, emb, context, mask)
-            skips.append(h)
-        h = self.middle_block(h, emb, context, mask)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, mask)
-        return self.out(h)
+        return self.out(run_skip_levels(self.input_blocks, self.middle_block, self.output_blocks, x, emb, context, mask))
 
 
 def _attention_factors(resolutions: Sequence[int], image_size: int) -> set[int]:

@@ -102,3 +102,38 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return self.conv(x) if self.use_conv else x
+
+
+def run_conditioned_layers(
+    layers: nn.Module,
+    x: torch.Tensor,
+    emb: torch.Tensor,
+    context: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    takes_emb: tuple[type, ...],
+    takes_context: tuple[type, ...],
+) -> torch.Tensor:
+    """Run `layers` in order, handing the timestep embedding to `takes_emb` layers and the text (with its mask)
+    to `takes_context` layers; every other layer sees only x."""
+    for layer in layers:
+        if isinstance(layer, takes_emb):
+            x = layer(x, emb)
+        elif isinstance(layer, takes_context):
+            x = layer(x, context, mask)
+        else:
+            x = layer(x)
+    return x
+
+
+def run_skip_levels(
+    input_blocks: nn.ModuleList, middle_block: nn.Module, output_blocks: nn.ModuleList, h: torch.Tensor, *cond
+) -> torch.Tensor:
+    """The UNet's down path, middle and up path, each up block taking the matching down block's output."""
+    skips = []
+    for block in input_blocks:
+        h = block(h, *cond)
+        skips.append(h)
+    h = middle_block(h, *cond)
+    for block in output_blocks:
+        h = block(torch.cat([h, skips.pop()], dim=1), *cond)
+    return h

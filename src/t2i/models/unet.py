@@ -21,7 +21,15 @@ from torch.utils.checkpoint import checkpoint
 
 from t2i.errors import InvalidInputError
 from t2i.models.attention import CrossAttention, attention
-from t2i.models.layers import Downsample, Upsample, normalization, timestep_embedding, zero_module
+from t2i.models.layers import (
+    Downsample,
+    Upsample,
+    normalization,
+    run_conditioned_layers,
+    run_skip_levels,
+    timestep_embedding,
+    zero_module,
+)
 from t2i.models.unet_layout import (
     attention_heads,
     attention_levels,
@@ -246,14 +254,7 @@ class TimestepEmbedSequential(nn.Sequential):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        for layer in self:
-            if isinstance(layer, ResBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, context_mask)
-            else:
-                x = layer(x)
-        return x
+        return run_conditioned_layers(self, x, emb, context, context_mask, (ResBlock,), (SpatialTransformer,))
 
 
 class UNetModel(nn.Module):
@@ -381,14 +382,8 @@ class UNetModel(nn.Module):
         emb = self._add_label_embedding(emb, y, x.shape[0])
         if context is not None:
             context = context.to(param_dtype)
-        h = x.to(param_dtype)
-        skips = []
-        for block in self.input_blocks:
-            h = block(h, emb, context, context_mask)
-            skips.append(h)
-        h = self.middle_block(h, emb, context, context_mask)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+        h = run_skip_levels(self.input_blocks, self.middle_block, self.output_blocks, x.to(param_dtype), emb,
+                            context, context_mask)  # fmt: skip
         return self.out(h)
 
     def _add_label_embedding(self, emb: torch.Tensor, y: torch.Tensor | None, batch: int) -> torch.Tensor:

@@ -170,8 +170,8 @@ def load_folder_text_encoder(root: Path, index: dict[str, Any], model_cfg: Any) 
     With a t2i.yaml its cond_stage_config gives kind, layer and max_length; otherwise the kind follows the class
     in model_index.json and max_length is the tokenizer's `model_max_length` (what diffusers pads to).
     """
-    from t2i.text.encoders import MaskedMeanEncoder, build_clip, load_hf_model
-    from t2i.text.tokenize import load_tokenizer
+    from t2i.text.encoders import MaskedMeanEncoder, build_clip
+    from t2i.text.tokenize import load_hf_model, load_tokenizer
 
     class_name = index["text_encoder"][1]
     if model_cfg is not None:

@@ -21,7 +21,14 @@ from torch import nn
 
 from t2i.convert.text_keys import openclip_text_shapes, openclip_to_hf, strip_prefix
 from t2i.errors import ConfigError, InvalidInputError, PipelineLoadError, WeightsMismatchError
-from t2i.text.tokenize import load_tokenizer, masked_mean, model_folder, tokenize, tokenizer_folder
+from t2i.text.tokenize import (
+    load_hf_model,
+    load_tokenizer,
+    masked_mean,
+    model_folder,
+    tokenize,
+    tokenizer_folder,
+)
 
 TEXT_ENCODER_KINDS = ("clip", "openclip", "t5", "minilm")
 # last                the final layer's output (through final_layer_norm): SD1
@@ -221,16 +228,6 @@ def fit_text_model_prefix(state: dict[str, torch.Tensor], model: nn.Module) -> d
 
 
 # ---------------------------------------------------------------- builders
-
-
-def load_hf_model(cls: Any, folder: Path, what: str) -> nn.Module:
-    """`cls.from_pretrained(folder)` offline; a load failure becomes a PipelineLoadError naming the folder."""
-    try:
-        return cls.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise PipelineLoadError(
-            f"{folder}: cannot load ({exc.__class__.__name__}: {exc}); expected {what}"
-        ) from exc
 
 
 def build_clip(

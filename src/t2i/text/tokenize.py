@@ -50,16 +50,21 @@ def tokenizer_folder(path: str | Path | None, model_dir: Path | None, subfolder:
     )
 
 
+def load_hf_model(cls: Any, folder: Path, what: str) -> Any:
+    """`cls.from_pretrained(folder)` offline; a load failure becomes a PipelineLoadError naming the folder."""
+    try:
+        return cls.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PipelineLoadError(
+            f"{folder}: cannot load ({exc.__class__.__name__}: {exc}); expected {what}"
+        ) from exc
+
+
 def load_tokenizer(folder: Path) -> Any:
     """AutoTokenizer from a local folder only; a broken folder becomes a PipelineLoadError."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        raise PipelineLoadError(
-            f"{folder}: cannot load tokenizer ({exc.__class__.__name__}); expected HF tokenizer files"
-        ) from exc
+    return load_hf_model(AutoTokenizer, folder, "HF tokenizer files")
 
 
 def tokenize(tokenizer: Any, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
