@@ -29,6 +29,7 @@ from t2i.diffusion.schedules import FlowSchedule, flux_sampling_times, image_seq
 from t2i.diffusion.tensors import Generators, randn
 from t2i.errors import InvalidInputError, checked_arguments
 from t2i.models.first_stage import LatentFirstStage
+from t2i.pipelines.components import BackboneAndFirstStage
 from t2i.pipelines.latent import (
     GenerationOutput,
     LatentPipeline,
@@ -43,7 +44,7 @@ DEFAULT_STEPS = 28
 DEFAULT_SAMPLER = "euler"
 
 
-class FluxPipeline(LoraMethods):
+class FluxPipeline(BackboneAndFirstStage, LoraMethods):
     """Flux inference: `generate` (text-to-image).
 
     Args:
@@ -98,31 +99,16 @@ class FluxPipeline(LoraMethods):
             slot["text_encoder"] = getattr(self.pooled_encoder, "model", self.pooled_encoder)
         return [slot]
 
-    def freeze(self) -> FluxPipeline:
-        """Eval mode and no gradients for every component (what a loaded pipeline is)."""
-        for module in (self.transformer, self.first_stage, *self.text_encoders):
-            module.eval().requires_grad_(False)
-        return self
+    def text_modules(self) -> list[nn.Module]:
+        return list(self.text_encoders)
 
     @property
-    def vae(self) -> nn.Module:
-        return self.first_stage.vae
-
-    @property
-    def scale_factor(self) -> float:
-        return self.first_stage.scale_factor
+    def backbone(self) -> nn.Module:
+        return self.transformer
 
     @property
     def shift_factor(self) -> float:
         return self.first_stage.shift_factor
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
 
     @property
     def guidance_distilled(self) -> bool:

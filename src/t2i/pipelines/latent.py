@@ -42,6 +42,7 @@ from t2i.diffusion.schedules import DiscreteSchedule
 from t2i.diffusion.tensors import Generators, randn
 from t2i.errors import InvalidInputError
 from t2i.models.first_stage import LatentFirstStage
+from t2i.pipelines.components import BackboneAndFirstStage
 from t2i.pipelines.conditioning import (
     MicroConditioning,
     head_plan,
@@ -137,7 +138,7 @@ def tail_plan(plan: SamplingPlan, start: int) -> SamplingPlan:
     )
 
 
-class LatentPipeline(LoraMethods):
+class LatentPipeline(BackboneAndFirstStage, LoraMethods):
     """Stable Diffusion inference: `generate` (text-to-image) and `reconstruct` (image-to-image).
 
     Args:
@@ -204,29 +205,14 @@ class LatentPipeline(LoraMethods):
         texts = {name: getattr(e, "model", e) for name, e in self.text_encoders.items()}
         return [{"unet": self.unet, **texts}]
 
-    def freeze(self) -> LatentPipeline:
-        """Eval mode and no gradients for every component (what a loaded pipeline is)."""
-        for module in (self.unet, self.first_stage, *self.text_encoders.values()):
-            module.eval().requires_grad_(False)
-        return self
+    def text_modules(self) -> list[nn.Module]:
+        return list(self.text_encoders.values())
 
     # ------------------------------------------------------------------------------------ properties
 
     @property
-    def vae(self) -> nn.Module:
-        return self.first_stage.vae
-
-    @property
-    def scale_factor(self) -> float:
-        return self.first_stage.scale_factor
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+    def backbone(self) -> nn.Module:
+        return self.unet
 
     @property
     def size_multiple(self) -> int:
