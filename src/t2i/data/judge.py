@@ -130,11 +130,14 @@ def classify_shape(f: ShapeFeatures) -> str:
     return "circle"
 
 
-def classify_colour(pixel: np.ndarray, background: np.ndarray) -> str:
-    """Palette colour whose line segment background -> colour passes closest to `pixel` (RGB floats)."""
+def classify_colour(
+    pixel: np.ndarray, background: np.ndarray, palette: dict[str, tuple[int, int, int]] | None = None
+) -> str:
+    """Colour of `palette` (default: the dataset's) whose line segment background -> colour passes closest to
+    `pixel` (RGB floats)."""
     best, best_dist = "", np.inf
     offset = pixel - background
-    for name, rgb in COLOURS.items():
+    for name, rgb in (COLOURS if palette is None else palette).items():
         direction = np.asarray(rgb, dtype=np.float64) - background
         alpha = np.clip(offset @ direction / max(direction @ direction, 1e-9), 0.0, 1.0)
         dist = float(np.linalg.norm(offset - alpha * direction))
@@ -143,8 +146,9 @@ def classify_colour(pixel: np.ndarray, background: np.ndarray) -> str:
     return best
 
 
-def judge_image(image: Image.Image) -> Detection:
-    """Detect (colour, shape, position) in one image; None fields when the image is blank."""
+def judge_image(image: Image.Image, palette: dict[str, tuple[int, int, int]] | None = None) -> Detection:
+    """Detect (colour, shape, position) in one image; None fields when the image is blank. `palette` replaces
+    the dataset's colours (a personalisation run adds new ones)."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
     background = _background(rgb)
     distance = np.linalg.norm(rgb - background, axis=-1)
@@ -155,7 +159,7 @@ def judge_image(image: Image.Image) -> Detection:
     if mask.sum() < MIN_AREA:
         return Detection(None, None, None)
     core = mask & (distance >= 0.8 * distance[mask].max())
-    colour = classify_colour(np.median(rgb[core], axis=0), background)
+    colour = classify_colour(np.median(rgb[core], axis=0), background, palette)
     rows, cols = np.nonzero(mask)
     position = grid_cell(cols.mean() + 0.5, rows.mean() + 0.5, rgb.shape[1], rgb.shape[0])
     return Detection(colour, classify_shape(shape_features(mask)), position)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -185,7 +186,7 @@ def iter_shapes(
         yield f"{index:08d}", draw_shape(*combo, size=size, rng=rng), combo
 
 
-def _png_bytes(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -206,6 +207,27 @@ def split_description(split: str) -> dict:
     }
 
 
+def write_sample_shards(out: Path, samples: Iterable[dict[str, Any]], shard_size: int) -> list[Path]:
+    """Write webdataset samples into ``out/shapes-00000.tar``, ... of `shard_size` samples each."""
+    import webdataset as wds
+
+    if shard_size < 1:
+        raise InvalidInputError(f"shard_size: expected >= 1, got {shard_size}")
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[Path] = []
+    writer = None
+    for i, sample in enumerate(samples):
+        if i % shard_size == 0:
+            if writer is not None:
+                writer.close()
+            shards.append(out / f"shapes-{len(shards):05d}.tar")
+            writer = wds.TarWriter(str(shards[-1]))
+        writer.write(sample)
+    if writer is not None:
+        writer.close()
+    return shards
+
+
 def write_shapes_dataset(
     out: str | Path, num: int, size: int, seed: int, shard_size: int = 1000, split: str = "train"
 ) -> list[Path]:
@@ -213,25 +235,14 @@ def write_shapes_dataset(
 
     Also writes ``split.json`` (see `split_description`) and a short ``README.md``. Returns the shard paths.
     """
-    import webdataset as wds
-
-    if shard_size < 1:
-        raise InvalidInputError(f"shard_size: expected >= 1, got {shard_size}")
     combos_for_split(split)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    shards: list[Path] = []
-    writer = None
-    for i, (key, image, combo) in enumerate(iter_shapes(num, size, seed, split)):
-        if i % shard_size == 0:
-            if writer is not None:
-                writer.close()
-            shards.append(out / f"shapes-{len(shards):05d}.tar")
-            writer = wds.TarWriter(str(shards[-1]))
-        meta = {"colour": combo[0], "shape": combo[1], "position": combo[2], "size": size}
-        writer.write({"__key__": key, "png": _png_bytes(image), "txt": caption_for(*combo), "json": meta})
-    if writer is not None:
-        writer.close()
+    samples = (
+        {"__key__": key, "png": png_bytes(image), "txt": caption_for(*combo),
+         "json": {"colour": combo[0], "shape": combo[1], "position": combo[2], "size": size}}
+        for key, image, combo in iter_shapes(num, size, seed, split)
+    )  # fmt: skip
+    shards = write_sample_shards(out, samples, shard_size)
     info = split_description(split) | {
         "num": num,
         "size": size,

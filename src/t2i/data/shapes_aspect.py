@@ -9,7 +9,6 @@ the image's own width and height) are those of `t2i.data.shapes`.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,8 +22,10 @@ from t2i.data.shapes import (
     Combo,
     caption_for,
     draw_shape,
+    png_bytes,
     sample_combo,
     split_description,
+    write_sample_shards,
 )
 from t2i.errors import InvalidInputError
 
@@ -82,27 +83,14 @@ def write_aspect_shapes_dataset(
 ) -> list[Path]:
     """Write `num` samples at the given (width, height) `sizes` as webdataset shards ``shapes-00000.tar``
     (``.png``, ``.txt``, ``.json`` with colour, shape, position, width, height) plus ``split.json``."""
-    import webdataset as wds
-
-    if shard_size < 1:
-        raise InvalidInputError(f"shard_size: expected >= 1, got {shard_size}")
+    samples = (
+        {"__key__": key, "png": png_bytes(image), "txt": caption_for(*combo),
+         "json": {"colour": combo[0], "shape": combo[1], "position": combo[2], "width": image.width,
+                  "height": image.height}}
+        for key, image, combo in iter_aspect_shapes(num, sizes, seed, split)
+    )  # fmt: skip
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    shards: list[Path] = []
-    writer = None
-    for i, (key, image, combo) in enumerate(iter_aspect_shapes(num, sizes, seed, split)):
-        if i % shard_size == 0:
-            if writer is not None:
-                writer.close()
-            shards.append(out / f"shapes-{len(shards):05d}.tar")
-            writer = wds.TarWriter(str(shards[-1]))
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        meta = {"colour": combo[0], "shape": combo[1], "position": combo[2], "width": image.width,
-                "height": image.height}  # fmt: skip
-        writer.write({"__key__": key, "png": buffer.getvalue(), "txt": caption_for(*combo), "json": meta})
-    if writer is not None:
-        writer.close()
+    shards = write_sample_shards(out, samples, shard_size)
     info = split_description(split) | {"num": num, "sizes": [list(s) for s in sizes], "seed": seed,
                                        "shards": [p.name for p in shards]}  # fmt: skip
     (out / "split.json").write_text(json.dumps(info, indent=2))

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from t2i.data import judge
-from t2i.data.shapes import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, draw_shape, grid_cell
+from t2i.data.shapes import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, draw_shape
 
 # A LoRA on the UNet cannot teach a colour the frozen VAE cannot decode, and which colours a demo VAE decodes
 # varies from one trained VAE to another (docs/LORA.md: teal 96%, 100%, 0%; brown 62%, 0%, 92% on three).
@@ -99,40 +99,6 @@ def write_concept_folder(folder: Path, colour: str, num: int, size: int, seed: i
 # ------------------------------------------------------------------------------------------ judging
 
 
-def classify_colour(
-    pixel: np.ndarray, background: np.ndarray, palette: dict[str, tuple[int, int, int]]
-) -> str:
-    """The judge's colour rule (nearest background->colour segment) over `palette`."""
-    offset = pixel - background
-    best, best_dist = "", np.inf
-    for name, rgb in palette.items():
-        direction = np.asarray(rgb, dtype=np.float64) - background
-        alpha = np.clip(offset @ direction / max(direction @ direction, 1e-9), 0.0, 1.0)
-        dist = float(np.linalg.norm(offset - alpha * direction))
-        if dist < best_dist:
-            best, best_dist = name, dist
-    return best
-
-
-def judge_extended(image: Any, palette: dict[str, tuple[int, int, int]]) -> judge.Detection:
-    """`t2i.data.judge.judge_image` with the colour matched against `palette` (old colours + new ones)."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]], axis=0)
-    background = np.median(border, axis=0)
-    distance = np.linalg.norm(rgb - background, axis=-1)
-    peak = float(distance.max())
-    if peak < judge.MIN_CONTRAST:
-        return judge.Detection(None, None, None)
-    mask = judge.largest_component(distance >= 0.5 * peak)
-    if mask.sum() < judge.MIN_AREA:
-        return judge.Detection(None, None, None)
-    core = mask & (distance >= 0.8 * distance[mask].max())
-    colour = classify_colour(np.median(rgb[core], axis=0), background, palette)
-    rows, cols = np.nonzero(mask)
-    position = grid_cell(cols.mean() + 0.5, rows.mean() + 0.5, rgb.shape[1], rgb.shape[0])
-    return judge.Detection(colour, judge.classify_shape(judge.shape_features(mask)), position)
-
-
 def score_concept(images: list[Any], prompts: list[str], colour: str) -> dict[str, float]:
     """Accuracy of colour / shape / position / all three on new-colour prompts (extended palette)."""
     palette = {**COLOURS, colour: NEW_COLOURS[colour]}
@@ -140,7 +106,7 @@ def score_concept(images: list[Any], prompts: list[str], colour: str) -> dict[st
     for image, prompt in zip(images, prompts, strict=True):
         words = prompt.split()
         expected = (words[1], words[2], next(p for p, ph in POSITION_PHRASES.items() if prompt.endswith(ph)))
-        found = judge_extended(image, palette)
+        found = judge.judge_image(image, palette)
         hits.append([found.colour == expected[0], found.shape == expected[1], found.position == expected[2]])
     array = np.asarray(hits, dtype=bool)
     names = ("colour", "shape", "position")
@@ -165,7 +131,7 @@ def vae_round_trip(pipe: Any, colour: str, size: int, count: int = 24, seed: int
     with torch.no_grad():  # posterior samples, as LoRA training sees them, from a fixed generator: repeatable
         pixels = pipe.decode(pipe.first_stage.encode(images, torch.Generator(pipe.device).manual_seed(seed)))
     palette = {**COLOURS, colour: NEW_COLOURS[colour]}
-    return float(np.mean([judge_extended(im, palette).colour == colour for im in to_pil(pixels)]))
+    return float(np.mean([judge.judge_image(im, palette).colour == colour for im in to_pil(pixels)]))
 
 
 def sample(pipe: Any, prompts: list[str], settings: PersonalizeSettings, size: int) -> list[Any]:
