@@ -154,3 +154,20 @@ def test_cli_errors_are_one_line(capsys, tmp_path, sd1_dir, single_file, argv, m
     assert err.startswith("t2i sample: error: ") and err.count("\n") == 1, err
     assert message in err and "Traceback" not in err
     assert issubclass(UnknownSamplerError, T2IError)
+
+
+@pytest.mark.parametrize(("in_channels", "kind"), [(9, "inpainting"), (8, "InstructPix2Pix"), (5, "depth-to-image")])
+def test_unets_with_concatenated_inputs_fail_at_load_with_one_line(tmp_path, capsys, in_channels, kind):
+    """A 9/8/5-channel UNet used to load and then crash with a raw RuntimeError at the first sampling step."""
+    from diffusers import UNet2DConditionModel
+    from sd_helpers import tiny_diffusers_pipeline
+
+    pipe = tiny_diffusers_pipeline("sd1")
+    pipe.unet = UNet2DConditionModel.from_config({**pipe.unet.config, "in_channels": in_channels})
+    pipe.save_pretrained(tmp_path / "folder")
+    with pytest.raises(PipelineLoadError) as caught:
+        t2i.load_pipeline(tmp_path / "folder")
+    message = str(caught.value)
+    assert "\n" not in message and f"unet.in_channels: {in_channels} is" in message and kind in message
+    assert main(["sample", "--model", str(tmp_path / "folder"), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    assert kind in capsys.readouterr().err and not (tmp_path / "x.png").exists()

@@ -40,7 +40,7 @@ from t2i.diffusion.plans import SamplingPlan, make_plan
 from t2i.diffusion.samplers import Callback, get_sampler
 from t2i.diffusion.schedules import DiscreteSchedule
 from t2i.diffusion.tensors import Generators, randn
-from t2i.errors import InvalidInputError
+from t2i.errors import InvalidInputError, PipelineLoadError
 from t2i.models.first_stage import LatentFirstStage
 from t2i.pipelines.components import BackboneAndFirstStage
 from t2i.pipelines.conditioning import (
@@ -138,6 +138,25 @@ def tail_plan(plan: SamplingPlan, start: int) -> SamplingPlan:
     )
 
 
+# UNets that take extra channels concatenated to the latents, by how many they take in all (diffusers' names).
+CONCAT_CONDITIONED_UNETS = {9: "an inpainting UNet (latents + mask + masked-image latents)",
+                            8: "an InstructPix2Pix UNet (latents + source-image latents)",
+                            5: "a depth-to-image UNet (latents + depth map)"}  # fmt: skip
+
+
+def check_unet_takes_latents(unet: nn.Module, latent_channels: int) -> None:
+    """PipelineLoadError at load for a UNet whose input is not the VAE's latents alone (it would crash at the
+    first step otherwise)."""
+    in_channels = getattr(unet, "in_channels", latent_channels)
+    if in_channels == latent_channels:
+        return
+    kind = CONCAT_CONDITIONED_UNETS.get(in_channels, "a UNet with extra input channels")
+    raise PipelineLoadError(
+        f"unet.in_channels: {in_channels} is {kind}, which t2i does not sample yet; expected {latent_channels} "
+        f"(the VAE's latent channels: a text-to-image UNet)"
+    )
+
+
 class LatentPipeline(BackboneAndFirstStage, LoraMethods):
     """Stable Diffusion inference: `generate` (text-to-image) and `reconstruct` (image-to-image).
 
@@ -168,6 +187,7 @@ class LatentPipeline(BackboneAndFirstStage, LoraMethods):
     ):
         self.unet = unet
         self.first_stage = LatentFirstStage(vae, scale_factor, getattr(vae, "shift_factor", None) or 0.0)
+        check_unet_takes_latents(unet, self.first_stage.latent_channels)
         self.text_encoder = text_encoder
         self.text_encoder_2 = text_encoder_2
         self.scheduler_config = dict(scheduler_config)
