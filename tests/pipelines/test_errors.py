@@ -156,9 +156,10 @@ def test_cli_errors_are_one_line(capsys, tmp_path, sd1_dir, single_file, argv, m
     assert issubclass(UnknownSamplerError, T2IError)
 
 
-@pytest.mark.parametrize(("in_channels", "kind"), [(9, "inpainting"), (8, "InstructPix2Pix"), (5, "depth-to-image")])
-def test_unets_with_concatenated_inputs_fail_at_load_with_one_line(tmp_path, capsys, in_channels, kind):
-    """A 9/8/5-channel UNet used to load and then crash with a raw RuntimeError at the first sampling step."""
+@pytest.mark.parametrize(("in_channels", "kind"), [(5, "depth-to-image"), (7, "a UNet with extra input channels")])
+def test_unets_with_inputs_t2i_cannot_feed_fail_at_load_with_one_line(tmp_path, capsys, in_channels, kind):
+    """A depth (5-channel) UNet used to load and then crash with a raw RuntimeError at the first sampling step.
+    (Inpainting and InstructPix2Pix UNets sample: tests/pipelines/test_editing.py.)"""
     from diffusers import UNet2DConditionModel
     from sd_helpers import tiny_diffusers_pipeline
 

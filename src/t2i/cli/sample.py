@@ -95,9 +95,17 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
 
 def add_image_to_image_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("image to image")
-    group.add_argument("--init-image", help="start from this image (img2img)")
+    group.add_argument("--init-image", help="start from this image (img2img; the source of --mask and --edit)")
     group.add_argument(
-        "--strength", type=float, default=0.6, help="how much of the schedule to run, in (0, 1]"
+        "--strength", type=float, default=None,
+        help="how much of the schedule to run, in (0, 1] (default 0.6; with --mask 1.0)",
+    )  # fmt: skip
+    group.add_argument("--mask", help="inpaint where this mask is white (needs a 9-channel inpainting UNet)")
+    group.add_argument(
+        "--edit", action="store_true", help="the prompt is an instruction for --init-image (InstructPix2Pix UNet)"
+    )
+    group.add_argument(
+        "--image-guidance", type=float, default=None, help="--edit: pull towards the source image (default 1.5)"
     )
     return group
 
@@ -243,28 +251,52 @@ def generate_from_args(pipe: Any, args: argparse.Namespace) -> Any:
         "progress": True,
         **micro_conditioning_of_pipeline(pipe, args),
     }
+    check_image_options(args)
+    if args.mask:
+        return pipe.inpaint(args.prompt, open_image(args.init_image), open_image(args.mask, "--mask", "L"),
+                            strength=1.0 if args.strength is None else args.strength, num_images=args.num_images,
+                            **common)  # fmt: skip
+    if args.edit:
+        image_guidance = 1.5 if args.image_guidance is None else args.image_guidance
+        common = {k: v for k, v in common.items() if k not in ("height", "width")}
+        return pipe.edit(args.prompt, open_image(args.init_image), image_guidance_scale=image_guidance,
+                         num_images=args.num_images, **common)  # fmt: skip
     if args.init_image:
         if args.num_images < 1:
             from t2i.errors import InvalidInputError
 
             raise InvalidInputError(f"--num-images: expected an integer >= 1, got {args.num_images}")
         prompts = [p for p in args.prompt for _ in range(args.num_images)]
-        return pipe.reconstruct(prompts, open_image(args.init_image), strength=args.strength, **common)
+        strength = 0.6 if args.strength is None else args.strength
+        return pipe.reconstruct(prompts, open_image(args.init_image), strength=strength, **common)
     return pipe.generate(args.prompt, num_images=args.num_images, **common)
 
 
-def open_image(path: str) -> Any:
+def check_image_options(args: argparse.Namespace) -> None:
+    """--mask and --edit need --init-image and exclude each other; --image-guidance belongs to --edit."""
+    from t2i.errors import InvalidInputError
+
+    for flag, given in (("--mask", args.mask), ("--edit", args.edit)):
+        if given and not args.init_image:
+            raise InvalidInputError(f"{flag}: needs --init-image (the image to {'inpaint' if flag == '--mask' else 'edit'})")
+    if args.mask and args.edit:
+        raise InvalidInputError("--mask, --edit: choose one (inpainting or instruction editing)")
+    if args.image_guidance is not None and not args.edit:
+        raise InvalidInputError("--image-guidance: only used with --edit")
+    if args.edit and args.strength is not None:
+        raise InvalidInputError("--strength: not used by --edit (InstructPix2Pix always starts from noise)")
+
+
+def open_image(path: str, flag: str = "--init-image", mode: str = "RGB") -> Any:
     from PIL import Image, UnidentifiedImageError
 
     from t2i.errors import InvalidInputError
 
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert(mode)
     except (OSError, UnidentifiedImageError) as exc:
-        raise InvalidInputError(
-            f"--init-image {path}: cannot read image ({exc.__class__.__name__})"
-        ) from None
+        raise InvalidInputError(f"{flag} {path}: cannot read image ({exc.__class__.__name__})") from None
 
 
 def output_paths(out: str, count: int) -> list[Path]:
@@ -283,6 +315,8 @@ def reject_latent_only_options(args: argparse.Namespace) -> None:
     """Options that only the SD pipeline honours: an error for a cascade rather than silently ignored."""
     given = {
         "--init-image": args.init_image,
+        "--mask": args.mask,
+        "--edit": args.edit or None,
         "--height": args.height,
         "--width": args.width,
         "--karras": args.karras or None,

@@ -86,3 +86,44 @@ def _doubled_cond(cond: dict[str, Any], batch: int) -> dict[str, Any]:
             value = torch.cat([value, value])
         doubled[key] = value
     return doubled
+
+
+class ImageTextCFGDenoiser(DenoiserWrapper):
+    """InstructPix2Pix's two-scale guidance (Brooks et al. 2023, eq. 3), in x0-space:
+
+        D = D(uncond text, no image) + s_T (D(text, image) - D(uncond text, image))
+              + s_I (D(uncond text, image) - D(uncond text, no image))
+
+    `cond[image_key]` holds the source image's conditioning channels; "no image" is zeros there. The text entries
+    pair with their `uncond_` twins as in `CFGDenoiser`. All three branches run in one batch of 3B, in
+    diffusers' order (text+image, image, neither)."""
+
+    def __init__(self, inner: Any, text_scale: float, image_scale: float, image_key: str = "concat") -> None:
+        super().__init__(inner)
+        self.text_scale = float(text_scale)
+        self.image_scale = float(image_scale)
+        self.image_key = image_key
+
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any] | None = None
+    ) -> torch.Tensor:
+        cond = dict(cond or {})
+        batch = x.shape[0]
+        image = cond.pop(self.image_key)
+        doubled = _doubled_cond(cond, batch)  # rows: uncond text, then text
+        text_first = {
+            k: torch.cat([v[batch:], v[:batch], v[:batch]]) if _is_batch(v, 2 * batch) else v
+            for k, v in doubled.items()
+        }
+        text_first[self.image_key] = torch.cat([image, image, torch.zeros_like(image)])
+        out = self.inner(torch.cat([x, x, x]), torch.cat([sigma, sigma, sigma]), text_first)
+        with_text, image_only, neither = out.chunk(3)
+        return (
+            neither
+            + self.text_scale * (with_text - image_only)
+            + self.image_scale * (image_only - neither)
+        )
+
+
+def _is_batch(value: Any, rows: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == rows

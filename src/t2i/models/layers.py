@@ -137,3 +137,18 @@ def run_skip_levels(
     for block in output_blocks:
         h = block(torch.cat([h, skips.pop()], dim=1), *cond)
     return h
+
+
+class ConcatInputs(nn.Module):
+    """A backbone whose input is its latents with extra channels concatenated after them (diffusers' inpainting
+    UNet: mask + masked-image latents; InstructPix2Pix: source-image latents).
+
+    Called as `net(x, t, concat=(B, C_extra, H, W), **cond)`. The extra channels join after the denoiser has
+    scaled x, so they reach the backbone as given, never noised or rescaled."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, concat: torch.Tensor, **cond) -> torch.Tensor:
+        return self.net(torch.cat([x, concat.to(device=x.device, dtype=x.dtype)], dim=1), t, **cond)

@@ -50,6 +50,7 @@ from t2i.pipelines.conditioning import (
     refiner_start,
     size_inputs,
 )
+from t2i.pipelines.latent_editing import EditingMethods
 from t2i.pipelines.lora_methods import LoraMethods
 from t2i.text.conditioner import Conditioner, TextEmbedder
 
@@ -142,23 +143,25 @@ def tail_plan(plan: SamplingPlan, start: int) -> SamplingPlan:
 CONCAT_CONDITIONED_UNETS = {9: "an inpainting UNet (latents + mask + masked-image latents)",
                             8: "an InstructPix2Pix UNet (latents + source-image latents)",
                             5: "a depth-to-image UNet (latents + depth map)"}  # fmt: skip
+SAMPLED_EXTRA_CHANNELS = (5, 4)  # inpaint() and edit() feed these; depth maps are not estimated here
 
 
 def check_unet_takes_latents(unet: nn.Module, latent_channels: int) -> None:
-    """PipelineLoadError at load for a UNet whose input is not the VAE's latents alone (it would crash at the
-    first step otherwise)."""
+    """PipelineLoadError at load for a UNet whose input t2i cannot feed (it would crash at the first step
+    otherwise): the VAE's latents alone, or with inpainting's or InstructPix2Pix's extra channels."""
     in_channels = getattr(unet, "in_channels", latent_channels)
-    if in_channels == latent_channels:
+    if in_channels == latent_channels or in_channels - latent_channels in SAMPLED_EXTRA_CHANNELS:
         return
     kind = CONCAT_CONDITIONED_UNETS.get(in_channels, "a UNet with extra input channels")
     raise PipelineLoadError(
         f"unet.in_channels: {in_channels} is {kind}, which t2i does not sample yet; expected {latent_channels} "
-        f"(the VAE's latent channels: a text-to-image UNet)"
+        f"(text-to-image), {latent_channels + 5} (inpainting) or {latent_channels + 4} (InstructPix2Pix)"
     )
 
 
-class LatentPipeline(BackboneAndFirstStage, LoraMethods):
-    """Stable Diffusion inference: `generate` (text-to-image) and `reconstruct` (image-to-image).
+class LatentPipeline(BackboneAndFirstStage, LoraMethods, EditingMethods):
+    """Stable Diffusion inference: `generate` (text-to-image), `reconstruct` (image-to-image), and on UNets with
+    extra input channels `inpaint` and `edit` (`t2i.pipelines.latent_editing`).
 
     Args:
         unet: t2i `UNetModel` (eps / v / x0 prediction per the scheduler config).
@@ -396,6 +399,7 @@ class LatentPipeline(BackboneAndFirstStage, LoraMethods):
         `denoising_end` (0, 1) stops before the steps whose timestep is below `(1 - denoising_end) * T`
         (diffusers' cutoff) and, with `output_type="latent"`, returns the still-noisy latents for a refiner's
         `reconstruct(image=latents, denoising_start=...)`."""
+        self.require_unet(0, "generate()")
         prompts = normalize_prompts(prompt)
         guidance_scale = self.default_guidance if guidance_scale is None else check_guidance_scale(guidance_scale)
         micro = micro_conditioning_of(micro_conditioning)
@@ -467,6 +471,7 @@ class LatentPipeline(BackboneAndFirstStage, LoraMethods):
         `micro_conditioning`: as in `generate`; sizes default to the image's. `generator` and `callback` as in
         `generate` (a list: one generator per prompt).
         """
+        self.require_unet(0, "reconstruct()")
         prompts = normalize_prompts(prompt)
         guidance_scale = self.default_guidance if guidance_scale is None else check_guidance_scale(guidance_scale)
         micro = micro_conditioning_of(micro_conditioning)

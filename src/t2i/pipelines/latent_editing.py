@@ -1,0 +1,230 @@
+"""Inpainting and instruction editing for the SD family, on UNets that take extra input channels.
+
+- `inpaint(prompt, image, mask, strength)`: a 9-channel inpainting UNet (SD 1.5/2 inpainting) sees
+  `[latents, mask, masked-image latents]` at every step, as diffusers' `StableDiffusionInpaintPipeline` feeds it:
+  the mask is binarised at 0.5 (white = repaint) and resized to the latent grid by nearest neighbour; the masked
+  image is the image with the repainted region set to 0 (mid grey), encoded by the VAE (a sample, scaled).
+- `edit(instruction, image, image_guidance_scale)`: an 8-channel InstructPix2Pix UNet sees
+  `[latents, source-image latents]` (the VAE's mode, unscaled, as InstructPix2Pix was trained), under its
+  two-scale guidance (`t2i.diffusion.guidance.ImageTextCFGDenoiser`).
+
+Random draws come from `generator` (or `seed`) in diffusers' order, so the same generator gives diffusers' images:
+inpainting with strength < 1 first samples the image's latents, then the noise, then the masked image's latents;
+with strength 1 the noise, then the masked image's latents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from t2i.diffusion.denoisers import DiscreteDenoiser
+from t2i.diffusion.guidance import CFGDenoiser, ImageTextCFGDenoiser
+from t2i.diffusion.plans import SamplingPlan
+from t2i.diffusion.tensors import Generators, randn
+from t2i.errors import InvalidInputError
+from t2i.models.layers import ConcatInputs
+
+INPAINT_CHANNELS_EXTRA = 5  # mask (1) + masked-image latents (4)
+DEFAULT_IMAGE_GUIDANCE = 1.5  # diffusers' StableDiffusionInstructPix2PixPipeline default
+
+
+class EditingMethods:
+    """`inpaint` and `edit` for `LatentPipeline` (a mixin: it uses the pipeline's encoders, plans and
+    conditioning)."""
+
+    @property
+    def unet_extra_channels(self) -> int:
+        """Channels the UNet takes beyond the latents: 0 text-to-image, 5 inpainting, 4 InstructPix2Pix."""
+        return int(getattr(self.unet, "in_channels", self.first_stage.latent_channels)) - self.first_stage.latent_channels
+
+    def require_unet(self, extra: int, method: str) -> None:
+        """InvalidInputError unless the UNet takes `extra` more channels than the latents (what `method` feeds)."""
+        if self.unet_extra_channels == extra:
+            return
+        wanted = {0: "generate() or reconstruct()", INPAINT_CHANNELS_EXTRA: "inpaint()", 4: "edit()"}
+        have = self.first_stage.latent_channels + self.unet_extra_channels
+        raise InvalidInputError(
+            f"{method}: this pipeline's UNet takes {have} input channels; {method} needs "
+            f"{self.first_stage.latent_channels + extra} (use {wanted.get(self.unet_extra_channels, 'another UNet')})"
+        )
+
+    def concat_denoiser(self, plan: SamplingPlan) -> DiscreteDenoiser:
+        """The UNet with its extra channels read from `cond['concat']`, as `plan` needs it."""
+        return DiscreteDenoiser(
+            ConcatInputs(self.unet), self.schedule, self.prediction, **plan.denoiser_options()
+        ).to(self.device)
+
+    # ------------------------------------------------------------------------------------ inpainting
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        prompt: str | list[str],
+        image: Any,
+        mask: Any,
+        strength: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int = 30,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        latents: torch.Tensor | None = None,
+        use_karras_sigmas: bool = False,
+        eta: float | None = None,
+        progress: bool = True,
+        generator: Generators = None,
+        callback: Any = None,
+        output_type: str = "pil",
+    ):
+        """Repaint where `mask` is white (>= 0.5), keep the rest as context. `image`: a PIL image, a list (one per
+        prompt) or a tensor (B, 3, H, W) in [0, 1]; `mask`: a PIL image (any mode; read as grey) or a tensor
+        (B, 1, H, W) / (H, W) in [0, 1]. `strength` < 1 starts from the image noised that far into the plan
+        (diffusers' img2img rule), 1 from pure noise. `latents` (B, C, h, w): unit-variance initial noise."""
+        from t2i.pipelines.latent import check_guidance_scale, normalize_prompts
+
+        self.require_unet(INPAINT_CHANNELS_EXTRA, "inpaint()")
+        prompts = normalize_prompts(prompt)
+        guidance_scale = self.default_guidance if guidance_scale is None else check_guidance_scale(guidance_scale)
+        check_count(num_images)
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+            raise InvalidInputError(f"strength: {strength!r}; expected a number in (0, 1]")
+        plan = self.plan(sampler, steps, use_karras_sigmas)
+        options = self.sampler_options(plan.sampler, eta)
+        pixels = self.prepare_images(image, len(prompts), height, width)
+        masks = self.prepare_mask(mask, len(prompts), tuple(pixels.shape[2:]))
+        rows = len(prompts) * num_images
+        generator = self.make_generator(seed, generator, rows)
+        z0, tail = None, plan
+        if strength < 1:
+            tail = self.strength_tail(plan, steps, strength)
+            z0 = self.encode_rows(pixels * 2 - 1, num_images, generator)
+        f = self.first_stage.downsample_factor
+        shape = (rows, self.first_stage.latent_channels, pixels.shape[2] // f, pixels.shape[3] // f)
+        noise = self.initial_noise(latents, shape, generator)
+        masked = (pixels.to(self.device) * 2 - 1) * (masks.to(self.device) < 0.5)
+        masked_latents = self.encode_rows(masked, num_images, generator)
+        small_mask = F.interpolate(masks, size=shape[2:]).to(self.device)
+        concat = torch.cat([small_mask.repeat_interleave(num_images, 0), masked_latents], dim=1)
+        cond = self.conditioning(prompts, negative_prompt, num_images, guidance_scale, tuple(pixels.shape[2:]))
+        cond["concat"] = concat
+        inner = self.concat_denoiser(tail)
+        denoiser = CFGDenoiser(inner, guidance_scale) if guidance_scale > 1 else inner
+        if z0 is None:
+            x = tail.sample(denoiser, noise.to(self.device), cond, generator=generator, callback=callback,
+                            progress=progress, **options)  # fmt: skip
+        else:
+            x = z0 + float(tail.sigmas[0]) * noise.to(z0.device)
+            x = tail.sample(denoiser, x, cond, generator=generator, callback=callback, progress=progress, **options)
+        return self.output(x, output_type)
+
+    def strength_tail(self, plan: SamplingPlan, steps: int, strength: float) -> SamplingPlan:
+        """The last `int(steps * strength)` steps of `plan` (diffusers' `get_timesteps`)."""
+        from t2i.pipelines.latent import tail_plan
+
+        denoise_steps = min(int(steps * strength), steps)
+        if denoise_steps < 1:
+            raise InvalidInputError(f"strength: {strength} x steps {steps} leaves no step; expected strength*steps >= 1")
+        return tail_plan(plan, steps - denoise_steps)
+
+    def encode_rows(self, images: torch.Tensor, num_images: int, generator: Generators) -> torch.Tensor:
+        """Sampled latents of images (n, 3, H, W) in [-1, 1], one per prompt, for every output row: with one
+        generator each image is encoded once and repeated (diffusers' draws), with a list of them each row is
+        encoded from its own generator."""
+        images = images.to(self.device)
+        if isinstance(generator, list):
+            return self.encode_images(images.repeat_interleave(num_images, 0), generator).float()
+        return self.encode_images(images, generator).float().repeat_interleave(num_images, 0)
+
+    def initial_noise(self, latents: torch.Tensor | None, shape: tuple[int, ...], generator: Generators) -> torch.Tensor:
+        if latents is None:
+            return randn(shape, generator)
+        if tuple(latents.shape) != shape:
+            raise InvalidInputError(f"latents: shape {tuple(latents.shape)}; expected {shape}")
+        return latents.float()
+
+    def prepare_mask(self, mask: Any, count: int, size: tuple[int, int]) -> torch.Tensor:
+        """A PIL mask (any mode, read as grey) or a tensor in [0, 1] -> (count, 1, H, W) of 0 and 1 at `size`."""
+        from PIL import Image
+
+        if isinstance(mask, Image.Image):
+            grey = mask.convert("L")
+            if grey.size != (size[1], size[0]):
+                grey = grey.resize((size[1], size[0]), Image.LANCZOS)
+            values = torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)[None, None]
+        elif isinstance(mask, torch.Tensor) and mask.ndim in (2, 3, 4):
+            values = mask.float().reshape(-1, 1, *mask.shape[-2:]) if mask.ndim > 2 else mask.float()[None, None]
+            if mask.ndim == 3 and mask.shape[0] not in (1, count):
+                raise InvalidInputError(f"mask: tensor of shape {tuple(mask.shape)}; expected (B, 1, H, W) or (H, W)")
+            if tuple(values.shape[2:]) != size:
+                values = F.interpolate(values, size=size, mode="bilinear", antialias=True)
+        else:
+            raise InvalidInputError(
+                f"mask: expected a PIL image or a tensor (B, 1, H, W) / (H, W) in [0, 1], got {type(mask).__name__}"
+            )
+        if values.shape[0] == 1:
+            values = values.expand(count, -1, -1, -1)
+        if values.shape[0] != count:
+            raise InvalidInputError(f"mask: {values.shape[0]} masks for {count} prompts; expected 1 or {count}")
+        return (values >= 0.5).float()
+
+    # ------------------------------------------------------------------------------------ instruction editing
+
+    @torch.no_grad()
+    def edit(
+        self,
+        instruction: str | list[str],
+        image: Any,
+        image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        steps: int = 30,
+        sampler: str | None = None,
+        seed: int | None = None,
+        num_images: int = 1,
+        latents: torch.Tensor | None = None,
+        use_karras_sigmas: bool = False,
+        eta: float | None = None,
+        progress: bool = True,
+        generator: Generators = None,
+        callback: Any = None,
+        output_type: str = "pil",
+    ):
+        """Edit `image` as `instruction` says ("make it blue"), InstructPix2Pix style. `image_guidance_scale` pulls
+        towards the source image, `guidance_scale` towards the instruction; guidance runs when
+        guidance_scale > 1 and image_guidance_scale >= 1 (diffusers' rule), else one conditional pass."""
+        from t2i.pipelines.latent import check_guidance_scale, normalize_prompts
+
+        self.require_unet(4, "edit()")
+        prompts = normalize_prompts(instruction, "instruction")
+        guidance_scale = self.default_guidance if guidance_scale is None else check_guidance_scale(guidance_scale)
+        image_guidance_scale = check_guidance_scale(image_guidance_scale)
+        check_count(num_images)
+        guided = guidance_scale > 1 and image_guidance_scale >= 1
+        plan = self.plan(sampler, steps, use_karras_sigmas)
+        options = self.sampler_options(plan.sampler, eta)
+        pixels = self.prepare_images(image, len(prompts), None, None)
+        source = self.first_stage.encode_moments(pixels.to(self.device) * 2 - 1)[0].float()
+        rows = len(prompts) * num_images
+        generator = self.make_generator(seed, generator, rows)
+        f = self.first_stage.downsample_factor
+        shape = (rows, self.first_stage.latent_channels, pixels.shape[2] // f, pixels.shape[3] // f)
+        noise = self.initial_noise(latents, shape, generator)
+        cond = self.conditioning(prompts, negative_prompt, num_images, 2.0 if guided else 1.0, tuple(pixels.shape[2:]))
+        cond["concat"] = source.repeat_interleave(num_images, 0)
+        inner = self.concat_denoiser(plan)
+        denoiser = ImageTextCFGDenoiser(inner, guidance_scale, image_guidance_scale) if guided else inner
+        x = plan.sample(denoiser, noise.to(self.device), cond, generator=generator, callback=callback,
+                        progress=progress, **options)  # fmt: skip
+        return self.output(x, output_type)
+
+
+def check_count(num_images: Any) -> None:
+    if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+        raise InvalidInputError(f"num_images: expected an integer >= 1, got {num_images!r}")
