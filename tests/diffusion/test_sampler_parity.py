@@ -156,5 +156,5 @@ def test_class_names_map_both_ways():
 def test_unsupported_scheduler_options_raise():
     with pytest.raises(ConfigError, match="solver_order"):
         make_plan("dpmpp_2m", {**SD_CONFIG, "solver_order": 3}, 10)
-    with pytest.raises(ConfigError, match="rescale_betas_zero_snr"):
-        make_plan("ddim", {**SD_CONFIG, "rescale_betas_zero_snr": True}, 10)
+    with pytest.raises(ConfigError, match="use_exponential_sigmas"):
+        make_plan("euler", {**SD_CONFIG, "use_exponential_sigmas": True}, 10)

@@ -172,3 +172,40 @@ def test_unets_with_inputs_t2i_cannot_feed_fail_at_load_with_one_line(tmp_path, 
     assert "\n" not in message and f"unet.in_channels: {in_channels} is" in message and kind in message
     assert main(["sample", "--model", str(tmp_path / "folder"), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
     assert kind in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_clip_head_count_is_read_from_the_folder_or_the_guess_is_refused(single_file, sd1_dir, tmp_path):
+    """The tiny CLIP is 32 wide with 4 heads: width/64 would give 1 head and silently different images."""
+    import shutil
+
+    shutil.copytree(sd1_dir / "tokenizer", tmp_path / "tokenizer")  # a tokenizer, but no text_encoder/config.json
+    with pytest.raises(PipelineLoadError) as caught:
+        t2i.load_pipeline(single_file / "tiny.safetensors", config=single_file / "tiny.yaml",
+                          overrides=[f"model.cond_stage_config.path={tmp_path / 'tokenizer'}"])  # fmt: skip
+    message = str(caught.value)
+    assert "width 32 is no released CLIP" in message and "head count" in message and "\n" not in message
+    pipe = t2i.load_pipeline(single_file / "tiny.safetensors", config=single_file / "tiny.yaml")
+    assert pipe.text_encoder.model.config.num_attention_heads == 4  # read from sd1_dir/text_encoder/config.json
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("time_cond_proj_dim", 32), ("class_embed_type", "timestep"), ("num_class_embeds", 10)],
+)
+def test_lcm_and_class_conditioned_unets_fail_at_load_with_one_line(tmp_path, capsys, option, value):
+    """LCM-distilled UNets (a guidance embedding) and class-conditioned ones (the x4 upscaler's noise level) are
+    not sampled here: refused at load, naming the option, never sampled without their extra input."""
+    from diffusers import UNet2DConditionModel
+    from sd_helpers import tiny_diffusers_pipeline
+
+    pipe = tiny_diffusers_pipeline("sd1")
+    config = {k: v for k, v in pipe.unet.config.items() if k != "_use_default_values"}  # else it resets `option`
+    pipe.unet = UNet2DConditionModel.from_config({**config, option: value})
+    pipe.save_pretrained(tmp_path / "folder")
+    with pytest.raises(T2IError) as caught:
+        t2i.load_pipeline(tmp_path / "folder")
+    assert option in str(caught.value) and "\n" not in str(caught.value)
+    capsys.readouterr()
+    assert main(["sample", "--model", str(tmp_path / "folder"), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert option in err and err.count("\n") == 1 and not (tmp_path / "x.png").exists()

@@ -47,6 +47,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     )
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     group.add_argument("--dtype", choices=DTYPES, default="float32", help="UNet/VAE weight dtype")
+    group.add_argument("--variant", help="a folder's weight files of this variant, e.g. fp16 (*.fp16.safetensors)")
     group.add_argument(
         "--lora",
         action="append",
@@ -82,6 +83,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
         default=None,
         help="guidance scale, <= 1: off (default: SD 7.5, SDXL 5.0; a cascade: each stage's own; Flux: the model's own)",
     )
+    group.add_argument(
+        "--guidance-rescale", type=float, default=None,
+        help="diffusers' guidance_rescale in [0, 1] for zero-terminal-SNR models (SD family; default 0 = off)",
+    )  # fmt: skip
     group.add_argument("--seed", type=int, default=None)
     group.add_argument("--height", type=int, default=None)
     group.add_argument("--width", type=int, default=None)
@@ -164,7 +169,8 @@ def load_from_args(args: argparse.Namespace) -> Any:
     quiet_library_loaders()
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
-    pipe = load_pipeline(args.model, config=args.config, dtype=dtype, overrides=args.overrides or None)
+    pipe = load_pipeline(args.model, config=args.config, device=device, dtype=dtype,
+                         overrides=args.overrides or None, variant=getattr(args, "variant", None))  # fmt: skip
     return prepare_pipeline(pipe, args).to(device)
 
 
@@ -250,8 +256,10 @@ def generate_from_args(pipe: Any, args: argparse.Namespace) -> Any:
         "eta": args.eta,
         "progress": True,
         **micro_conditioning_of_pipeline(pipe, args),
+        **({"guidance_rescale": args.guidance_rescale} if args.guidance_rescale is not None else {}),
     }
     check_image_options(args)
+    check_pipeline_takes(pipe, args)
     if args.mask:
         return pipe.inpaint(args.prompt, open_image(args.init_image), open_image(args.mask, "--mask", "L"),
                             strength=1.0 if args.strength is None else args.strength, num_images=args.num_images,
@@ -285,6 +293,18 @@ def check_image_options(args: argparse.Namespace) -> None:
         raise InvalidInputError("--image-guidance: only used with --edit")
     if args.edit and args.strength is not None:
         raise InvalidInputError("--strength: not used by --edit (InstructPix2Pix always starts from noise)")
+    if (args.mask or args.edit) and args.guidance_rescale is not None:
+        raise InvalidInputError("--guidance-rescale: applies to text-to-image and --init-image sampling only")
+
+
+def check_pipeline_takes(pipe: Any, args: argparse.Namespace) -> None:
+    """Options this kind of pipeline has no use for are an error rather than silently dropped."""
+    import inspect
+
+    from t2i.errors import InvalidInputError
+
+    if args.guidance_rescale is not None and "guidance_rescale" not in inspect.signature(pipe.generate).parameters:
+        raise InvalidInputError(f"--guidance-rescale: not used by a {type(pipe).__name__} (SD family only)")
 
 
 def open_image(path: str, flag: str = "--init-image", mode: str = "RGB") -> Any:
@@ -317,6 +337,7 @@ def reject_latent_only_options(args: argparse.Namespace) -> None:
         "--init-image": args.init_image,
         "--mask": args.mask,
         "--edit": args.edit or None,
+        "--guidance-rescale": args.guidance_rescale,
         "--height": args.height,
         "--width": args.width,
         "--karras": args.karras or None,

@@ -178,6 +178,7 @@ class LatentDiffusionConfig:
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
     linear_start: float = 0.00085
     linear_end: float = 0.012
+    zero_terminal_snr: bool = False  # betas rescaled to zero SNR at t = T (Lin et al. 2023; use with v prediction)
     scale_factor: float = 0.18215
     shift_factor: float = 0.0  # latents = (z - shift) * scale (FLUX-style VAEs; SD's VAE has none)
     first_stage_key: Literal["images", "image_encoded"] = "images"

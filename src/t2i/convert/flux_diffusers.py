@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from t2i.errors import ConfigError, PipelineLoadError, WeightsMismatchError
 from t2i.models.flux import FluxTransformer
-from t2i.models.weights import check_state_keys
+from t2i.models.weights import check_state_keys, read_diffusers_weights
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -342,23 +342,6 @@ def strip_single_file_prefix(
 # ---------------------------------------------------------------------------------------- files
 
 
-def read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a diffusers model folder: one safetensors file or the shards its index JSON names."""
-    if (folder / WEIGHTS_NAME).is_file():
-        return load_file(folder / WEIGHTS_NAME)
-    if (folder / WEIGHTS_INDEX_NAME).is_file():
-        weight_map = json.loads((folder / WEIGHTS_INDEX_NAME).read_text())["weight_map"]
-        weights: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            if not (folder / shard).is_file():
-                raise PipelineLoadError(f"{folder / shard}: shard named by {WEIGHTS_INDEX_NAME} not found")
-            weights.update(load_file(folder / shard))
-        return weights
-    raise PipelineLoadError(
-        f"{folder}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}; expected a diffusers model folder"
-    )
-
-
 def transformer_folder(path: Path) -> Path:
     """The folder holding the transformer's config.json: `path` itself or a pipeline root's `transformer/`."""
     if (path / CONFIG_NAME).is_file():
@@ -389,8 +372,10 @@ def load_flux_transformer(
     dtype: torch.dtype | None = None,
     use_checkpoint: bool = False,
     config: dict[str, Any] | None = None,
+    variant: str | None = None,
 ) -> FluxTransformer:
-    """Load a Flux transformer from a diffusers folder (single or sharded safetensors), a diffusers pipeline
+    """Load a Flux transformer from a diffusers folder (`t2i.models.weights.read_diffusers_weights`: safetensors
+    or .bin, single or sharded, `variant` files), a diffusers pipeline
     root (its `transformer/`), or a BFL/ComfyUI `.safetensors` single file.
 
     `config` (our kwargs) is used for single files only; by default it is read from the tensor shapes.
@@ -408,7 +393,7 @@ def load_flux_transformer(
         raise PipelineLoadError(f"{path}: not found; expected a Flux transformer folder or .safetensors file")
     folder = transformer_folder(path)
     ours = flux_config_from_diffusers(json.loads((folder / CONFIG_NAME).read_text()))
-    state = flux_state_dict_from_diffusers(read_diffusers_weights(folder), ours, str(folder))
+    state = flux_state_dict_from_diffusers(read_diffusers_weights(folder, variant), ours, str(folder))
     return build_loaded(ours, state, dtype, use_checkpoint)
 
 

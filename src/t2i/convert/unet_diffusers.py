@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from t2i.errors import ConfigError, PipelineLoadError
 from t2i.models.unet import UNetModel
@@ -29,7 +29,7 @@ from t2i.models.unet_layout import (
     middle_depth,
     resolve_unet_config,
 )
-from t2i.models.weights import check_state_keys
+from t2i.models.weights import check_state_keys, read_diffusers_weights
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -415,20 +415,6 @@ def t2i_to_diffusers_state_dict(
 # -------------------------------------------------------------------------------------------- folders
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    if (folder / WEIGHTS_NAME).is_file():
-        return load_file(folder / WEIGHTS_NAME)
-    if (folder / WEIGHTS_INDEX_NAME).is_file():
-        shards = sorted(set(json.loads((folder / WEIGHTS_INDEX_NAME).read_text())["weight_map"].values()))
-        weights: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            weights.update(load_file(folder / shard))
-        return weights
-    raise PipelineLoadError(
-        f"{folder}: no {WEIGHTS_NAME} (or sharded index); expected a diffusers UNet folder"
-    )
-
-
 def _unet_folder(path: str | Path) -> Path:
     folder = Path(path)
     if not (folder / CONFIG_NAME).is_file() and (folder / "unet" / CONFIG_NAME).is_file():
@@ -439,9 +425,10 @@ def _unet_folder(path: str | Path) -> Path:
 
 
 def load_unet_from_diffusers(
-    path: str | Path, use_flash_attention: bool = True, dtype: torch.dtype | None = None
+    path: str | Path, use_flash_attention: bool = True, dtype: torch.dtype | None = None, variant: str | None = None
 ) -> UNetModel:
-    """Build a UNetModel from a diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors).
+    """Build a UNetModel from a diffusers UNet folder: config.json + weights as the hub stores them (safetensors or
+    .bin, single or sharded, optionally the `variant` files; `t2i.models.weights.read_diffusers_weights`).
 
     Weights keep the file's dtype unless `dtype` is given. A pipeline folder's `unet/` is found on its own.
     """
@@ -449,7 +436,7 @@ def load_unet_from_diffusers(
     unet_config = diffusers_to_unet_config(
         json.loads((folder / CONFIG_NAME).read_text()), use_flash_attention
     )
-    state_dict = diffusers_to_t2i_state_dict(_read_weights(folder), unet_config)
+    state_dict = diffusers_to_t2i_state_dict(read_diffusers_weights(folder, variant), unet_config)
     if dtype is not None:
         state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
     with torch.device("meta"):

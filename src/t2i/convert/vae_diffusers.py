@@ -30,9 +30,9 @@ from t2i.models.autoencoder import (
     AutoencoderKL,
     is_diffusers_vae_config,
     load_state_dict_strict,
-    read_safetensors,
     resolve_vae_folder,
 )
+from t2i.models.weights import read_diffusers_weights
 
 DOWN_PLAIN, DOWN_ATTN = "DownEncoderBlock2D", "AttnDownEncoderBlock2D"
 UP_PLAIN, UP_ATTN = "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
@@ -225,9 +225,10 @@ def state_dict_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def load_vae(path: str | Path, **kwargs: Any) -> AutoencoderKL:
-    """Load a VAE folder in either format: diffusers (`config.json` + `diffusion_pytorch_model.safetensors`,
-    converted to CompVis names) or t2i's own; a pipeline root holding `vae/` works too.
+def load_vae(path: str | Path, variant: str | None = None, **kwargs: Any) -> AutoencoderKL:
+    """Load a VAE folder in either format: diffusers (`config.json` + weights as the hub stores them, see
+    `t2i.models.weights.read_diffusers_weights`, converted to CompVis names) or t2i's own; a pipeline root holding
+    `vae/` works too.
 
     Extra kwargs (e.g. gradient_checkpointing) override the stored config.
     """
@@ -236,8 +237,8 @@ def load_vae(path: str | Path, **kwargs: Any) -> AutoencoderKL:
     if not is_diffusers_vae_config(config):
         return AutoencoderKL.from_pretrained(folder, **kwargs)
     model = AutoencoderKL.from_config({**config_from_diffusers(config), **kwargs})
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    load_state_dict_strict(model, state_dict_from_diffusers(read_safetensors(weights)), str(weights))
+    weights = state_dict_from_diffusers(read_diffusers_weights(folder, variant))
+    load_state_dict_strict(model, weights, str(folder))
     return model
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from t2i.diffusion.denoisers import DenoiserWrapper
+from t2i.diffusion.parameterization import output_from_x0, x0_from_output
 from t2i.errors import InvalidInputError
 
 UNCOND_PREFIX = "uncond_"
@@ -21,11 +22,17 @@ class CFGDenoiser(DenoiserWrapper):
     zeros; a `context_mask` missing on one side means "attend to every token". Both branches run in one batch of
     2B; every other tensor entry with a leading batch dimension (`x_low_res`, `aug_cond`, ...) is repeated.
     With scale == 1 the unconditional branch is skipped.
+
+    `rescale` (diffusers' `guidance_rescale`, Lin et al. 2023 "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed", eq. 15-16) pulls the guided prediction's per-image standard deviation back towards the
+    conditional one's, blended by `rescale` in [0, 1]. The statistics are taken in the network's own output space
+    (eps or v), as the paper and diffusers do, so the inner denoiser must say its `prediction`.
     """
 
-    def __init__(self, inner: Any, scale: float) -> None:
+    def __init__(self, inner: Any, scale: float, rescale: float = 0.0) -> None:
         super().__init__(inner)
         self.scale = float(scale)
+        self.rescale = float(rescale)
 
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any] | None = None
@@ -38,7 +45,22 @@ class CFGDenoiser(DenoiserWrapper):
         doubled = _doubled_cond(cond, batch)
         out = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), doubled)
         uncond_out, cond_out = out.chunk(2)
-        return uncond_out + self.scale * (cond_out - uncond_out)
+        guided = uncond_out + self.scale * (cond_out - uncond_out)
+        return self.rescaled(guided, cond_out, x, sigma) if self.rescale else guided
+
+    def rescaled(
+        self, guided: torch.Tensor, cond_out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        prediction = getattr(self.inner, "prediction", None)
+        if prediction is None:
+            raise InvalidInputError("guidance_rescale: needs a denoiser with a prediction type (eps, v or x0)")
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        guided_out = output_from_x0(guided, x, s, prediction)
+        text_out = output_from_x0(cond_out, x, s, prediction)
+        dims = list(range(1, x.ndim))
+        matched = guided_out * (text_out.std(dim=dims, keepdim=True) / guided_out.std(dim=dims, keepdim=True))
+        blended = self.rescale * matched + (1 - self.rescale) * guided_out
+        return x0_from_output(blended, x, s, prediction)
 
 
 def _without_uncond(cond: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,15 @@ def x0_from_output(out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, pred
     return out
 
 
+def output_from_x0(x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, prediction: str) -> torch.Tensor:
+    """Inverse of `x0_from_output`: the network output that gives `x0` at (x, sigma) on the VE scale."""
+    if prediction == "eps":
+        return (x - x0) / sigma
+    if prediction == "v":
+        return (x / (sigma**2 + 1) - x0) * (sigma**2 + 1).sqrt() / sigma
+    return x0
+
+
 def regression_target(
     prediction: str, x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma_vp: torch.Tensor
 ) -> torch.Tensor:

@@ -77,7 +77,6 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Options we do not implement; each must be falsy or have the listed value.
 _UNSUPPORTED = {
-    "rescale_betas_zero_snr": False,
     "thresholding": False,
     "use_exponential_sigmas": False,
     "use_beta_sigmas": False,

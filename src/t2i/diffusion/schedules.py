@@ -72,16 +72,38 @@ def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last step has zero SNR (Lin et al. 2023, Algorithm 1): sqrt(alpha_bar) shifted to end at 0 and
+    rescaled to keep its first value, as diffusers' `rescale_betas_zero_snr` computes it."""
+    root = alphas_cumprod_from_betas(betas).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    alpha_bar = root**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+# Where zero terminal SNR would make the last sigma infinite, the VE scale that every sampler here runs on needs
+# a finite one: diffusers' Euler and DPM-Solver schedulers use this alpha_bar (sigma ~ 4096) for the same reason.
+ZERO_SNR_TERMINAL_ALPHA_BAR = 2.0**-24
+
+
 def make_alphas_cumprod(
     beta_schedule: str = "scaled_linear",
     num_train_timesteps: int = 1000,
     beta_start: float = 0.00085,
     beta_end: float = 0.012,
     trained_betas: Sequence[float] | None = None,
+    rescale_betas_zero_snr: bool = False,
 ) -> torch.Tensor:
-    """alpha_bar (T,) float32 for a named beta schedule (defaults: Stable Diffusion)."""
+    """alpha_bar (T,) float32 for a named beta schedule (defaults: Stable Diffusion), optionally rescaled to zero
+    terminal SNR (its last entry then `ZERO_SNR_TERMINAL_ALPHA_BAR`)."""
     betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
-    return alphas_cumprod_from_betas(betas)
+    if not rescale_betas_zero_snr:
+        return alphas_cumprod_from_betas(betas)
+    alphas_cumprod = alphas_cumprod_from_betas(rescale_zero_terminal_snr(betas))
+    alphas_cumprod[-1] = ZERO_SNR_TERMINAL_ALPHA_BAR
+    return alphas_cumprod
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -179,6 +201,7 @@ class DiscreteSchedule:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     trained_betas: tuple[float, ...] | None = None
+    rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
         if self.beta_schedule not in BETA_SCHEDULES and self.trained_betas is None:
@@ -198,12 +221,17 @@ class DiscreteSchedule:
             beta_start=float(config.get("beta_start", 0.0001)),
             beta_end=float(config.get("beta_end", 0.02)),
             trained_betas=tuple(float(b) for b in betas) if betas is not None else None,
+            rescale_betas_zero_snr=bool(config.get("rescale_betas_zero_snr", False)),
         )
 
     @classmethod
     def from_model_config(cls, model: Any) -> DiscreteSchedule:
-        """From a `model:` section with NeMo's names (beta_schedule, timesteps, linear_start, linear_end)."""
-        return cls(model.beta_schedule, int(model.timesteps), float(model.linear_start), float(model.linear_end))
+        """From a `model:` section with NeMo's names (beta_schedule, timesteps, linear_start, linear_end) and
+        `zero_terminal_snr`."""
+        return cls(
+            model.beta_schedule, int(model.timesteps), float(model.linear_start), float(model.linear_end),
+            rescale_betas_zero_snr=bool(getattr(model, "zero_terminal_snr", False)),
+        )  # fmt: skip
 
     def scheduler_config(self) -> dict[str, Any]:
         """The schedule's keys of a diffusers scheduler config."""
@@ -213,13 +241,15 @@ class DiscreteSchedule:
             "beta_end": self.beta_end,
             "beta_schedule": self.beta_schedule,
             "trained_betas": list(self.trained_betas) if self.trained_betas is not None else None,
+            "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
         }
 
     @cached_property
     def alphas_cumprod(self) -> torch.Tensor:
         return make_alphas_cumprod(
-            self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end, self.trained_betas
-        )
+            self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end, self.trained_betas,
+            self.rescale_betas_zero_snr,
+        )  # fmt: skip
 
     @cached_property
     def sigmas(self) -> torch.Tensor:

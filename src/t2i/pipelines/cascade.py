@@ -53,7 +53,7 @@ def _per_stage(value: Any, count: int, name: str) -> list[Any]:
 
 
 def _to_pil(images: torch.Tensor) -> list[Any]:
-    from t2i.pipelines.latent import to_pil
+    from t2i.pipelines.inputs import to_pil
 
     return to_pil((images.float().clamp(-1, 1) + 1) / 2)
 
@@ -150,7 +150,7 @@ class CascadePipeline(LoraMethods):
         Per-stage options take a list (one per stage) or a single value. `low_res` (B, 3, h, w) in [-1, 1]
         starts a cascade whose first stage is an SR stage (e.g. to test one SR stage alone).
         """
-        from t2i.pipelines.latent import negative_prompts, normalize_prompts
+        from t2i.pipelines.inputs import negative_prompts, normalize_prompts
 
         prompts = [p for p in normalize_prompts(prompt) for _ in range(int(num_images))]
         negatives = None if negative_prompt is None else negative_prompts(negative_prompt, len(prompts))

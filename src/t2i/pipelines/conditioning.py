@@ -167,3 +167,15 @@ def latents_to_sampler_scale(latents: torch.Tensor, plan: SamplingPlan) -> torch
     if plan.sampler in VP_SAMPLERS:
         return latents * math.sqrt(1 + float(plan.sigmas[0]) ** 2)
     return latents
+
+
+def tail_plan(plan: SamplingPlan, start: int) -> SamplingPlan:
+    """The plan from step `start` on (img2img): sigmas and per-step options sliced, the input taken as is."""
+    options = dict(plan.options)
+    if "sigmas_to" in options:
+        options["sigmas_to"] = options["sigmas_to"][start:]
+    if start > 0:
+        options.pop("sigma_correct_from", None)  # corrects PLMS's warm-up from the full grid's first step
+    return SamplingPlan(
+        plan.sampler, plan.sigmas[start:], 1.0, plan.final_scale, options, plan.quantize_timesteps
+    )

@@ -30,14 +30,8 @@ from t2i.diffusion.tensors import Generators, randn
 from t2i.errors import InvalidInputError, checked_arguments
 from t2i.models.first_stage import LatentFirstStage
 from t2i.pipelines.components import BackboneAndFirstStage
-from t2i.pipelines.latent import (
-    GenerationOutput,
-    LatentPipeline,
-    check_guidance_scale,
-    negative_prompts,
-    normalize_prompts,
-    to_pil,
-)
+from t2i.pipelines.inputs import check_guidance_scale, negative_prompts, normalize_prompts, to_pil
+from t2i.pipelines.latent import GenerationOutput, LatentPipeline
 from t2i.pipelines.lora_methods import LoraMethods
 
 DEFAULT_STEPS = 28

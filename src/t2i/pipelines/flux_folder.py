@@ -179,7 +179,15 @@ def _text_options(model_cfg: Any, name: str) -> Any:
     return getattr(model_cfg, name) if model_cfg is not None else None
 
 
-def load_folder_encoder(root: Path, sub: str, tokenizer_sub: str, class_name: str, cond: Any) -> nn.Module:
+def load_folder_encoder(
+    root: Path,
+    sub: str,
+    tokenizer_sub: str,
+    class_name: str,
+    cond: Any,
+    variant: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
     """The text encoder of `root/sub` with the tokenizer of `root/tokenizer_sub`. Without a t2i.yaml a T5 runs
     unmasked at 512 tokens and CLIP at its tokenizer's length (what diffusers' FluxPipeline does)."""
     from t2i.text.encoders import build_clip, build_minilm, build_t5
@@ -187,19 +195,27 @@ def load_folder_encoder(root: Path, sub: str, tokenizer_sub: str, class_name: st
     kind = cond.kind if cond is not None else TEXT_KIND_OF_CLASS.get(class_name)
     max_length = cond.max_length if cond is not None else None
     if kind == "clip":
-        return build_clip(root / sub, str(root / tokenizer_sub), "last" if cond is None else cond.layer, max_length)
+        layer = "last" if cond is None else cond.layer
+        return build_clip(root / sub, str(root / tokenizer_sub), layer, max_length, variant=variant, dtype=dtype)
     if kind == "t5":
         mask = cond.attention_mask if cond is not None else False
-        return build_t5(root / sub, str(root / tokenizer_sub), max_length or 512, attention_mask=mask)
+        return build_t5(root / sub, str(root / tokenizer_sub), max_length or 512, attention_mask=mask,
+                        variant=variant, dtype=dtype)  # fmt: skip
     if kind == "minilm":
-        return build_minilm(root / sub, max_length)
+        return build_minilm(root / sub, max_length, dtype=dtype)
     raise PipelineLoadError(
         f"{root / MODEL_INDEX}: {sub} class {class_name!r} is not supported; expected one of "
         f"{', '.join(TEXT_KIND_OF_CLASS)}"
     )
 
 
-def load_flux_folder(root: Path, model_cfg: Any = None, dtype: torch.dtype | None = None) -> FluxPipeline:
+def load_flux_folder(
+    root: Path,
+    model_cfg: Any = None,
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    text_dtype: torch.dtype = torch.float32,
+) -> FluxPipeline:
     """A diffusers or t2i Flux pipeline folder; `model_cfg` (when given) replaces t2i.yaml."""
     from t2i.convert.flux_diffusers import load_flux_transformer
     from t2i.convert.vae_diffusers import load_vae
@@ -210,17 +226,20 @@ def load_flux_folder(root: Path, model_cfg: Any = None, dtype: torch.dtype | Non
 
         model_cfg = load_config(root / T2I_CONFIG).model
     scheduler_config = read_json(root / SCHEDULER_CONFIG)
-    transformer = load_flux_transformer(root / "transformer", dtype=dtype or torch.float32)
-    vae = load_vae(root / "vae").to(dtype or torch.float32).eval()
+    transformer = load_flux_transformer(root / "transformer", dtype=dtype or torch.float32, variant=variant)
+    vae = load_vae(root / "vae", variant=variant).to(dtype or torch.float32).eval()
+    weights = {"variant": variant, "dtype": text_dtype}
     context = load_folder_encoder(
-        root, "text_encoder_2", "tokenizer_2", index["text_encoder_2"][1], _text_options(model_cfg, "context_encoder")
-    )
+        root, "text_encoder_2", "tokenizer_2", index["text_encoder_2"][1], _text_options(model_cfg, "context_encoder"),
+        **weights,
+    )  # fmt: skip
     pooled = None
     has_clip = isinstance(index.get("text_encoder"), list) and index["text_encoder"][0] is not None
     if has_clip and (model_cfg is None or model_cfg.pooled_encoder is not None):
         pooled = load_folder_encoder(
-            root, "text_encoder", "tokenizer", index["text_encoder"][1], _text_options(model_cfg, "pooled_encoder")
-        )
+            root, "text_encoder", "tokenizer", index["text_encoder"][1], _text_options(model_cfg, "pooled_encoder"),
+            **weights,
+        )  # fmt: skip
     if model_cfg is None:
         model_cfg = derived_model_config(transformer, vae, context, pooled, scheduler_config)
     return assemble_flux_pipeline(model_cfg, transformer, vae, context, pooled, scheduler_config)

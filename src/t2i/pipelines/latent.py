@@ -23,7 +23,6 @@ denoising_start=)`.
 from __future__ import annotations
 
 import inspect
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,14 @@ from t2i.pipelines.conditioning import (
     latents_to_sampler_scale,
     refiner_start,
     size_inputs,
+    tail_plan,
+)
+from t2i.pipelines.inputs import (
+    check_guidance_scale,
+    check_rescale,
+    negative_prompts,
+    normalize_prompts,
+    to_pil,
 )
 from t2i.pipelines.latent_editing import EditingMethods
 from t2i.pipelines.lora_methods import LoraMethods
@@ -71,48 +78,6 @@ class GenerationOutput:
     pixels: torch.Tensor | None
 
 
-def normalize_prompts(prompt: str | list[str], name: str = "prompt") -> list[str]:
-    """A prompt or a non-empty list of prompts -> list of strings; InvalidInputError otherwise."""
-    prompts = (
-        [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
-    )
-    if prompts is None or not all(isinstance(p, str) for p in prompts):
-        raise InvalidInputError(f"{name}: expected a string or a list of strings, got {prompt!r}")
-    if not prompts:
-        raise InvalidInputError(f"{name}: empty list; expected at least one prompt")
-    return prompts
-
-
-def negative_prompts(negative_prompt: str | list[str] | None, count: int) -> list[str]:
-    """The unconditional prompts: "" (diffusers' default), one string for all, or one per prompt."""
-    if negative_prompt is None:
-        return [""] * count
-    negatives = normalize_prompts(negative_prompt, "negative_prompt")
-    if len(negatives) == 1:
-        return negatives * count
-    if len(negatives) != count:
-        raise InvalidInputError(
-            f"negative_prompt: {len(negatives)} prompts for {count} prompts; expected 1 or {count}"
-        )
-    return negatives
-
-
-def check_guidance_scale(guidance_scale: Any) -> float:
-    """A finite guidance scale as a float; InvalidInputError for strings, booleans, NaN and inf."""
-    ok = isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
-    if not ok or not math.isfinite(guidance_scale):
-        raise InvalidInputError(f"guidance_scale: {guidance_scale!r}; expected a finite number (1 = no guidance)")
-    return float(guidance_scale)
-
-
-def to_pil(pixels: torch.Tensor) -> list[Any]:
-    """(B, 3, H, W) in [0, 1] -> PIL RGB images, rounded like diffusers' `numpy_to_pil`."""
-    from PIL import Image
-
-    array = (pixels.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in array]
-
-
 def micro_conditioning_of(options: dict[str, Any]) -> MicroConditioning:
     """generate()/reconstruct()'s extra keywords as MicroConditioning; InvalidInputError for unknown ones."""
     try:
@@ -125,18 +90,6 @@ def micro_conditioning_of(options: dict[str, Any]) -> MicroConditioning:
         raise InvalidInputError(
             f"{unknown[0]}: unknown argument; expected the usual ones or micro-conditioning ({', '.join(valid)})"
         ) from None
-
-
-def tail_plan(plan: SamplingPlan, start: int) -> SamplingPlan:
-    """The plan from step `start` on (img2img): sigmas and per-step options sliced, the input taken as is."""
-    options = dict(plan.options)
-    if "sigmas_to" in options:
-        options["sigmas_to"] = options["sigmas_to"][start:]
-    if start > 0:
-        options.pop("sigma_correct_from", None)  # corrects PLMS's warm-up from the full grid's first step
-    return SamplingPlan(
-        plan.sampler, plan.sigmas[start:], 1.0, plan.final_scale, options, plan.quantize_timesteps
-    )
 
 
 # UNets that take extra channels concatenated to the latents, by how many they take in all (diffusers' names).
@@ -263,12 +216,14 @@ class LatentPipeline(BackboneAndFirstStage, LoraMethods, EditingMethods):
 
     # ------------------------------------------------------------------------------------ building blocks
 
-    def denoiser(self, guidance_scale: float, plan: SamplingPlan | None = None) -> nn.Module:
-        """The UNet as `D(x, sigma, cond) -> x0` as `plan` needs it, wrapped in classifier-free guidance when
-        scale > 1."""
+    def denoiser(
+        self, guidance_scale: float, plan: SamplingPlan | None = None, guidance_rescale: float = 0.0
+    ) -> nn.Module:
+        """The UNet as `D(x, sigma, cond) -> x0` as `plan` needs it, wrapped in classifier-free guidance (with
+        diffusers' `guidance_rescale`) when scale > 1."""
         options = plan.denoiser_options() if plan is not None else {}
         inner = DiscreteDenoiser(self.unet, self.schedule, self.prediction, **options).to(self.device)
-        return CFGDenoiser(inner, guidance_scale) if guidance_scale > 1 else inner
+        return CFGDenoiser(inner, guidance_scale, guidance_rescale) if guidance_scale > 1 else inner
 
     def conditioning(
         self,
@@ -386,6 +341,7 @@ class LatentPipeline(BackboneAndFirstStage, LoraMethods, EditingMethods):
         callback: Callback | None = None,
         denoising_end: float | None = None,
         output_type: str = "pil",
+        guidance_rescale: float = 0.0,
         **micro_conditioning: Any,
     ) -> GenerationOutput:
         """Text-to-image. `latents` (B, C, h, w) are unit-variance initial noise (diffusers' `latents=`), with
@@ -393,6 +349,7 @@ class LatentPipeline(BackboneAndFirstStage, LoraMethods, EditingMethods):
         list of B generators: each image then draws all its noise from its own, so it is the same whatever else
         shares its batch. `eta` None keeps the sampler's default (ancestral samplers: 1, DDIM: 0).
         `callback(i, sigma, x, x0)` runs after each step's model evaluation (see `t2i.diffusion.samplers`).
+        `guidance_rescale` in [0, 1]: diffusers' rescaled guidance, for zero-terminal-SNR models (0 = off).
 
         SDXL: `micro_conditioning` takes diffusers' keywords (`original_size`, `crops_coords_top_left`,
         `target_size`, `aesthetic_score` and their `negative_` forms; see `t2i.pipelines.conditioning`).
@@ -419,7 +376,7 @@ class LatentPipeline(BackboneAndFirstStage, LoraMethods, EditingMethods):
             raise InvalidInputError(f"latents: shape {tuple(latents.shape)}; expected {shape}")
         cond = self.conditioning(prompts, negative_prompt, num_images, guidance_scale, (height, width), micro)
         x = plan.sample(
-            self.denoiser(guidance_scale, plan),
+            self.denoiser(guidance_scale, plan, check_rescale(guidance_rescale)),
             latents.to(self.device, torch.float32),
             cond,
             generator=generator,
@@ -458,6 +415,7 @@ class LatentPipeline(BackboneAndFirstStage, LoraMethods, EditingMethods):
         callback: Callback | None = None,
         denoising_start: float | None = None,
         output_type: str = "pil",
+        guidance_rescale: float = 0.0,
         **micro_conditioning: Any,
     ) -> GenerationOutput:
         """Image-to-image (SDEdit): encode `image`, noise it to the sigma `strength` of the way into the plan
@@ -506,7 +464,8 @@ class LatentPipeline(BackboneAndFirstStage, LoraMethods, EditingMethods):
         size = (int(x.shape[2]) * f, int(x.shape[3]) * f)
         cond = self.conditioning(prompts, negative_prompt, 1, guidance_scale, size, micro)
         x = tail.sample(
-            self.denoiser(guidance_scale, tail), x, cond, generator=generator, callback=callback, progress=progress,
+            self.denoiser(guidance_scale, tail, check_rescale(guidance_rescale)), x, cond, generator=generator,
+            callback=callback, progress=progress,
             **options,
         )  # fmt: skip
         return self.output(x, output_type)

@@ -27,6 +27,8 @@ from t2i.diffusion.plans import SamplingPlan
 from t2i.diffusion.tensors import Generators, randn
 from t2i.errors import InvalidInputError
 from t2i.models.layers import ConcatInputs
+from t2i.pipelines.conditioning import tail_plan
+from t2i.pipelines.inputs import check_guidance_scale, normalize_prompts
 
 INPAINT_CHANNELS_EXTRA = 5  # mask (1) + masked-image latents (4)
 DEFAULT_IMAGE_GUIDANCE = 1.5  # diffusers' StableDiffusionInstructPix2PixPipeline default
@@ -87,8 +89,6 @@ class EditingMethods:
         prompt) or a tensor (B, 3, H, W) in [0, 1]; `mask`: a PIL image (any mode; read as grey) or a tensor
         (B, 1, H, W) / (H, W) in [0, 1]. `strength` < 1 starts from the image noised that far into the plan
         (diffusers' img2img rule), 1 from pure noise. `latents` (B, C, h, w): unit-variance initial noise."""
-        from t2i.pipelines.latent import check_guidance_scale, normalize_prompts
-
         self.require_unet(INPAINT_CHANNELS_EXTRA, "inpaint()")
         prompts = normalize_prompts(prompt)
         guidance_scale = self.default_guidance if guidance_scale is None else check_guidance_scale(guidance_scale)
@@ -126,8 +126,6 @@ class EditingMethods:
 
     def strength_tail(self, plan: SamplingPlan, steps: int, strength: float) -> SamplingPlan:
         """The last `int(steps * strength)` steps of `plan` (diffusers' `get_timesteps`)."""
-        from t2i.pipelines.latent import tail_plan
-
         denoise_steps = min(int(steps * strength), steps)
         if denoise_steps < 1:
             raise InvalidInputError(f"strength: {strength} x steps {steps} leaves no step; expected strength*steps >= 1")
@@ -199,8 +197,6 @@ class EditingMethods:
         """Edit `image` as `instruction` says ("make it blue"), InstructPix2Pix style. `image_guidance_scale` pulls
         towards the source image, `guidance_scale` towards the instruction; guidance runs when
         guidance_scale > 1 and image_guidance_scale >= 1 (diffusers' rule), else one conditional pass."""
-        from t2i.pipelines.latent import check_guidance_scale, normalize_prompts
-
         self.require_unet(4, "edit()")
         prompts = normalize_prompts(instruction, "instruction")
         guidance_scale = self.default_guidance if guidance_scale is None else check_guidance_scale(guidance_scale)

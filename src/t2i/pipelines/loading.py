@@ -42,6 +42,7 @@ def load_pipeline(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     overrides: list[str] | None = None,
+    variant: str | None = None,
 ) -> LatentPipeline:
     """Load a diffusers folder, a t2i pipeline folder or a single-file checkpoint as a `LatentPipeline` (a
     `FluxPipeline` for Flux folders and `kind: flow` configs).
@@ -54,6 +55,10 @@ def load_pipeline(
         dtype: UNet and VAE weight dtype (default float32).
         overrides: dotted `key=value` overrides applied to a named/YAML config (e.g.
             `model.cond_stage_config.path=/tokenizer/dir`).
+        variant: a folder's weight files of this variant (`fp16`: `diffusion_pytorch_model.fp16.safetensors`,
+            `model.fp16.safetensors`), as diffusers' `variant=`.
+
+    Text encoders are held in float32 on the CPU whatever their files store; on another device in `dtype`.
     """
     if not isinstance(path, (str, Path)) or not str(path):
         raise PipelineLoadError(f"path: {path!r}; expected the path of a pipeline folder or a checkpoint file")
@@ -63,8 +68,11 @@ def load_pipeline(
             f"{path}: no such file or folder; expected a pipeline folder or a checkpoint file"
         )
     model_cfg = _model_config(config, overrides) if config is not None else None
+    text_dtype = text_dtype_for(device, dtype)
     if path.is_dir():
-        pipe = load_folder(path, model_cfg, dtype)
+        pipe = load_folder(path, model_cfg, dtype, variant=variant, text_dtype=text_dtype)
+    elif variant is not None:
+        raise PipelineLoadError(f"variant: {variant!r} applies to folders; {path} is a single file")
     elif path.suffix in SINGLE_FILE_SUFFIXES:
         if model_cfg is None:
             raise PipelineLoadError(
@@ -84,6 +92,12 @@ def load_pipeline(
         )
     pipe.freeze()
     return pipe.to(device) if device is not None else pipe
+
+
+def text_dtype_for(device: str | torch.device | None, dtype: torch.dtype | None) -> torch.dtype:
+    """float32 on the CPU (its half-precision kernels are slow and coarse), else the pipeline's dtype."""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    return torch.float32 if on_cpu or dtype is None else dtype
 
 
 def _model_config(config: Any, overrides: list[str] | None) -> Any:
@@ -131,7 +145,13 @@ def pipeline_from_single_file(path: Path, model_cfg: Any, dtype: torch.dtype | N
                              parts.get("text_encoder_2"))  # fmt: skip
 
 
-def load_folder(root: Path, model_cfg: Any, dtype: torch.dtype | None) -> LatentPipeline:
+def load_folder(
+    root: Path,
+    model_cfg: Any,
+    dtype: torch.dtype | None,
+    variant: str | None = None,
+    text_dtype: torch.dtype = torch.float32,
+) -> LatentPipeline:
     """A diffusers or t2i folder; `model_cfg` (when given) replaces t2i.yaml."""
     from t2i.convert.unet_diffusers import load_unet_from_diffusers
     from t2i.convert.vae_diffusers import load_vae
@@ -139,18 +159,18 @@ def load_folder(root: Path, model_cfg: Any, dtype: torch.dtype | None) -> Latent
     from t2i.pipelines.sdxl_folder import is_sdxl_folder, load_sdxl_components
 
     if flux_folder.is_flux_folder(root):
-        return flux_folder.load_flux_folder(root, model_cfg, dtype)
+        return flux_folder.load_flux_folder(root, model_cfg, dtype, variant=variant, text_dtype=text_dtype)
     if is_sdxl_folder(root):
-        return LatentPipeline(**load_sdxl_components(root, model_cfg, dtype))
+        return LatentPipeline(**load_sdxl_components(root, model_cfg, dtype, variant=variant, text_dtype=text_dtype))
     index = read_model_index(root)
     if model_cfg is None and (root / T2I_CONFIG).is_file():
         model_cfg = _model_config(root / T2I_CONFIG, None)
     scheduler_config = read_scheduler_config(root)
     dtype = dtype or torch.float32
-    unet = load_unet_from_diffusers(root / "unet", dtype=dtype)
-    vae = load_vae(root / "vae").to(dtype).eval()
+    unet = load_unet_from_diffusers(root / "unet", dtype=dtype, variant=variant)
+    vae = load_vae(root / "vae", variant=variant).to(dtype).eval()
     scale_factor = vae.scale_factor if vae.scale_factor is not None else 0.18215
-    text_encoder = load_folder_text_encoder(root, index, model_cfg)
+    text_encoder = load_folder_text_encoder(root, index, model_cfg, variant=variant, dtype=text_dtype)
     if model_cfg is None:
         model_cfg = derived_model_config(unet, vae, text_encoder, scheduler_config, scale_factor)
     return LatentPipeline(
@@ -164,14 +184,16 @@ def load_folder(root: Path, model_cfg: Any, dtype: torch.dtype | None) -> Latent
     )
 
 
-def load_folder_text_encoder(root: Path, index: dict[str, Any], model_cfg: Any) -> nn.Module:
+def load_folder_text_encoder(
+    root: Path, index: dict[str, Any], model_cfg: Any, variant: str | None = None, dtype: torch.dtype | None = None
+) -> nn.Module:
     """The text encoder of `root/text_encoder` with the tokenizer of `root/tokenizer`.
 
     With a t2i.yaml its cond_stage_config gives kind, layer and max_length; otherwise the kind follows the class
     in model_index.json and max_length is the tokenizer's `model_max_length` (what diffusers pads to).
     """
     from t2i.text.encoders import MaskedMeanEncoder, build_clip
-    from t2i.text.tokenize import load_hf_model, load_tokenizer
+    from t2i.text.tokenize import load_hf_model, load_tokenizer, model_options
 
     class_name = index["text_encoder"][1]
     if model_cfg is not None:
@@ -180,7 +202,7 @@ def load_folder_text_encoder(root: Path, index: dict[str, Any], model_cfg: Any) 
     else:
         kind, layer, max_length = TEXT_KIND_OF_CLASS.get(class_name), "last", None
     if kind in ("clip", "openclip"):
-        return build_clip(root, None, layer, max_length)
+        return build_clip(root, None, layer, max_length, variant=variant, dtype=dtype)
     if kind not in ("t5", "minilm"):
         raise PipelineLoadError(
             f"{root / MODEL_INDEX}: text_encoder class {class_name!r} is not supported; "
@@ -190,7 +212,8 @@ def load_folder_text_encoder(root: Path, index: dict[str, Any], model_cfg: Any) 
 
     tokenizer = load_tokenizer(root / "tokenizer")
     model_class = getattr(transformers, class_name, transformers.AutoModel)
-    model = load_hf_model(model_class, root / "text_encoder", f"a {class_name} folder")
+    model = load_hf_model(model_class, root / "text_encoder", f"a {class_name} folder",
+                           **model_options(variant, dtype, root / "text_encoder"))
     return MaskedMeanEncoder(
         model,
         tokenizer,

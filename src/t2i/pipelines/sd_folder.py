@@ -52,13 +52,15 @@ def scheduler_config_from_model(model_cfg: Any, sampler: str = CONFIG_DEFAULT_SA
     from t2i.diffusion.plans import scheduler_config_for
 
     class_name, extra = scheduler_config_for(sampler)
+    zero_snr = bool(getattr(model_cfg, "zero_terminal_snr", False))
     return {
         "_class_name": class_name,
         "_diffusers_version": DIFFUSERS_VERSION,
         **DiscreteSchedule.from_model_config(model_cfg).scheduler_config(),
         "prediction_type": DIFFUSERS_PREDICTION[normalize_prediction(model_cfg.parameterization)],
-        "timestep_spacing": "leading",
-        "steps_offset": 1,
+        # zero terminal SNR is only reached when sampling starts at t = T: trailing spacing (Lin et al. 2023, 3.3)
+        "timestep_spacing": "trailing" if zero_snr else "leading",
+        "steps_offset": 0 if zero_snr else 1,
         "set_alpha_to_one": False,
         "clip_sample": False,
         **extra,
@@ -129,6 +131,7 @@ def derived_model_config(
             "beta_schedule": schedule.beta_schedule,
             "linear_start": schedule.beta_start,
             "linear_end": schedule.beta_end,
+            "zero_terminal_snr": schedule.rescale_betas_zero_snr,
             "scale_factor": float(scale_factor),
             "unet_config": {**unet.unet_config, "from_pretrained": None},
             "first_stage_config": {

@@ -77,7 +77,13 @@ def read_sdxl_index(root: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ loading
 
 
-def load_sdxl_components(root: Path, model_cfg: Any, dtype: torch.dtype | None) -> dict[str, Any]:
+def load_sdxl_components(
+    root: Path,
+    model_cfg: Any,
+    dtype: torch.dtype | None,
+    variant: str | None = None,
+    text_dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
     """The `LatentPipeline` keyword arguments of a diffusers or t2i SDXL folder; `model_cfg` (when given)
     replaces t2i.yaml."""
     from t2i.convert.unet_diffusers import addition_time_embed_dim, load_unet_from_diffusers
@@ -90,11 +96,14 @@ def load_sdxl_components(root: Path, model_cfg: Any, dtype: torch.dtype | None) 
         raise ConfigError(f"{root}: an SDXL folder needs a config with model.conditioner_config (e.g. sdxl)")
     scheduler_config = read_scheduler_config(root)
     dtype = dtype or torch.float32
-    unet = load_unet_from_diffusers(root / "unet", dtype=dtype)
-    vae = load_vae(root / "vae").to(dtype).eval()
+    unet = load_unet_from_diffusers(root / "unet", dtype=dtype, variant=variant)
+    vae = load_vae(root / "vae", variant=variant).to(dtype).eval()
     scale_factor = vae.scale_factor if vae.scale_factor is not None else 0.13025
     names = [name for name in TEXT_NAMES if _present(index, name)]
-    encoders = {name: _load_text_encoder(root, name, _text_settings(model_cfg, names, name)) for name in names}
+    encoders = {
+        name: _load_text_encoder(root, name, _text_settings(model_cfg, names, name), variant, text_dtype)
+        for name in names
+    }
     if model_cfg is None:
         outdim = addition_time_embed_dim(read_json(root / "unet" / "config.json"))
         size_keys = _size_keys(index, unet, encoders["text_encoder_2"].pooled_dim, outdim, root)
@@ -130,11 +139,13 @@ def _text_settings(model_cfg: Any, names: list[str], name: str) -> tuple[str | i
     return emb.layer, emb.max_length
 
 
-def _load_text_encoder(root: Path, name: str, settings: tuple[str | int, int | None]) -> nn.Module:
+def _load_text_encoder(
+    root: Path, name: str, settings: tuple[str | int, int | None], variant: str | None, dtype: torch.dtype
+) -> nn.Module:
     from t2i.text.encoders import build_clip
 
     layer, max_length = settings
-    return build_clip(root / name, str(root / TOKENIZER_OF[name]), layer, max_length)
+    return build_clip(root / name, str(root / TOKENIZER_OF[name]), layer, max_length, variant=variant, dtype=dtype)
 
 
 def _size_keys(

@@ -215,8 +215,24 @@ def _tokenizer(cond: Any, source: str) -> Any:
     return load_tokenizer(tokenizer_folder(cond.path, None))
 
 
-def _clip_config_from_shapes(text: dict[str, torch.Tensor]) -> Any:
-    """CLIPTextConfig read off an HF CLIP text state dict (64-wide heads, quick-GELU as OpenAI CLIP)."""
+# Widths of the released CLIP text towers, whose heads are 64 wide: OpenAI ViT-L (SD 1), OpenCLIP ViT-H (SD 2),
+# OpenCLIP bigG (SDXL). A head count is not in the weights' shapes; for any other width it must come from a config.
+STANDARD_CLIP_HEADS = {512: 8, 768: 12, 1024: 16, 1280: 20}
+
+
+def guessed_clip_heads(width: int, source: str, key: str = "model.cond_stage_config") -> int:
+    """The head count of a released CLIP width; PipelineLoadError for any other, whose count cannot be guessed."""
+    if width in STANDARD_CLIP_HEADS:
+        return STANDARD_CLIP_HEADS[width]
+    raise PipelineLoadError(
+        f"{source}: text encoder width {width} is no released CLIP, so its attention head count cannot be "
+        f"read from the weights; set {key}.path to a folder holding its config.json (e.g. the diffusers "
+        f"folder's text_encoder/) or {key}.arch.heads"
+    )
+
+
+def _clip_config_from_shapes(text: dict[str, torch.Tensor], source: str, key: str = "model.cond_stage_config") -> Any:
+    """CLIPTextConfig read off an HF CLIP text state dict (a released width's heads, quick-GELU as OpenAI CLIP)."""
     from transformers import CLIPTextConfig
 
     vocab, width = text["text_model.embeddings.token_embedding.weight"].shape
@@ -225,7 +241,7 @@ def _clip_config_from_shapes(text: dict[str, torch.Tensor]) -> Any:
         vocab_size=int(vocab),
         hidden_size=int(width),
         num_hidden_layers=len(layers),
-        num_attention_heads=max(1, int(width) // 64),
+        num_attention_heads=guessed_clip_heads(int(width), source, key),
         intermediate_size=int(text["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
         max_position_embeddings=int(text["text_model.embeddings.position_embedding.weight"].shape[0]),
     )
@@ -255,7 +271,7 @@ def _sd1_clip(text: dict[str, torch.Tensor], cond: Any, source: str) -> nn.Modul
     hf_state = sd1_text_to_hf({TEXT_PREFIX + k: v for k, v in text.items()})
     tokenizer = _tokenizer(cond, source)
     # Built on the CPU: its position_ids buffer is not in the file.
-    model = CLIPTextModel(_folder_clip_config(cond) or _clip_config_from_shapes(hf_state))
+    model = CLIPTextModel(_folder_clip_config(cond) or _clip_config_from_shapes(hf_state, source))
     load_strict(
         model,
         fit_text_model_prefix({k: v.float() for k, v in hf_state.items()}, model),
@@ -265,12 +281,12 @@ def _sd1_clip(text: dict[str, torch.Tensor], cond: Any, source: str) -> nn.Modul
     return CLIPEncoder(model, tokenizer, str(cond.layer), cond.max_length)
 
 
-def _openclip_arch_guess(cond: Any, width: int) -> dict[str, Any]:
-    """Heads and activation from `cond.path`'s CLIP config when present, else 64-wide heads and GELU."""
+def _openclip_arch_guess(cond: Any, width: int, source: str) -> dict[str, Any]:
+    """Heads and activation from `cond.path`'s CLIP config when present, else a released width's heads and GELU."""
     folder_config = _folder_clip_config(cond)
     if folder_config is not None:
         return {"width": width, "heads": folder_config.num_attention_heads, "act": folder_config.hidden_act}
-    return {"width": width, "heads": max(1, width // 64), "act": "gelu"}
+    return {"width": width, "heads": guessed_clip_heads(width, source), "act": "gelu"}
 
 
 def _sd2_openclip(text: dict[str, torch.Tensor], cond: Any, source: str) -> nn.Module:
@@ -291,7 +307,7 @@ def _sd2_openclip(text: dict[str, torch.Tensor], cond: Any, source: str) -> nn.M
         )
     tower = {k[len("model.") :]: v.float() for k, v in text.items() if not k.startswith("model.visual.")}
     shapes = openclip_text_shapes(tower)
-    arch = cond.arch if cond.arch is not None else _openclip_arch_guess(cond, shapes["width"])
+    arch = cond.arch if cond.arch is not None else _openclip_arch_guess(cond, shapes["width"], source)
     config = openclip_hf_config(resolve_openclip_arch(arch, shapes), shapes)
     try:
         hf_state = openclip_to_hf(tower)
@@ -377,13 +393,14 @@ def _tower_encoder(tower: dict[str, torch.Tensor], kind: str, cond: Any, key: st
     if kind == "openclip":
         width = int(tower["token_embedding.weight"].shape[1])
         arch = cond.arch
-        if arch is None:  # heads and activation from the folder's config, else 64-wide heads and GELU
-            arch = {"width": width, "heads": max(1, width // 64), "act": "gelu"}
+        if arch is None:  # heads and activation from the folder's config, else a released width's and GELU
             if folder_config is not None:
-                arch |= {"heads": folder_config.num_attention_heads, "act": folder_config.hidden_act}
+                arch = {"width": width, "heads": folder_config.num_attention_heads, "act": folder_config.hidden_act}
+            else:
+                arch = {"width": width, "heads": guessed_clip_heads(width, source, key), "act": "gelu"}
         return openclip_encoder(tower, arch, tokenizer, cond.layer, cond.max_length, source)
     hf_state = {k: v.float() for k, v in tower.items() if not k.endswith("position_ids")}
-    model = CLIPTextModel(folder_config or _clip_config_from_shapes(_with_prefix(hf_state)))
+    model = CLIPTextModel(folder_config or _clip_config_from_shapes(_with_prefix(hf_state), source, key))
     load_strict(model, fit_text_model_prefix(hf_state, model), f"{name} (CLIP)", source)
     return CLIPEncoder(model, tokenizer, cond.layer, cond.max_length)
 

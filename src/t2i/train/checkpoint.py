@@ -43,6 +43,7 @@ from safetensors.torch import load_file
 
 from t2i.atomic import TMP_SUFFIX, tensor_bytes, write_file, write_safetensors
 from t2i.errors import CheckpointError, ConfigError
+from t2i.models.weights import load_inert
 
 log = logging.getLogger("t2i.train")
 
@@ -301,31 +302,6 @@ def load_train_state(ckpt: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: not a t2i checkpoint (no {STATE_FILE})")
     return load_inert(path)
-
-
-def load_inert(path: str | Path) -> Any:
-    """`torch.load(path, weights_only=True)` with one-line CheckpointErrors for corrupt or pickled-code files."""
-    import pickle
-
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exn:
-        if not zipfile.is_zipfile(path):
-            raise CheckpointError(f"{path}: not a torch archive (truncated or not a torch.save file)") from None
-        raise CheckpointError(f"{path}: refused to load: it holds pickled objects or code, not only tensors "
-                              f"({unpickling_reason(exn)})") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exn:
-        first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
-        raise CheckpointError(f"{path}: unreadable torch file ({first[:160]})") from None
-
-
-def unpickling_reason(exn: Exception) -> str:
-    """The informative line of torch's weights_only refusal (e.g. "unsupported GLOBAL posix.system ...")."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [line.strip() for line in str(exn).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(boilerplate)]
-    return (useful[0] if useful else lines[0] if lines else type(exn).__name__)[:200]
 
 
 def load_weights(ckpt: str | Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
