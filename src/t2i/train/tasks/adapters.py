@@ -103,10 +103,11 @@ class LoraTask(TaskWrapper):
         family = self.family
         family.requires_grad_(False)
         components = family.adapter_components()
-        self.components = {"unet": components["unet"]}
+        backbone = next(iter(components))  # `unet`, or `transformer` (Flux): the prefix its LoRA file uses
+        self.components = {backbone: components[backbone]}
         kind = {"kind": lora.type, "dora": lora.dora}
         self.targets = apply_lora(
-            self.components["unet"], lora.rank, lora.alpha, lora.dropout, lora.target_modules, **kind
+            self.components[backbone], lora.rank, lora.alpha, lora.dropout, lora.target_modules, **kind
         )
         if lora.train_text_encoder:
             if "text_encoder" not in components:
@@ -144,7 +145,7 @@ class LoraTask(TaskWrapper):
         from t2i.lora.files import save_lora_file
 
         lora, family = self.lora, self.family
-        base = getattr(family.cfg.model, "from_pretrained", None) or family.cfg.model.unet_config.from_pretrained
+        base = base_source(family.cfg.model)
         meta = {"rank": lora.rank, "alpha": lora.alpha, "targets": lora.target_modules, "base": str(base),
                 "type": lora.type, "dora": lora.dora,
                 **getattr(family, "lora_metadata", dict)()}  # fmt: skip
@@ -226,6 +227,12 @@ class PriorPreservationTask(TaskWrapper):
         if self.prior.loss == "distill":
             teacher = family.denoiser(net=FrozenBase(family.backbone, self.adapted_modules()))
         return family.loss(family.denoiser(), x0, cond, generator, teacher=teacher).float().mean()
+
+
+def base_source(model: Any) -> Any:
+    """Where the family's base weights come from: `from_pretrained` of the model, its UNet or its transformer."""
+    sections = (model, getattr(model, "unet_config", None), getattr(model, "transformer_config", None))
+    return next((s.from_pretrained for s in sections if getattr(s, "from_pretrained", None) is not None), None)
 
 
 def resolve_base(path: str | Path) -> Path:

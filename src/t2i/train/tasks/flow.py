@@ -102,7 +102,8 @@ class FlowTask(DenoisingTask):
         return FlowDenoiser(self.transformer if net is None else net, t_min=1 / self.schedule.num_train_timesteps)
 
     def adapter_components(self) -> dict[str, nn.Module]:
-        components = {"unet": _uncompiled(self.transformer)}
+        """The transformer (LoRA files name it `transformer`, in diffusers' Flux naming) and the pooled CLIP."""
+        components = {"transformer": _uncompiled(self.transformer)}
         if self.pooled_encoder is not None:
             components["text_encoder"] = self.pooled_encoder
         return components
@@ -155,8 +156,13 @@ class FlowTask(DenoisingTask):
 
 @register_task("flow")
 def build_flow_task(cfg: RunConfig) -> DenoisingTask:
-    """Factory registered for `model.kind: flow`."""
-    if cfg.model.lora is not None:
-        raise ConfigError("model.lora: LoRA training of flow models is not wired into the trainer yet; train the "
-                          "LoRA with apply_lora on FluxPipeline.transformer, or leave model.lora unset")
-    return FlowTask(cfg)
+    """Factory registered for `model.kind: flow`; with `model.lora` the transformer of
+    `transformer_config.from_pretrained` is the frozen base and only the adapters train (`LoraTask`)."""
+    if cfg.model.lora is None:
+        return FlowTask(cfg)
+    if cfg.model.transformer_config.from_pretrained is None:
+        raise ConfigError("model.transformer_config.from_pretrained: missing; LoRA training needs the base "
+                          "transformer (a Flux pipeline or transformer folder, or a BFL single file)")
+    from t2i.train.tasks.adapters import wrap_with_adapters
+
+    return wrap_with_adapters(FlowTask(cfg), cfg)
