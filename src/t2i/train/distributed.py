@@ -100,13 +100,7 @@ def watch_launcher(rank: int, poll_s: float = 0.5) -> threading.Event | None:
 
 
 def check_strategy(strategy: str, ctx: DistContext) -> None:
-    """ConfigError for a strategy this process cannot run (FSDP has no CPU backend, distributed or not)."""
-    if strategy == "fsdp" and ctx.device.type != "cuda":
-        from t2i.errors import ConfigError
-
-        where = f"{ctx.world_size} processes" if ctx.is_distributed else "a single process"
-        raise ConfigError(f"trainer.strategy: 'fsdp' needs CUDA devices (FSDP has no CPU backend; this is "
-                          f"{where} on {ctx.device.type}); use ddp")
+    """Warn when FSDP runs in a single process: there is nothing to shard."""
     if strategy == "fsdp" and not dist.is_initialized():
         import warnings
 
@@ -120,57 +114,71 @@ def barrier(ctx: DistContext) -> None:
 
 
 def wrap_model(task: nn.Module, ctx: DistContext, strategy: str) -> nn.Module:
-    """DDP (or FSDP) around the task; the loop calls the wrapper, so gradients are synchronised in backward.
+    """DDP around the task, or the task with its backbone sharded per block by FSDP2 (`t2i.train.sharding`); the
+    loop calls what this returns, so gradients are synchronised in backward.
 
-    Frozen parameters (requires_grad False) are not synchronised by DDP. FSDP flattens parameters with
-    `use_orig_params=True` so frozen and trainable weights may share a shard unit.
+    Frozen parameters (requires_grad False) are not synchronised by DDP and not sharded by FSDP.
     """
     if not dist.is_initialized():
         return task
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     if strategy == "fsdp":
-        import functools
+        from t2i.train.sharding import shard_task
 
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
-
-        policy = functools.partial(size_based_auto_wrap_policy, min_num_params=20_000_000)
-        return FullyShardedDataParallel(task, auto_wrap_policy=policy, use_orig_params=True,
-                                        device_id=ctx.device, sync_module_states=True)
+        return shard_task(task, ctx.device, ctx.world_size)
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(task, device_ids=device_ids, broadcast_buffers=False)
 
 
 def is_fsdp(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from t2i.train.sharding import is_sharded
 
-    return isinstance(model, FullyShardedDataParallel)
+    return is_sharded(model)
 
 
 @contextlib.contextmanager
 def full_params(model: nn.Module) -> Iterator[None]:
     """Unsharded parameters inside the block under FSDP (every rank must enter); a no-op otherwise."""
     if is_fsdp(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from t2i.train.sharding import unsharded
 
-        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+        with unsharded(model):
             yield
     else:
         yield
 
 
+def full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with full tensors: under FSDP a module's state_dict holds shards (DTensors), gathered here (every
+    rank must call, in the same order); otherwise `state` itself."""
+    if not is_fsdp(model):
+        return state
+    from t2i.train.sharding import full_value
+
+    return {name: full_value(value) for name, value in state.items()}
+
+
 def no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation window."""
-    if skip_sync and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
+    """Skip the gradient all-reduce (reduce-scatter under FSDP) on all but the last micro-batch of an
+    accumulation window."""
+    if not skip_sync:
+        return contextlib.nullcontext()
+    if is_fsdp(model):
+        from t2i.train.sharding import gradient_sync
+
+        return gradient_sync(model, enabled=False)
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
 def clip_grad_norm(model: nn.Module, params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
-    """Global gradient norm before clipping (clips only when `max_norm` is a positive number)."""
+    """Global gradient norm before clipping (clips only when `max_norm` is a positive number); under FSDP the
+    norm is over the whole sharded gradient (a collective)."""
     limit = float(max_norm) if max_norm else float("inf")
+    norm = nn.utils.clip_grad_norm_(params, limit)
     if is_fsdp(model):
-        return model.clip_grad_norm_(limit)
-    return nn.utils.clip_grad_norm_(params, limit)
+        from t2i.train.sharding import full_value
+
+        return full_value(norm)
+    return norm
 
 
 def mean_across_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:

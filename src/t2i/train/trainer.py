@@ -44,6 +44,7 @@ from t2i.train.distributed import (
     cleanup_distributed,
     clip_grad_norm,
     full_params,
+    full_state,
     gather_to_all,
     init_distributed,
     is_fsdp,
@@ -227,7 +228,7 @@ def _loop(cfg: RunConfig, ctx: DistContext, task: DiffusionTask, model: nn.Modul
             state.step += 1
             if task.ema is not None:
                 with full_params(model):
-                    task.ema.update(task.model_state_dict(), state.step)
+                    task.ema.update(full_state(model, task.model_state_dict()), state.step)
             state.pending.append(loss)
             window.add(loss, images)
             progress.update(1)
@@ -355,7 +356,7 @@ def _build_ema(cfg: RunConfig, model: nn.Module, task: DiffusionTask, resume_fro
     if not ema_cfg.enabled:
         return None
     with full_params(model):
-        ema = EMA(task.model_state_dict(), ema_cfg.decay, ema_cfg.start_step, ema_cfg.warmup, ema_cfg.device,
+        ema = EMA(full_state(model, task.model_state_dict()), ema_cfg.decay, ema_cfg.start_step, ema_cfg.warmup, ema_cfg.device,
                   ema_cfg.update_every)
     if resume_from is not None and (resume_from / ckpt_io.EMA_FILE).is_file():
         ema.load_state_dict(ckpt_io.load_weights(resume_from, use_ema=True))
@@ -372,7 +373,7 @@ def _save(cfg: RunConfig, ctx: DistContext, task: DiffusionTask, model: nn.Modul
     state.flush()
     ranks = gather_to_all(_rank_state(generator, batches), ctx)
     with full_params(model):
-        model_state = {k: v.detach().cpu().clone() for k, v in task.model_state_dict().items()}
+        model_state = {k: v.detach().cpu().clone() for k, v in full_state(model, task.model_state_dict()).items()}
     optim_state = _optimizer_state(model, optimizer)
     barrier(ctx)
     path = None
@@ -411,10 +412,11 @@ def _stateful(loader: Any) -> Any:
 
 
 def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state: by parameter index, or under FSDP full and by parameter name."""
     if is_fsdp(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from t2i.train.sharding import full_optimizer_state
 
-        return FullyShardedDataParallel.optim_state_dict(model, optimizer)
+        return full_optimizer_state(model, optimizer)
     return optimizer.state_dict()
 
 
@@ -430,11 +432,19 @@ def _load_resume_state(resume_from: Path | None, task: DiffusionTask) -> dict[st
 def _restore_optimizer(saved: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
                        precision: Precision) -> None:
     optim_state = saved["optimizer"]
-    if is_fsdp(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel
+    by_name = any(isinstance(key, str) for key in optim_state.get("state", {}))
+    if by_name != is_fsdp(model) and optim_state.get("state"):
+        from t2i.errors import CheckpointError
 
-        optim_state = FullyShardedDataParallel.optim_state_dict_to_load(model, optimizer, optim_state)
-    optimizer.load_state_dict(optim_state)
+        saved_with, now = ("fsdp", "ddp") if by_name else ("ddp", "fsdp")
+        raise CheckpointError(f"trainer.strategy: the checkpoint's optimizer state was saved with {saved_with}; "
+                              f"resume it with trainer.strategy={saved_with} (this run uses {now})")  # fmt: skip
+    if is_fsdp(model):
+        from t2i.train.sharding import load_full_optimizer_state
+
+        load_full_optimizer_state(model, optimizer, optim_state)
+    else:
+        optimizer.load_state_dict(optim_state)
     precision.scaler.load_state_dict(saved["scaler"])
 
 
