@@ -138,3 +138,39 @@ def test_flow_lora_without_a_base_is_a_one_line_config_error(shards, tmp_path):
 
     with pytest.raises(ConfigError, match="transformer_config.from_pretrained: missing; LoRA training needs"):
         build_task(tiny_flow_config(tmp_path, shards, lora={"rank": 2}))
+
+
+def test_precached_and_online_flow_training_give_the_same_losses(shards, flow_base, tmp_path):
+    """`t2i precache` on a flow config writes the VAE's moments and the context tokens, mask and pooled vector;
+    training on them is training on the images and captions, loss for loss."""
+    from safetensors.torch import load_file
+
+    from t2i.text.encoders import build_minilm
+    from t2i.train.precache import precache
+    from t2i.train.trainer import train
+
+    vae = {"embed_dim": 16, "ddconfig": DDCONFIG, "from_pretrained": str(flow_base / "vae")}
+    stats = precache(tiny_flow_config(tmp_path, shards, first_stage_config=vae), tmp_path / "latents", batch_size=3)
+    assert stats["num_samples"] == 8
+    stored = load_file(str(tmp_path / "latents" / "uncond.safetensors"))
+    empty = build_minilm(max_length=8).encode([""])
+    torch.testing.assert_close(stored["embeddings"], empty.embeddings[0])
+    assert torch.equal(stored["mask"], empty.mask[0]) and stored["pooled"].shape == (384,)
+    losses = {}
+    for precached, data in ((False, shards), (True, str(tmp_path / "latents"))):
+        keys = {"first_stage_key": "image_encoded", "cond_stage_key": "captions_encoded"} if precached else {}
+        cfg = tiny_flow_config(tmp_path / str(precached), data, first_stage_config=vae, **keys)
+        task = build_task(cfg)
+        assert task.precached == precached
+        losses[precached] = train(cfg, task).losses
+    assert len(losses[True]) == 3
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-5)
+
+
+def test_precached_flow_shards_without_pooled_vectors_are_named(tmp_path):
+    from t2i.errors import DataError
+    from t2i.text.conditioner import ContextPooledEmbedder
+
+    embedder = ContextPooledEmbedder(lambda: None, 0.0, masked=True)
+    with pytest.raises(DataError, match="captions_encoded: no 'pooled'; expected shards precached with this flow"):
+        embedder.encode_batch({"captions_encoded": {"embeddings": torch.zeros(2, 8, 384)}}, "cpu")

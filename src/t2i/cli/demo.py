@@ -1,5 +1,6 @@
-"""`t2i demo [--family sd|imagen] [--out DIR] [--quick]`: train a tiny text-to-image model on CPU, end to end,
-and score it on held-out prompts. The demos themselves are `t2i.recipes.sd_demo` and `t2i.recipes.imagen_demo`;
+"""`t2i demo [--family sd|flow|imagen] [--out DIR] [--quick]`: train a tiny text-to-image model on CPU, end to end,
+and score it on held-out prompts. The demos themselves are `t2i.recipes.sd_demo` (sd and flow) and
+`t2i.recipes.imagen_demo`;
 `--quick` shrinks every phase to a smoke test (seconds; the accuracy is then meaningless).
 """
 
@@ -23,12 +24,13 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     parser.add_argument(
         "--family",
-        choices=("sd", "imagen"),
+        choices=("sd", "flow", "imagen"),
         default="sd",
-        help="sd: VAE + latent UNet (default); imagen: a 16 px base + 32 px super-resolution cascade",
+        help="sd: VAE + latent UNet (default); flow: the same VAE + a Flux-shaped flow-matching transformer; "
+        "imagen: a 16 px base + 32 px super-resolution cascade",
     )
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test version (seconds)")
-    parser.add_argument("--unet-steps", type=int, default=None, help="override the UNet training steps")
+    parser.add_argument("--unet-steps", type=int, default=None, help="override the UNet (flow: transformer) training steps")
     parser.add_argument("--vae-steps", type=int, default=None, help="override the VAE training steps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1; 2 can be faster on an idle machine)")
 
@@ -45,7 +47,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from t2i.recipes.sd_demo import DemoSettings, run_demo
 
-    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    if args.family == "flow":
+        settings = DemoSettings.flow(quick=args.quick)
+        args.out = args.out if args.out != "runs/demo" else "runs/demo-flow"
+    else:
+        settings = DemoSettings.quick() if args.quick else DemoSettings()
     for name in ("unet_steps", "vae_steps", "threads"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))

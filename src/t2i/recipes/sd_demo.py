@@ -1,10 +1,13 @@
-"""The SD-family CPU demo (`t2i demo`): train a tiny text-to-image model from nothing and score it.
+"""The latent CPU demos (`t2i demo`, `t2i demo --family flow`): train a tiny text-to-image model from nothing
+and score it. The flow demo swaps the UNet for a Flux-shaped transformer trained with flow matching
+(`configs/demo/shapes-flow.yaml`) and keeps every other phase, so the two families are compared on one task.
 
 Phases (each timed):
 1. data     write captioned-shapes shards (32x32, training split: held-out combinations never appear);
 2. vae      train the small AutoencoderKL of `configs/demo/shapes-vae.yaml`, export it as a VAE folder;
 3. precache encode every image (VAE moments) and caption (MiniLM token embeddings) once;
-4. unet     train the latent UNet of `configs/demo/shapes-ldm.yaml` from the precached shards;
+4. unet     train the latent UNet of `configs/demo/shapes-ldm.yaml` (flow: `transformer`, the transformer of
+            `configs/demo/shapes-flow.yaml`) from the precached shards;
 5. eval     sample every held-out prompt (several seeds) with CFG, score colour / shape / position with the
             analytic judge, write `grid.png` and `results.json`, export the pipeline folder.
 `DemoSettings.quick()` shrinks every phase to a smoke test (seconds, not minutes; the accuracy is meaningless).
@@ -18,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from t2i.recipes.demo_common import PhaseTimer, make_shapes_data, score_heldout, write_results
+
+FLOW_CONFIG = "demo/shapes-flow"
+FLOW_STEPS = 3000
 
 
 @dataclass
@@ -35,6 +41,22 @@ class DemoSettings:
     threads: int = 1  # measured: on a 2-core box with any other load, 2 OpenMP threads ran 10-40x slower
     vae_overrides: list[str] = field(default_factory=list)
     unet_overrides: list[str] = field(default_factory=list)
+    model_config: str = "demo/shapes-ldm"  # the denoiser phase's config (`demo/shapes-flow`: the flow family)
+
+    @property
+    def is_flow(self) -> bool:
+        return self.model_config == FLOW_CONFIG
+
+    @classmethod
+    def flow(cls, quick: bool = False) -> DemoSettings:
+        """The flow family's demo: the same phases with the transformer of `demo/shapes-flow`."""
+        settings = cls.quick() if quick else cls(unet_steps=FLOW_STEPS)
+        settings.model_config = FLOW_CONFIG
+        if quick:
+            settings.unet_overrides = ["data.batch_size=8", "model.first_stage_config.ddconfig.ch_mult=[1,2]",
+                                       "model.transformer_config.hidden_size=32",
+                                       "model.transformer_config.axes_dim=[2,2,4]"]  # fmt: skip
+        return settings
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -56,7 +78,8 @@ def run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
     shards = timer.run("data", make_shapes_data, out / "data", settings.num_images, settings.image_size)
     vae_dir = timer.run("vae", train_vae, out, shards, settings)
     stats = timer.run("precache", precache_latents, out, shards, vae_dir, settings)
-    task = timer.run("unet", train_unet, out, vae_dir, stats["scale_factor"], settings)
+    task = timer.run("transformer" if settings.is_flow else "unet", train_unet, out, vae_dir, stats["scale_factor"],
+                     settings)  # fmt: skip
     scores = timer.run("eval", evaluate, out, task, settings)
     return write_results(out, scores, timer, vars(settings), grid=out / "grid.png", pipeline=out / "pipeline")
 
@@ -89,7 +112,7 @@ def _ldm_overrides(vae_dir: Path, settings: DemoSettings, extra: list[str]) -> l
 def precache_latents(out: Path, shards: str, vae_dir: Path, settings: DemoSettings) -> dict[str, Any]:
     from t2i.train.precache import precache
 
-    cfg = _config("demo/shapes-ldm", _ldm_overrides(vae_dir, settings, [f"data.train={shards}"]))
+    cfg = _config(settings.model_config, _ldm_overrides(vae_dir, settings, [f"data.train={shards}"]))
     return precache(cfg, out / "latents", settings.precache_batch, shard_size=2000, dtype="float16")
 
 
@@ -97,7 +120,7 @@ def train_unet(out: Path, vae_dir: Path, scale_factor: float, settings: DemoSett
     from t2i.train.task import build_task
     from t2i.train.trainer import train
 
-    cfg = _config("demo/shapes-ldm", _ldm_overrides(vae_dir, settings, [
+    cfg = _config(settings.model_config, _ldm_overrides(vae_dir, settings, [
         f"data.train={out / 'latents'}", f"model.scale_factor={scale_factor:.6f}",
         f"trainer.max_steps={settings.unet_steps}", f"trainer.out_dir={out / 'unet'}",
         f"trainer.sample.steps={settings.sample_steps}", f"trainer.sample.guidance_scale={settings.guidance_scale}"]))

@@ -271,7 +271,8 @@ class SizeEmbedder(Dropout):
 class ContextPooledEmbedder(TextEmbedder):
     """Text conditioning of a flow transformer: `context` (B, T, D) [+ `context_mask`] from `encoder`'s tokens and
     `pooled` (B, D_pooled) from `pooled_encoder`'s pooled output (None: `encoder`'s own), one dropout decision per
-    sample for both, to the encodings of "" (what FluxPipeline's CFG branch uses). Online captions only."""
+    sample for both, to the encodings of "" (what FluxPipeline's CFG branch uses). Precached batches
+    (`captions_encoded`) hold `embeddings`, `mask` and `pooled`; `empty` then reads "" from `uncond.safetensors`."""
 
     pooled_encoder: Callable[[], Any] | None = None
 
@@ -285,17 +286,31 @@ class ContextPooledEmbedder(TextEmbedder):
         entries["pooled"] = pooled.float().to(device)
         return entries
 
-    def encode_batch(self, batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
-        if "captions_encoded" in batch:
-            raise ConfigError(
-                "model.cond_stage_key: precached text for flow models is not supported yet; expected captions"
-            )
-        return super().encode_batch(batch, device)
+    def precached_entries(self, encoded: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
+        missing = [k for k in ("embeddings", "pooled") if k not in encoded]
+        if missing:
+            raise DataError(f"captions_encoded: no {missing[0]!r}; expected shards precached with this flow "
+                            f"config (t2i precache), found {sorted(encoded)}")  # fmt: skip
+        embeddings = encoded["embeddings"]
+        mask = encoded.get("mask")
+        if mask is None:
+            mask = torch.ones(embeddings.shape[:2], dtype=torch.bool)
+        entries = self.entries(embeddings, mask, device)
+        entries["pooled"] = encoded["pooled"].float().to(device)
+        return entries
 
     def empty_encoding(self) -> dict[str, torch.Tensor]:
-        """The encodings of "" ({context, pooled[, context_mask]}, batch 1, CPU), computed once."""
+        """The encodings of "" ({context, pooled[, context_mask]}, batch 1, CPU), read from `empty` (a precached
+        folder's `uncond.safetensors`) or computed once."""
         if self._empty is None:
-            self._empty = {k: v[:1].detach().cpu() for k, v in self.encode_prompts([""], "cpu").items()}
+            if self.empty is not None:
+                stored = self.empty()
+                mask = stored.get("mask", torch.ones(stored["embeddings"].shape[:2], dtype=torch.bool))
+                entries = self.entries(stored["embeddings"], mask, "cpu")
+                entries["pooled"] = stored["pooled"].float()
+            else:
+                entries = self.encode_prompts([""], "cpu")
+            self._empty = {k: v[:1].detach().cpu() for k, v in entries.items()}
         return self._empty
 
     def null_like(self, entries: dict[str, torch.Tensor], null: NullKind | None = None) -> dict[str, torch.Tensor]:

@@ -7,6 +7,9 @@
   the encoding of "") that the training task substitutes for dropped captions without loading the text encoder.
   A run reads them with `model.first_stage_key=image_encoded model.cond_stage_key=captions_encoded
   data.train=DIR`.
+- the same for a flow model (`model.kind: flow`): the 16-channel VAE's moments, and for the single text
+  embedder the context encoder's tokens (`embeddings`, `mask`) with the pooled vector of the pooled encoder (or
+  the context encoder's own) as `pooled`; read with the same two keys.
 - `precache_imagen(cfg, out)` (Imagen): pixels (the identity first stage's moments) at `data.resolution` and the
   stage's text embeddings, read with `model.conditioning.precached_key=embeddings
   model.conditioning.online_encoding=false data.train=DIR`. One precache at the largest stage's size serves every
@@ -44,11 +47,35 @@ class CaptionCache:
         return [self.entries[c] for c in captions]
 
 
+class ContextAndPooled:
+    """A flow model's two text encoders as one: the context encoder's tokens and mask, the pooled encoder's pooled
+    vector (None: the context encoder's own)."""
+
+    def __init__(self, context: Any, pooled: Any | None) -> None:
+        self.context, self.pooled = context, pooled
+
+    def encode(self, prompts: list[str]) -> Any:
+        import dataclasses
+
+        encoding = self.context.encode(prompts)
+        if self.pooled is None:
+            return encoding
+        return dataclasses.replace(encoding, pooled=self.pooled.encode(prompts).pooled)
+
+
 class TextCaches:
-    """One `CaptionCache` per text embedder of a latent config (SDXL: CLIP-L, bigG), and the precached tensors
-    of a caption under `precached_keys(i)`: embeddings and mask for each, the pooled vector where it conditions."""
+    """One `CaptionCache` per text embedder of a model (SDXL: CLIP-L, bigG; a flow model: one, context + pooled),
+    and the precached tensors of a caption under `precached_keys(i)`: embeddings and mask for each, the pooled
+    vector where it conditions."""
 
     def __init__(self, model_cfg: Any, device: Any) -> None:
+        if model_cfg.kind == "flow":
+            from t2i.pipelines.flux_folder import build_text
+
+            pooled = build_text(model_cfg.pooled_encoder).to(device) if model_cfg.pooled_encoder else None
+            self.caches = [CaptionCache(ContextAndPooled(build_text(model_cfg.context_encoder).to(device), pooled))]
+            self.pooled = [True]
+            return
         from t2i.train.tasks.latent_text import build_embedder_encoder, text_encoder_configs
 
         configs = list(text_encoder_configs(model_cfg).values())
@@ -86,12 +113,11 @@ def precache(cfg: Any, out: str | Path, batch_size: int = 64, shard_size: int = 
 
     from t2i.data.precached import PrecachedShardWriter
     from t2i.models.first_stage import LatentFirstStage
-    from t2i.train.tasks.latent import load_vae
 
-    if cfg.model.kind != "latent_diffusion":
-        raise ConfigError(f"model.kind: {cfg.model.kind!r}; precache needs latent_diffusion")
+    if cfg.model.kind not in ("latent_diffusion", "flow"):
+        raise ConfigError(f"model.kind: {cfg.model.kind!r}; precache needs latent_diffusion or flow")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    first_stage = LatentFirstStage(load_vae(cfg.model), cfg.model.scale_factor, cfg.model.shift_factor).to(device)
+    first_stage = LatentFirstStage(frozen_vae(cfg.model), cfg.model.scale_factor, cfg.model.shift_factor).to(device)
     texts = TextCaches(cfg.model, device)
     text_dtype = getattr(torch, dtype)
     totals = {"sum": 0.0, "squares": 0.0, "elements": 0}
@@ -136,6 +162,20 @@ def precache(cfg: Any, out: str | Path, batch_size: int = 64, shard_size: int = 
     return stats
 
 
+def frozen_vae(model_cfg: Any) -> Any:
+    """The family's VAE as its training task loads it."""
+    if model_cfg.kind == "flow":
+        from t2i.train.tasks.flow import load_flow_vae
+
+        if model_cfg.first_stage_config.from_pretrained is None:
+            raise ConfigError("model.first_stage_config.from_pretrained: missing; precaching needs the trained VAE "
+                              "(a diffusers or t2i VAE folder)")  # fmt: skip
+        return load_flow_vae(model_cfg)
+    from t2i.train.tasks.latent import load_vae
+
+    return load_vae(model_cfg)
+
+
 def _aspect(size: str) -> float:
     width, height = size.split("x")
     return int(width) / int(height)
@@ -163,12 +203,13 @@ def _precache_batches(d: Any, batch_size: int) -> Any:
 
 def write_uncond(texts: TextCaches, out: Path, dtype: Any) -> Path:
     """Save every text embedder's encoding of "" as `out/uncond.safetensors` under the shards' names
-    (`embeddings` (T, D) [, `pooled`], `embeddings_1`, ...; masks left out), in the shards' text dtype."""
+    (`embeddings` (T, D), `mask` (T,) [, `pooled`], `embeddings_1`, ...), in the shards' text dtype (the mask
+    matters to models that mask padding tokens, such as flow models on MiniLM)."""
     from safetensors.torch import save_file
 
     from t2i.train.tasks.latent_text import UNCOND_FILE
 
-    tensors = {k: v.contiguous() for k, v in texts.tensors([""], dtype)[0].items() if not k.startswith("mask")}
+    tensors = {k: v.contiguous() for k, v in texts.tensors([""], dtype)[0].items()}
     path = out / UNCOND_FILE
     save_file(tensors, str(path))
     return path

@@ -2,7 +2,9 @@
 velocity in the latent space of a frozen VAE, conditioned on frozen text encoders.
 
 Batches are `{"images" (B, 3, H, W) in [-1, 1], "captions": list[str]}` (online: the VAE and the text encoders run
-every step; precached T5/CLIP embeddings are not supported yet). The loss is `FlowMatchingLoss` on the model's
+every step), or with `first_stage_key: image_encoded` and `cond_stage_key: captions_encoded` the shards `t2i
+precache` writes for this config (VAE moments; context tokens, mask and pooled vector), with the encodings of ""
+read from the shards' `uncond.safetensors`. The loss is `FlowMatchingLoss` on the model's
 `FlowSchedule` (shared with the previews' sampling plan); text dropout at `text_drop_rate` replaces both the
 tokens and the pooled vector by the encodings of "" (the branch classifier-free guidance subtracts). A
 guidance-distilled transformer (`guidance_embed`) is fed `model.guidance_scale` as its embedded guidance.
@@ -28,6 +30,7 @@ from t2i.text.conditioner import Conditioner, ContextPooledEmbedder
 from t2i.train.task import register_task
 from t2i.train.tasks.denoising import DenoisingTask, _uncompiled
 from t2i.train.tasks.latent import LatentDiffusionTask
+from t2i.train.tasks.latent_text import find_stored_uncond, read_stored_uncond
 
 
 def load_transformer(m: Any) -> nn.Module:
@@ -70,9 +73,11 @@ class FlowTask(DenoisingTask):
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
         m = cfg.model
-        if m.first_stage_key != "images" or m.cond_stage_key != "captions":
-            raise ConfigError("model.first_stage_key / model.cond_stage_key: flow models train on images + "
-                              "captions for now (precached latents and T5/CLIP embeddings are not supported yet)")
+        keys = (m.first_stage_key, m.cond_stage_key)
+        if keys not in (("images", "captions"), ("image_encoded", "captions_encoded")):
+            raise ConfigError(f"model.first_stage_key / model.cond_stage_key: {keys}; expected images + captions "
+                              "(online) or image_encoded + captions_encoded (shards from t2i precache)")  # fmt: skip
+        self.precached = keys[0] == "image_encoded"
         from t2i.models.first_stage import LatentFirstStage
         from t2i.pipelines.flux_folder import build_text
 
@@ -85,9 +90,11 @@ class FlowTask(DenoisingTask):
         self.loss = FlowMatchingLoss(self.schedule, patch_size=self.transformer.patch_size,
                                      **dataclasses.asdict(m.loss))  # fmt: skip
         pooled = (lambda: self.pooled_encoder) if self.pooled_encoder is not None else None
+        stored = find_stored_uncond(cfg.data.train) if self.precached else None
         self.conditioner = Conditioner([
             ContextPooledEmbedder(lambda: self.context_encoder, m.text_drop_rate, masked=m.mask_text_tokens,
-                                  pooled_encoder=pooled)
+                                  pooled_encoder=pooled,
+                                  empty=None if stored is None else (lambda: read_stored_uncond(stored)))
         ])  # fmt: skip
         if self.transformer.guidance_embed:
             self.default_guidance_scale = m.guidance_scale
@@ -118,7 +125,12 @@ class FlowTask(DenoisingTask):
     def encode_batch(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Scaled latents z (B, 16, h, w) and the cond after text dropout (+ the embedded guidance)."""
         device = self.device
-        z = self.first_stage.encode(batch["images"].to(device), generator)
+        if self.precached:
+            moments = batch["image_encoded"]
+            z = self.first_stage.z_from_moments(moments["mean"].to(device).float(),
+                                                moments["logvar"].to(device).float(), generator)  # fmt: skip
+        else:
+            z = self.first_stage.encode(batch["images"].to(device), generator)
         cond = self.conditioner(batch, generator, device)
         if self.transformer.guidance_embed:
             cond["guidance"] = torch.full((z.shape[0],), self.cfg.model.guidance_scale, device=device)

@@ -57,6 +57,8 @@ def read_stored_uncond(path: Path, index: int = 0) -> dict[str, torch.Tensor]:
     out = {"embeddings": stored[keys["embeddings"]].float().unsqueeze(0)}
     if keys["pooled"] in stored:
         out["pooled"] = stored[keys["pooled"]].float().unsqueeze(0)
+    if keys["mask"] in stored:
+        out["mask"] = stored[keys["mask"]].bool().unsqueeze(0)
     return out
 
 
