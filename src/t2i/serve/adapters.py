@@ -27,7 +27,7 @@ class BatchKey:
     """What every row of one sampler batch shares. Rows with equal keys may run together."""
 
     model: str
-    task: str  # "generate" | "edit"
+    task: str  # "generate" | "edit" (image-to-image) | "inpaint" (with a mask) | "instruct" (InstructPix2Pix)
     width: int
     height: int
     steps: int | None
@@ -40,12 +40,13 @@ class BatchKey:
 
 @dataclass
 class Row:
-    """One output image: its prompt, negative prompt, seed and (edits) init image."""
+    """One output image: its prompt, negative prompt, seed and (edits) init image and mask."""
 
     prompt: str
     negative_prompt: str
     seed: int
     image: Any = None
+    mask: Any = None
 
 
 ADAPTERS: dict[type, type[ModelAdapter]] = {}
@@ -82,6 +83,7 @@ class ModelAdapter:
     kind: ClassVar[str] = ""
     batches_requests: ClassVar[bool] = True  # rows of different requests may share a sampler batch
     supports_edits: ClassVar[bool] = False
+    unet_task: str = "generate"  # `inpaint` / `instruct`: the model only inpaints / follows edit instructions
 
     def __init__(self, model_id: str, pipeline: Any, lora_dir: Path | None = None) -> None:
         self.id, self.pipeline = model_id, pipeline
@@ -229,7 +231,7 @@ class LatentAdapter(ModelAdapter):
 
     def steps_of(self, key: BatchKey) -> int:
         steps = int(key.steps or self.default_steps)
-        return min(int(steps * key.strength), steps) if key.task == "edit" else steps
+        return min(int(steps * key.strength), steps) if key.task in ("edit", "inpaint") else steps
 
     def run(self, key: BatchKey, rows: list[Row], progress: Progress) -> list[Any]:
         return self.sample(key, rows, progress).images
@@ -252,10 +254,33 @@ class LatentAdapter(ModelAdapter):
             "generator": [torch.Generator("cpu").manual_seed(r.seed) for r in rows],
             "callback": callback,
         }
-        prompts = [r.prompt for r in rows]
+        prompts, images = [r.prompt for r in rows], [r.image for r in rows]
+        if key.task == "inpaint":
+            masks = [self.mask_tensor(r.mask, key) for r in rows]
+            return self.pipeline.inpaint(prompts, images, torch.cat(masks), strength=key.strength, **common)
+        if key.task == "instruct":
+            common = {k: v for k, v in common.items() if k not in ("height", "width")}
+            return self.pipeline.edit(prompts, [im.resize((key.width, key.height)) for im in images], **common)
         if key.task == "edit":
-            return self.pipeline.reconstruct(prompts, [r.image for r in rows], strength=key.strength, **common)
+            return self.pipeline.reconstruct(prompts, images, strength=key.strength, **common)
         return self.pipeline.generate(prompts, **common)
+
+    @staticmethod
+    def mask_tensor(mask: Any, key: BatchKey) -> Any:
+        """A PIL mask (white = repaint) at the output size as (1, 1, H, W) in [0, 1]."""
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        resized = mask.resize((key.width, key.height), Image.NEAREST)
+        return torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)[None, None]
+
+    @property
+    def unet_task(self) -> str:
+        """What the UNet's inputs let it do: `generate` (text-to-image and image-to-image), `inpaint` or
+        `instruct`."""
+        extra = getattr(self.pipeline, "unet_extra_channels", 0)
+        return {5: "inpaint", 4: "instruct"}.get(extra, "generate")
 
 
 @adapter_for(_cascade_pipeline_class())

@@ -159,8 +159,8 @@ def add_image_routes(app: FastAPI, state: ServerState) -> None:
         return parse_job(values, state.adapters, settings)
 
     async def parse_edit(request: Request) -> JobSpec:
-        values, image = await read_edit_form(request, settings)
-        return parse_job(values, state.adapters, settings, edit_image=image)
+        values, image, mask = await read_edit_form(request, settings)
+        return parse_job(values, state.adapters, settings, edit_image=image, edit_mask=mask)
 
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> Response:

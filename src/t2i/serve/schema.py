@@ -224,14 +224,19 @@ def parse_job(
     adapters: Mapping[str, ModelAdapter],
     settings: ServerSettings,
     edit_image: Any = None,
+    edit_mask: Any = None,
 ) -> JobSpec:
-    """Validate a generation (or, with `edit_image`, an edit) request against the model it names."""
+    """Validate a generation (or, with `edit_image`, an edit; with `edit_mask` too, inpainting) request against
+    the model it names."""
     form = edit_image is not None
     check_fields(values, COMMON_FIELDS + (EDIT_FIELDS if form else ()))
     fields = Fields(values, form=form)
     adapter = pick_model(fields, adapters)
     if form and not adapter.supports_edits:
         raise bad("model", f"model {adapter.id} ({adapter.kind}) does not do image edits")
+    if form and fields.raw("mask") is not None:
+        raise bad("mask", "expected a file upload (a PNG: transparent or white where to repaint)")
+    task = edit_task(adapter, form, edit_mask is not None)
     prompt = fields.string("prompt", required=True)
     if not prompt.strip():
         raise bad("prompt", "empty; expected a non-empty string", code="missing_required_parameter")
@@ -255,11 +260,11 @@ def parse_job(
         raise bad("sampler", f"unknown sampler {sampler!r} for model {adapter.id}; expected one of "
                   f"{', '.join(adapter.samplers) or '(none: leave sampler out)'}", code="unknown_sampler")
     strength = None
-    if form:
-        if fields.raw("mask") is not None:
-            raise bad("mask", "not supported; this server re-draws the whole image (see `strength`)")
+    if task == "instruct" and fields.raw("strength") is not None:
+        raise bad("strength", f"not used by model {adapter.id} (InstructPix2Pix edits always start from noise)")
+    if task in ("edit", "inpaint"):
         strength = fields.number("strength", 0.0, 1.0, low_open=True)
-        strength = 0.6 if strength is None else strength
+        strength = (1.0 if task == "inpaint" else 0.6) if strength is None else strength
     loras = parse_loras(fields, adapter)
     check_prompt(adapter, "prompt", prompt)
     if negative:
@@ -270,7 +275,7 @@ def parse_job(
         raise bad(_param_of(err), str(err)) from None
     key = BatchKey(
         model=adapter.id,
-        task="edit" if form else "generate",
+        task=task,
         width=width,
         height=height,
         steps=steps if steps is not None else adapter.default_steps,
@@ -279,8 +284,29 @@ def parse_job(
         loras=loras,
         strength=strength,
     )
-    rows = [Row(prompt, negative, seed + j, edit_image) for j in range(n)]
+    rows = [Row(prompt, negative, seed + j, edit_image, edit_mask) for j in range(n)]
     return JobSpec(adapter.id, key, rows, response_format, fields.boolean("stream"))
+
+
+def edit_task(adapter: ModelAdapter, form: bool, masked: bool) -> str:
+    """The batch task of a request: what the route and the mask ask for, checked against what the model's UNet
+    can do (an inpainting UNet needs image and mask, an InstructPix2Pix UNet an image and no mask)."""
+    kind = adapter.unet_task
+    if kind == "generate":
+        if masked:
+            raise bad("mask", f"model {adapter.id} re-draws the whole image (see `strength`); inpainting needs an "
+                      "inpainting model (a 9-channel UNet)")  # fmt: skip
+        return "edit" if form else "generate"
+    route = "an `image` and a `mask`" if kind == "inpaint" else "an `image` and an instruction as the prompt"
+    if not form:
+        raise bad("model", f"model {adapter.id} is an {'inpainting' if kind == 'inpaint' else 'InstructPix2Pix'} "
+                  f"model: use /v1/images/edits with {route}")  # fmt: skip
+    if kind == "inpaint" and not masked:
+        raise bad("mask", f"missing; model {adapter.id} is an inpainting model and repaints where the mask says",
+                  code="missing_required_parameter")  # fmt: skip
+    if kind == "instruct" and masked:
+        raise bad("mask", f"not used by model {adapter.id} (InstructPix2Pix edits the whole image)")
+    return kind
 
 
 def edit_size(adapter: ModelAdapter, image: Any) -> tuple[int, int]:
