@@ -29,6 +29,9 @@ def register(subparsers) -> None:
         help="sd: VAE + latent UNet (default); flow: the same VAE + a Flux-shaped flow-matching transformer; "
         "imagen: a 16 px base + 32 px super-resolution cascade",
     )
+    parser.add_argument("--task", choices=("single", "two-objects"), default="single",
+                        help="single: one shape per image (default); two-objects: two shapes, scored on attribute "
+                        "binding and their relation (sd and flow families)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test version (seconds)")
     parser.add_argument("--unet-steps", type=int, default=None, help="override the UNet (flow: transformer) training steps")
     parser.add_argument("--vae-steps", type=int, default=None, help="override the VAE training steps")
@@ -39,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from t2i.recipes.demo_common import format_summary
 
     if args.family == "imagen":
+        if args.task != "single":
+            from t2i.errors import InvalidInputError
+
+            raise InvalidInputError("--task two-objects: runs with --family sd or flow; the Imagen demo is single")
         from t2i.recipes.imagen_demo import run_imagen_demo
 
         out = args.out if args.out != "runs/demo" else "runs/demo-imagen"
@@ -52,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
         args.out = args.out if args.out != "runs/demo" else "runs/demo-flow"
     else:
         settings = DemoSettings.quick() if args.quick else DemoSettings()
+    if args.task == "two-objects":
+        settings.for_two_objects()
+        args.out = args.out if args.out != "runs/demo" else f"runs/demo-two-objects{'-flow' * settings.is_flow}"
     for name in ("unet_steps", "vae_steps", "threads"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))

@@ -54,11 +54,12 @@ def _background(rgb: np.ndarray) -> np.ndarray:
     return np.median(border, axis=0)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Boolean mask (H, W) of the largest 8-connected True region of `mask` (all False if none)."""
+def connected_components(mask: np.ndarray) -> list[np.ndarray]:
+    """Boolean masks (H, W) of the 8-connected True regions of `mask`, largest first."""
     height, width = mask.shape
     labels = np.zeros(mask.shape, dtype=np.int32)
-    best_label, best_size, current = 0, 0, 0
+    sizes: dict[int, int] = {}
+    current = 0
     for start in zip(*np.nonzero(mask)):
         if labels[start]:
             continue
@@ -73,9 +74,14 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
                     if mask[ny, nx] and not labels[ny, nx]:
                         labels[ny, nx] = current
                         stack.append((ny, nx))
-        if size > best_size:
-            best_label, best_size = current, size
-    return labels == best_label if best_label else np.zeros_like(mask)
+        sizes[current] = size
+    return [labels == label for label in sorted(sizes, key=lambda k: -sizes[k])]
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Boolean mask (H, W) of the largest 8-connected True region of `mask` (all False if none)."""
+    components = connected_components(mask)
+    return components[0] if components else np.zeros_like(mask)
 
 
 def _cross(o: tuple[int, int], a: tuple[int, int], b: tuple[int, int]) -> int:

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from t2i.recipes.demo_common import PhaseTimer, make_shapes_data, score_heldout, write_results
+from t2i.recipes.demo_common import (
+    PAIR_TARGETS,
+    PhaseTimer,
+    make_pairs_data,
+    make_shapes_data,
+    score_heldout,
+    write_results,
+)
 
 FLOW_CONFIG = "demo/shapes-flow"
 FLOW_STEPS = 3000
@@ -42,6 +49,14 @@ class DemoSettings:
     vae_overrides: list[str] = field(default_factory=list)
     unet_overrides: list[str] = field(default_factory=list)
     model_config: str = "demo/shapes-ldm"  # the denoiser phase's config (`demo/shapes-flow`: the flow family)
+    task: str = "single"  # `two-objects`: two shapes per image, scored on binding and relation
+
+    def for_two_objects(self) -> DemoSettings:
+        """The same recipe on the two-object scenes: captions need 24 tokens."""
+        self.task = "two-objects"
+        key = "model.context_encoder" if self.is_flow else "model.cond_stage_config"
+        self.unet_overrides = [*self.unet_overrides, f"{key}.max_length=24"]
+        return self
 
     @property
     def is_flow(self) -> bool:
@@ -75,13 +90,15 @@ def run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
     torch.set_num_threads(settings.threads)
     out.mkdir(parents=True, exist_ok=True)
     timer = PhaseTimer()
-    shards = timer.run("data", make_shapes_data, out / "data", settings.num_images, settings.image_size)
+    make_data = make_pairs_data if settings.task == "two-objects" else make_shapes_data
+    shards = timer.run("data", make_data, out / "data", settings.num_images, settings.image_size)
     vae_dir = timer.run("vae", train_vae, out, shards, settings)
     stats = timer.run("precache", precache_latents, out, shards, vae_dir, settings)
     task = timer.run("transformer" if settings.is_flow else "unet", train_unet, out, vae_dir, stats["scale_factor"],
                      settings)  # fmt: skip
     scores = timer.run("eval", evaluate, out, task, settings)
-    return write_results(out, scores, timer, vars(settings), grid=out / "grid.png", pipeline=out / "pipeline")
+    targets = PAIR_TARGETS if settings.task == "two-objects" else None
+    return write_results(out, scores, timer, vars(settings), targets, grid=out / "grid.png", pipeline=out / "pipeline")
 
 
 def _config(name: str, overrides: list[str]) -> Any:
@@ -135,6 +152,6 @@ def evaluate(out: Path, task: Any, settings: DemoSettings) -> dict[str, float]:
 
     task.eval()
     with task.ema_weights(True), torch.no_grad():
-        scores = score_heldout(task.sample_images, settings.eval_seeds, out / "grid.png")
+        scores = score_heldout(task.sample_images, settings.eval_seeds, out / "grid.png", settings.task)
     task.export(out / "pipeline", use_ema=True)
     return scores
