@@ -50,7 +50,8 @@ class LatentFirstStage(nn.Module):
         self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Sample from stored moments, shift and scale: scale_factor * (mean + std * eps - shift_factor)."""
-        return (DiagonalGaussian(mean, logvar).sample(generator) - self.shift_factor) * self.scale_factor
+        return latents_from_moments({"mean": mean, "logvar": logvar}, self.scale_factor, self.shift_factor,
+                                    generator, mean.device)  # fmt: skip
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """images (B, C, H, W) in [-1, 1] -> sampled, scaled latents (B, latent_channels, H/f, W/f)."""
@@ -100,3 +101,13 @@ class IdentityFirstStage(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z
+
+
+def latents_from_moments(
+    moments: dict[str, torch.Tensor], scale_factor: float, shift_factor: float,
+    generator: torch.Generator | None, device: torch.device | str,
+) -> torch.Tensor:
+    """Scaled latents sampled from precached VAE moments (`{"mean", "logvar"}`), without the VAE itself:
+    scale_factor * (mean + std * eps - shift_factor)."""
+    mean, logvar = moments["mean"].to(device).float(), moments["logvar"].to(device).float()
+    return (DiagonalGaussian(mean, logvar).sample(generator) - shift_factor) * scale_factor

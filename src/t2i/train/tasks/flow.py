@@ -126,9 +126,10 @@ class FlowTask(DenoisingTask):
         """Scaled latents z (B, 16, h, w) and the cond after text dropout (+ the embedded guidance)."""
         device = self.device
         if self.precached:
-            moments = batch["image_encoded"]
-            z = self.first_stage.z_from_moments(moments["mean"].to(device).float(),
-                                                moments["logvar"].to(device).float(), generator)  # fmt: skip
+            from t2i.models.first_stage import latents_from_moments
+
+            fs = self.first_stage
+            z = latents_from_moments(batch["image_encoded"], fs.scale_factor, fs.shift_factor, generator, device)
         else:
             z = self.first_stage.encode(batch["images"].to(device), generator)
         cond = self.conditioner(batch, generator, device)

@@ -237,12 +237,9 @@ class LatentDiffusionTask(DenoisingTask):
         """Scaled latents z (B, C, h, w) and the cond after text dropout; randomness: latent sample, text drop."""
         device = self.device
         if self.precached:
-            from t2i.models.autoencoder import DiagonalGaussian
+            from t2i.models.first_stage import latents_from_moments
 
-            moments = batch["image_encoded"]
-            mean, logvar = moments["mean"].to(device).float(), moments["logvar"].to(device).float()
-            # what LatentFirstStage.z_from_moments does, without loading the VAE
-            z = (DiagonalGaussian(mean, logvar).sample(generator) - self.shift_factor) * self.scale_factor
+            z = latents_from_moments(batch["image_encoded"], self.scale_factor, self.shift_factor, generator, device)
         else:
             z = self.first_stage.encode(batch["images"].to(device), generator)
         return z, self.conditioner(batch, generator, device)
