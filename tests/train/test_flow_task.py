@@ -174,3 +174,31 @@ def test_precached_flow_shards_without_pooled_vectors_are_named(tmp_path):
     embedder = ContextPooledEmbedder(lambda: None, 0.0, masked=True)
     with pytest.raises(DataError, match="captions_encoded: no 'pooled'; expected shards precached with this flow"):
         embedder.encode_batch({"captions_encoded": {"embeddings": torch.zeros(2, 8, 384)}}, "cpu")
+
+
+def test_bucketed_flow_training_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path):
+    """Aspect-ratio buckets: each batch is one bucket's size, and a run resumed mid-way has the same losses."""
+    from t2i.data.shapes_aspect import write_aspect_shapes_dataset
+    from t2i.train.trainer import train
+
+    write_aspect_shapes_dataset(tmp_path / "shapes", 24, [(32, 16), (16, 32), (24, 24)], seed=0, shard_size=12)
+    data = str(tmp_path / "shapes" / "shapes-{00000..00001}.tar")
+    sizes = []
+
+    def run(out, **trainer):
+        cfg = tiny_flow_config(out, data)
+        cfg.data.buckets = build_config({"data": {"buckets": {"step": 8, "min_size": 16, "max_size": 32}}}).data.buckets
+        cfg.data.resolution, cfg.data.batch_size, cfg.data.center_crop = 24, 3, False
+        cfg.trainer.max_steps, cfg.trainer.checkpoint_every, cfg.trainer.keep_last = 6, 3, 5
+        for key, value in trainer.items():
+            setattr(cfg.trainer, key, value)
+        task = build_task(cfg)
+        original = task.encode_batch
+        task.encode_batch = lambda batch, gen: (sizes.append(tuple(batch["images"].shape[-2:])), original(batch, gen))[1]
+        return train(cfg, task)
+
+    full = run(tmp_path / "full")
+    assert len(set(sizes)) > 1  # several buckets, not one square size
+    first = run(tmp_path / "resumed", max_steps=3)
+    resumed = run(tmp_path / "resumed", resume=str(first.last_checkpoint))
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full.losses), rtol=0, atol=0)

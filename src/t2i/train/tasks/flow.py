@@ -27,6 +27,7 @@ from t2i.diffusion.losses import FlowMatchingLoss
 from t2i.diffusion.schedules import FlowSchedule
 from t2i.errors import ConfigError
 from t2i.text.conditioner import Conditioner, ContextPooledEmbedder
+from t2i.train.bucketing import check_bucket_step
 from t2i.train.task import register_task
 from t2i.train.tasks.denoising import DenoisingTask, _uncompiled
 from t2i.train.tasks.latent import LatentDiffusionTask
@@ -66,9 +67,11 @@ def load_flow_vae(m: Any) -> nn.Module:
 
 
 class FlowTask(DenoisingTask):
-    """Transformer + frozen first stage + frozen text encoders, trained with `FlowMatchingLoss`."""
+    """Transformer + frozen first stage + frozen text encoders, trained with `FlowMatchingLoss`. With
+    `data.buckets` every batch is one aspect-ratio bucket (the transformer's RoPE takes any latent grid)."""
 
     default_sample_steps = 20
+    supports_buckets = True
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
@@ -98,6 +101,11 @@ class FlowTask(DenoisingTask):
         ])  # fmt: skip
         if self.transformer.guidance_embed:
             self.default_guidance_scale = m.guidance_scale
+        self.latent_factor = self.first_stage.downsample_factor
+        step = self.latent_factor * self.transformer.patch_size
+        check_bucket_step(cfg.data, step)
+        if cfg.data.buckets is None:
+            self.check_resolution(step, f"first stage x{self.latent_factor} * patch {self.transformer.patch_size}")
 
     # ------------------------------------------------------------------------------------ modules
 
