@@ -160,3 +160,8 @@ def test_cli_mask_and_edit(tmp_path, capsys, inpaint_dir, pix2pix_dir):
                  "--out", str(tmp_path / "x.png"), *common])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "--mask: needs --init-image" in err and err.count("\n") == 1
+    code = main(["sample", "--model", str(inpaint_dir), "--prompt", "a", "--init-image", str(tmp_path / "in.png"),
+                 "--mask", str(tmp_path / "mask.png"), "--aesthetic-score", "6", "--out", str(tmp_path / "y.png"),
+                 *common])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--aesthetic-score: SDXL micro-conditioning applies to" in err and err.count("\n") == 1

@@ -295,6 +295,10 @@ def check_image_options(args: argparse.Namespace) -> None:
         raise InvalidInputError("--strength: not used by --edit (InstructPix2Pix always starts from noise)")
     if (args.mask or args.edit) and args.guidance_rescale is not None:
         raise InvalidInputError("--guidance-rescale: applies to text-to-image and --init-image sampling only")
+    micro = micro_conditioning_from_args(args)
+    if (args.mask or args.edit) and micro:
+        raise InvalidInputError(f"--{min(micro).replace('_', '-')}: SDXL micro-conditioning applies to "
+                                "text-to-image and --init-image sampling only")  # fmt: skip
 
 
 def check_pipeline_takes(pipe: Any, args: argparse.Namespace) -> None:
