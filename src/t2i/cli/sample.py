@@ -297,7 +297,8 @@ def check_image_options(args: argparse.Namespace) -> None:
         raise InvalidInputError("--guidance-rescale: applies to text-to-image and --init-image sampling only")
     micro = micro_conditioning_from_args(args)
     if (args.mask or args.edit) and micro:
-        raise InvalidInputError(f"--{min(micro).replace('_', '-')}: SDXL micro-conditioning applies to "
+        flag = next(f for f, keyword in {**MICRO_PAIRS, **MICRO_SCORES}.items() if keyword == min(micro))
+        raise InvalidInputError(f"--{flag.replace('_', '-')}: SDXL micro-conditioning applies to "
                                 "text-to-image and --init-image sampling only")  # fmt: skip
 
 
