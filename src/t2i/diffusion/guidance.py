@@ -8,6 +8,7 @@ import torch
 
 from t2i.diffusion.denoisers import DenoiserWrapper
 from t2i.diffusion.parameterization import output_from_x0, x0_from_output
+from t2i.diffusion.tensors import append_dims
 from t2i.errors import InvalidInputError
 
 UNCOND_PREFIX = "uncond_"
@@ -54,7 +55,7 @@ class CFGDenoiser(DenoiserWrapper):
         prediction = getattr(self.inner, "prediction", None)
         if prediction is None:
             raise InvalidInputError("guidance_rescale: needs a denoiser with a prediction type (eps, v or x0)")
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        s = append_dims(sigma.to(x.dtype), x.ndim)
         guided_out = output_from_x0(guided, x, s, prediction)
         text_out = output_from_x0(cond_out, x, s, prediction)
         dims = list(range(1, x.ndim))

@@ -179,3 +179,12 @@ def tail_plan(plan: SamplingPlan, start: int) -> SamplingPlan:
     return SamplingPlan(
         plan.sampler, plan.sigmas[start:], 1.0, plan.final_scale, options, plan.quantize_timesteps
     )
+
+
+def strength_tail(plan: SamplingPlan, steps: int, strength: float) -> SamplingPlan:
+    """The last `int(steps * strength)` steps of `plan` (diffusers' img2img `get_timesteps`); InvalidInputError
+    when that leaves no step."""
+    denoise_steps = min(int(steps * strength), steps)
+    if denoise_steps < 1:
+        raise InvalidInputError(f"strength: {strength} x steps {steps} leaves no step; expected strength*steps >= 1")
+    return tail_plan(plan, steps - denoise_steps)

@@ -26,11 +26,17 @@ from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.plans import SamplingPlan, make_plan
 from t2i.diffusion.samplers import Callback
 from t2i.diffusion.schedules import FlowSchedule, flux_sampling_times, image_seq_len
-from t2i.diffusion.tensors import Generators, randn
+from t2i.diffusion.tensors import Generators
 from t2i.errors import InvalidInputError, checked_arguments
 from t2i.models.first_stage import LatentFirstStage
 from t2i.pipelines.components import BackboneAndFirstStage
-from t2i.pipelines.inputs import check_guidance_scale, negative_prompts, normalize_prompts, to_pil
+from t2i.pipelines.inputs import (
+    check_guidance_scale,
+    check_num_images,
+    negative_prompts,
+    normalize_prompts,
+    to_pil,
+)
 from t2i.pipelines.latent import GenerationOutput, LatentPipeline
 from t2i.pipelines.lora_methods import LoraMethods
 
@@ -240,20 +246,13 @@ class FluxPipeline(BackboneAndFirstStage, LoraMethods):
         step's model evaluation (the samplers' callback)."""
         prompts = normalize_prompts(prompt)
         cfg_scale, embedded = self.guidance(guidance_scale, true_cfg_scale)
-        if not isinstance(num_images, int) or num_images < 1:
-            raise InvalidInputError(f"num_images: expected an integer >= 1, got {num_images!r}")
+        check_num_images(num_images)
         height, width = self.check_size(height, width)
         plan = self.plan(sampler, steps, height, width, use_karras_sigmas)
         options = self.sampler_options(plan.sampler, eta)
         generator = self.make_generator(seed, generator)
-        f = self.first_stage.downsample_factor
-        shape = (len(prompts) * num_images, self.first_stage.latent_channels, height // f, width // f)
-        if latents is None:
-            latents = randn(shape, generator)
-        elif tuple(latents.shape) != shape:
-            raise InvalidInputError(
-                f"latents: shape {tuple(latents.shape)}; expected {shape} (unpacked noise at latent size)"
-            )
+        shape = self.latent_shape(len(prompts) * num_images, height, width)
+        latents = self.initial_noise(latents, shape, generator, " (unpacked noise at latent size)")
         cond = self.conditioning(prompts, negative_prompt, num_images, cfg_scale, embedded)
         x = plan.sample(
             self.denoiser(cfg_scale),

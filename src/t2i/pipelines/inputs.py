@@ -60,3 +60,18 @@ def check_rescale(guidance_rescale: Any) -> float:
     if not ok or not 0 <= guidance_rescale <= 1:
         raise InvalidInputError(f"guidance_rescale: {guidance_rescale!r}; expected a number in [0, 1] (0 = off)")
     return float(guidance_rescale)
+
+
+def check_num_images(num_images: Any) -> int:
+    """Images per prompt: an integer >= 1 (not a boolean); InvalidInputError otherwise."""
+    if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+        raise InvalidInputError(f"num_images: expected an integer >= 1, got {num_images!r}")
+    return num_images
+
+
+def check_strength(strength: Any) -> float:
+    """img2img / inpainting strength: a number in (0, 1] (not a boolean); InvalidInputError otherwise."""
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+        raise InvalidInputError(f"strength: {strength!r}; expected a number in (0, 1]")
+    return float(strength)
+

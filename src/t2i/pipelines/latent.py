@@ -48,16 +48,19 @@ from t2i.pipelines.conditioning import (
     latents_to_sampler_scale,
     refiner_start,
     size_inputs,
+    strength_tail,
     tail_plan,
 )
 from t2i.pipelines.inputs import (
     check_guidance_scale,
+    check_num_images,
     check_rescale,
+    check_strength,
     negative_prompts,
     normalize_prompts,
     to_pil,
 )
-from t2i.pipelines.latent_editing import EditingMethods
+from t2i.pipelines.latent_editing import UNET_TASKS, EditingMethods
 from t2i.pipelines.lora_methods import LoraMethods
 from t2i.text.conditioner import Conditioner, TextEmbedder
 
@@ -96,14 +99,13 @@ def micro_conditioning_of(options: dict[str, Any]) -> MicroConditioning:
 CONCAT_CONDITIONED_UNETS = {9: "an inpainting UNet (latents + mask + masked-image latents)",
                             8: "an InstructPix2Pix UNet (latents + source-image latents)",
                             5: "a depth-to-image UNet (latents + depth map)"}  # fmt: skip
-SAMPLED_EXTRA_CHANNELS = (5, 4)  # inpaint() and edit() feed these; depth maps are not estimated here
 
 
 def check_unet_takes_latents(unet: nn.Module, latent_channels: int) -> None:
     """PipelineLoadError at load for a UNet whose input t2i cannot feed (it would crash at the first step
     otherwise): the VAE's latents alone, or with inpainting's or InstructPix2Pix's extra channels."""
     in_channels = getattr(unet, "in_channels", latent_channels)
-    if in_channels == latent_channels or in_channels - latent_channels in SAMPLED_EXTRA_CHANNELS:
+    if in_channels - latent_channels in UNET_TASKS:  # depth maps (5 channels in all) are not estimated here
         return
     kind = CONCAT_CONDITIONED_UNETS.get(in_channels, "a UNet with extra input channels")
     raise PipelineLoadError(
@@ -356,24 +358,19 @@ class LatentPipeline(BackboneAndFirstStage, LoraMethods, EditingMethods):
         `denoising_end` (0, 1) stops before the steps whose timestep is below `(1 - denoising_end) * T`
         (diffusers' cutoff) and, with `output_type="latent"`, returns the still-noisy latents for a refiner's
         `reconstruct(image=latents, denoising_start=...)`."""
-        self.require_unet(0, "generate()")
+        self.require_unet("generate", "generate()")
         prompts = normalize_prompts(prompt)
         guidance_scale = self.default_guidance if guidance_scale is None else check_guidance_scale(guidance_scale)
         micro = micro_conditioning_of(micro_conditioning)
-        if not isinstance(num_images, int) or num_images < 1:
-            raise InvalidInputError(f"num_images: expected an integer >= 1, got {num_images!r}")
+        check_num_images(num_images)
         height, width = self.check_size(height, width)
         plan = self.plan(sampler, steps, use_karras_sigmas)
         if denoising_end is not None:
             plan = head_plan(plan, self.schedule, denoising_end)
         options = self.sampler_options(plan.sampler, eta)
-        f = self.first_stage.downsample_factor
-        shape = (len(prompts) * num_images, self.first_stage.latent_channels, height // f, width // f)
+        shape = self.latent_shape(len(prompts) * num_images, height, width)
         generator = self.make_generator(seed, generator, shape[0])
-        if latents is None:
-            latents = randn(shape, generator)
-        elif tuple(latents.shape) != shape:
-            raise InvalidInputError(f"latents: shape {tuple(latents.shape)}; expected {shape}")
+        latents = self.initial_noise(latents, shape, generator)
         cond = self.conditioning(prompts, negative_prompt, num_images, guidance_scale, (height, width), micro)
         x = plan.sample(
             self.denoiser(guidance_scale, plan, check_rescale(guidance_rescale)),
@@ -429,12 +426,11 @@ class LatentPipeline(BackboneAndFirstStage, LoraMethods, EditingMethods):
         `micro_conditioning`: as in `generate`; sizes default to the image's. `generator` and `callback` as in
         `generate` (a list: one generator per prompt).
         """
-        self.require_unet(0, "reconstruct()")
+        self.require_unet("generate", "reconstruct()")
         prompts = normalize_prompts(prompt)
         guidance_scale = self.default_guidance if guidance_scale is None else check_guidance_scale(guidance_scale)
         micro = micro_conditioning_of(micro_conditioning)
-        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-            raise InvalidInputError(f"strength: {strength!r}; expected a number in (0, 1]")
+        check_strength(strength)
         plan = self.plan(sampler, steps, use_karras_sigmas)
         options = self.sampler_options(plan.sampler, eta)
         generator = self.make_generator(seed, generator, len(prompts))
@@ -447,17 +443,12 @@ class LatentPipeline(BackboneAndFirstStage, LoraMethods, EditingMethods):
             tail = tail_plan(plan, refiner_start(plan, self.schedule, denoising_start))
             x = latents_to_sampler_scale(given_latents.to(self.device, torch.float32), tail)
         else:
-            denoise_steps = min(int(steps * strength), steps)
-            if denoise_steps < 1:
-                raise InvalidInputError(
-                    f"strength: {strength} x steps {steps} leaves no step; expected strength*steps >= 1"
-                )
+            tail = strength_tail(plan, steps, strength)
             if given_latents is None:
                 pixels = self.prepare_images(image, len(prompts), height, width)
                 z0 = self.encode_images(pixels.to(self.device) * 2 - 1, generator).float()
             else:
                 z0 = given_latents.to(self.device, torch.float32)
-            tail = tail_plan(plan, steps - denoise_steps)
             noise = randn(z0.shape, generator)
             x = z0 + float(tail.sigmas[0]) * noise.to(z0.device)
         f = self.first_stage.downsample_factor

@@ -24,13 +24,17 @@ import torch.nn.functional as F
 from t2i.diffusion.denoisers import DiscreteDenoiser
 from t2i.diffusion.guidance import CFGDenoiser, ImageTextCFGDenoiser
 from t2i.diffusion.plans import SamplingPlan
-from t2i.diffusion.tensors import Generators, randn
+from t2i.diffusion.tensors import Generators
 from t2i.errors import InvalidInputError
 from t2i.models.layers import ConcatInputs
-from t2i.pipelines.conditioning import tail_plan
-from t2i.pipelines.inputs import check_guidance_scale, normalize_prompts
+from t2i.pipelines.conditioning import strength_tail
+from t2i.pipelines.inputs import check_guidance_scale, check_num_images, check_strength, normalize_prompts
 
-INPAINT_CHANNELS_EXTRA = 5  # mask (1) + masked-image latents (4)
+# What a UNet can do, by the channels it takes beyond the latents: inpainting takes a mask (1) + the masked image's
+# latents (4), InstructPix2Pix the source image's latents (4).
+UNET_TASKS = {0: "generate", 5: "inpaint", 4: "instruct"}
+EXTRA_CHANNELS = {task: extra for extra, task in UNET_TASKS.items()}
+METHODS = {"generate": "generate() or reconstruct()", "inpaint": "inpaint()", "instruct": "edit()"}
 DEFAULT_IMAGE_GUIDANCE = 1.5  # diffusers' StableDiffusionInstructPix2PixPipeline default
 
 
@@ -43,15 +47,20 @@ class EditingMethods:
         """Channels the UNet takes beyond the latents: 0 text-to-image, 5 inpainting, 4 InstructPix2Pix."""
         return int(getattr(self.unet, "in_channels", self.first_stage.latent_channels)) - self.first_stage.latent_channels
 
-    def require_unet(self, extra: int, method: str) -> None:
-        """InvalidInputError unless the UNet takes `extra` more channels than the latents (what `method` feeds)."""
-        if self.unet_extra_channels == extra:
+    @property
+    def unet_task(self) -> str:
+        """What the UNet's inputs let it do: `generate` (text-to-image and image-to-image), `inpaint` or
+        `instruct` (InstructPix2Pix editing)."""
+        return UNET_TASKS.get(self.unet_extra_channels, "generate")
+
+    def require_unet(self, task: str, method: str) -> None:
+        """InvalidInputError unless the UNet is made for `task` (what `method` feeds it)."""
+        if self.unet_task == task:
             return
-        wanted = {0: "generate() or reconstruct()", INPAINT_CHANNELS_EXTRA: "inpaint()", 4: "edit()"}
-        have = self.first_stage.latent_channels + self.unet_extra_channels
+        latent = self.first_stage.latent_channels
         raise InvalidInputError(
-            f"{method}: this pipeline's UNet takes {have} input channels; {method} needs "
-            f"{self.first_stage.latent_channels + extra} (use {wanted.get(self.unet_extra_channels, 'another UNet')})"
+            f"{method}: this pipeline's UNet takes {latent + self.unet_extra_channels} input channels; {method} "
+            f"needs {latent + EXTRA_CHANNELS[task]} (use {METHODS[self.unet_task]})"
         )
 
     def concat_denoiser(self, plan: SamplingPlan) -> DiscreteDenoiser:
@@ -89,12 +98,11 @@ class EditingMethods:
         prompt) or a tensor (B, 3, H, W) in [0, 1]; `mask`: a PIL image (any mode; read as grey) or a tensor
         (B, 1, H, W) / (H, W) in [0, 1]. `strength` < 1 starts from the image noised that far into the plan
         (diffusers' img2img rule), 1 from pure noise. `latents` (B, C, h, w): unit-variance initial noise."""
-        self.require_unet(INPAINT_CHANNELS_EXTRA, "inpaint()")
+        self.require_unet("inpaint", "inpaint()")
         prompts = normalize_prompts(prompt)
         guidance_scale = self.default_guidance if guidance_scale is None else check_guidance_scale(guidance_scale)
-        check_count(num_images)
-        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
-            raise InvalidInputError(f"strength: {strength!r}; expected a number in (0, 1]")
+        check_num_images(num_images)
+        check_strength(strength)
         plan = self.plan(sampler, steps, use_karras_sigmas)
         options = self.sampler_options(plan.sampler, eta)
         pixels = self.prepare_images(image, len(prompts), height, width)
@@ -103,11 +111,10 @@ class EditingMethods:
         generator = self.make_generator(seed, generator, rows)
         z0, tail = None, plan
         if strength < 1:
-            tail = self.strength_tail(plan, steps, strength)
+            tail = strength_tail(plan, steps, strength)
             z0 = self.encode_rows(pixels * 2 - 1, num_images, generator)
-        f = self.first_stage.downsample_factor
-        shape = (rows, self.first_stage.latent_channels, pixels.shape[2] // f, pixels.shape[3] // f)
-        noise = self.initial_noise(latents, shape, generator)
+        shape = self.latent_shape(rows, *pixels.shape[2:])
+        noise = self.initial_noise(latents, shape, generator).float()
         masked = (pixels.to(self.device) * 2 - 1) * (masks.to(self.device) < 0.5)
         masked_latents = self.encode_rows(masked, num_images, generator)
         small_mask = F.interpolate(masks, size=shape[2:]).to(self.device)
@@ -124,13 +131,6 @@ class EditingMethods:
             x = tail.sample(denoiser, x, cond, generator=generator, callback=callback, progress=progress, **options)
         return self.output(x, output_type)
 
-    def strength_tail(self, plan: SamplingPlan, steps: int, strength: float) -> SamplingPlan:
-        """The last `int(steps * strength)` steps of `plan` (diffusers' `get_timesteps`)."""
-        denoise_steps = min(int(steps * strength), steps)
-        if denoise_steps < 1:
-            raise InvalidInputError(f"strength: {strength} x steps {steps} leaves no step; expected strength*steps >= 1")
-        return tail_plan(plan, steps - denoise_steps)
-
     def encode_rows(self, images: torch.Tensor, num_images: int, generator: Generators) -> torch.Tensor:
         """Sampled latents of images (n, 3, H, W) in [-1, 1], one per prompt, for every output row: with one
         generator each image is encoded once and repeated (diffusers' draws), with a list of them each row is
@@ -139,13 +139,6 @@ class EditingMethods:
         if isinstance(generator, list):
             return self.encode_images(images.repeat_interleave(num_images, 0), generator).float()
         return self.encode_images(images, generator).float().repeat_interleave(num_images, 0)
-
-    def initial_noise(self, latents: torch.Tensor | None, shape: tuple[int, ...], generator: Generators) -> torch.Tensor:
-        if latents is None:
-            return randn(shape, generator)
-        if tuple(latents.shape) != shape:
-            raise InvalidInputError(f"latents: shape {tuple(latents.shape)}; expected {shape}")
-        return latents.float()
 
     def prepare_mask(self, mask: Any, count: int, size: tuple[int, int]) -> torch.Tensor:
         """A PIL mask (any mode, read as grey) or a tensor in [0, 1] -> (count, 1, H, W) of 0 and 1 at `size`."""
@@ -197,11 +190,11 @@ class EditingMethods:
         """Edit `image` as `instruction` says ("make it blue"), InstructPix2Pix style. `image_guidance_scale` pulls
         towards the source image, `guidance_scale` towards the instruction; guidance runs when
         guidance_scale > 1 and image_guidance_scale >= 1 (diffusers' rule), else one conditional pass."""
-        self.require_unet(4, "edit()")
+        self.require_unet("instruct", "edit()")
         prompts = normalize_prompts(instruction, "instruction")
         guidance_scale = self.default_guidance if guidance_scale is None else check_guidance_scale(guidance_scale)
         image_guidance_scale = check_guidance_scale(image_guidance_scale)
-        check_count(num_images)
+        check_num_images(num_images)
         guided = guidance_scale > 1 and image_guidance_scale >= 1
         plan = self.plan(sampler, steps, use_karras_sigmas)
         options = self.sampler_options(plan.sampler, eta)
@@ -209,9 +202,8 @@ class EditingMethods:
         source = self.first_stage.encode_moments(pixels.to(self.device) * 2 - 1)[0].float()
         rows = len(prompts) * num_images
         generator = self.make_generator(seed, generator, rows)
-        f = self.first_stage.downsample_factor
-        shape = (rows, self.first_stage.latent_channels, pixels.shape[2] // f, pixels.shape[3] // f)
-        noise = self.initial_noise(latents, shape, generator)
+        shape = self.latent_shape(rows, *pixels.shape[2:])
+        noise = self.initial_noise(latents, shape, generator).float()
         cond = self.conditioning(prompts, negative_prompt, num_images, 2.0 if guided else 1.0, tuple(pixels.shape[2:]))
         cond["concat"] = source.repeat_interleave(num_images, 0)
         inner = self.concat_denoiser(plan)
@@ -220,7 +212,3 @@ class EditingMethods:
                         progress=progress, **options)  # fmt: skip
         return self.output(x, output_type)
 
-
-def check_count(num_images: Any) -> None:
-    if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
-        raise InvalidInputError(f"num_images: expected an integer >= 1, got {num_images!r}")

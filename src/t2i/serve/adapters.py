@@ -277,10 +277,7 @@ class LatentAdapter(ModelAdapter):
 
     @property
     def unet_task(self) -> str:
-        """What the UNet's inputs let it do: `generate` (text-to-image and image-to-image), `inpaint` or
-        `instruct`."""
-        extra = getattr(self.pipeline, "unet_extra_channels", 0)
-        return {5: "inpaint", 4: "instruct"}.get(extra, "generate")
+        return self.pipeline.unet_task
 
 
 @adapter_for(_cascade_pipeline_class())
