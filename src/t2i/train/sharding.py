@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+SHARDED = "_t2i_sharded_modules"
+
 
 def has_trainable(module: nn.Module, recurse: bool = True) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=recurse))
@@ -67,8 +69,10 @@ def shard_task(task: nn.Module, device: torch.device, world_size: int) -> nn.Mod
     from torch.distributed.tensor import DTensor
 
     mesh = init_device_mesh(device.type, (world_size,))
-    for module in shard_plan(task):
+    plan = shard_plan(task)
+    for module in plan:
         fully_shard(module, mesh=mesh)
+    task.__dict__[SHARDED] = plan  # not registered as submodules: they already are, where they live
     left = [name for name, p in task.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if left:
         from t2i.errors import ConfigError
@@ -79,9 +83,8 @@ def shard_task(task: nn.Module, device: torch.device, world_size: int) -> nn.Mod
 
 
 def sharded_modules(model: nn.Module) -> list[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    """The modules `shard_task` sharded (looked up, not searched for: the loop asks several times a step)."""
+    return model.__dict__.get(SHARDED, [])
 
 
 def is_sharded(model: nn.Module) -> bool:
