@@ -94,9 +94,17 @@ class DenoisingTask(DiffusionTask):
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def check_resolution(self, multiple: int, why: str) -> None:
-        """ConfigError unless `data.resolution` is a multiple of `multiple` (the model's total downsampling)."""
-        resolution = self.cfg.data.resolution
+    def check_sizes(self, backbone_factor: int, backbone: str) -> None:
+        """ConfigError unless the training sizes are multiples of the first stage's `latent_factor` x the
+        backbone's `backbone_factor` (its total downsampling, or a transformer's patch): the bucket step with
+        `data.buckets`, else `data.resolution`."""
+        from t2i.train.bucketing import check_bucket_step
+
+        multiple = self.latent_factor * backbone_factor
+        check_bucket_step(self.cfg.data, multiple)
+        if self.cfg.data.buckets is not None:
+            return
+        resolution, why = self.cfg.data.resolution, f"first stage x{self.latent_factor} * {backbone}"
         if resolution % multiple:
             lower, upper = max(multiple, resolution // multiple * multiple), (resolution // multiple + 1) * multiple
             raise ConfigError(

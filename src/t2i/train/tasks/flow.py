@@ -27,7 +27,6 @@ from t2i.diffusion.losses import FlowMatchingLoss
 from t2i.diffusion.schedules import FlowSchedule
 from t2i.errors import ConfigError
 from t2i.text.conditioner import Conditioner, ContextPooledEmbedder
-from t2i.train.bucketing import check_bucket_step
 from t2i.train.task import register_task
 from t2i.train.tasks.denoising import DenoisingTask, _uncompiled
 from t2i.train.tasks.latent import LatentDiffusionTask
@@ -102,10 +101,7 @@ class FlowTask(DenoisingTask):
         if self.transformer.guidance_embed:
             self.default_guidance_scale = m.guidance_scale
         self.latent_factor = self.first_stage.downsample_factor
-        step = self.latent_factor * self.transformer.patch_size
-        check_bucket_step(cfg.data, step)
-        if cfg.data.buckets is None:
-            self.check_resolution(step, f"first stage x{self.latent_factor} * patch {self.transformer.patch_size}")
+        self.check_sizes(self.transformer.patch_size, f"patch {self.transformer.patch_size}")
 
     # ------------------------------------------------------------------------------------ modules
 

@@ -37,7 +37,6 @@ from t2i.diffusion.parameterization import normalize_prediction
 from t2i.diffusion.schedules import DiscreteSchedule
 from t2i.errors import ConfigError
 from t2i.text.conditioner import SizeEmbedder
-from t2i.train.bucketing import check_bucket_step
 from t2i.train.task import register_task
 from t2i.train.tasks.denoising import DenoisingTask, _uncompiled
 from t2i.train.tasks.latent_text import (
@@ -162,10 +161,8 @@ class LatentDiffusionTask(DenoisingTask):
         self.text_names = self.conditioner.text_encoder_names()
         self.micro_conditioning = any(isinstance(e, SizeEmbedder) for e in self.conditioner.embedders)
         self.latent_factor = pipe.first_stage.downsample_factor if pipe is not None else vae_factor(m)
-        check_bucket_step(cfg.data, self.latent_factor * unet_factor(self.unet))
-        if cfg.data.buckets is None:
-            factor = unet_factor(self.unet)
-            self.check_resolution(self.latent_factor * factor, f"first stage x{self.latent_factor} * UNet x{factor}")
+        factor = unet_factor(self.unet)
+        self.check_sizes(factor, f"UNet x{factor}")
 
     def _adopt(self, pipe: Any) -> None:
         """Train on a loaded pipeline's own modules and schedule (its parts stay frozen until a wrapper says)."""
