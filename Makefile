@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-imagen demo-flow demo-two-objects setup lint bench clean
+.PHONY: test demo demo-sd demo-imagen demo-two-objects setup lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,11 +25,11 @@ demo: $(STAMP)
 demo-imagen: $(STAMP)
 	$(VENV)/bin/t2i demo --family imagen --out runs/demo-imagen
 
-demo-flow: $(STAMP)
-	$(VENV)/bin/t2i demo --family flow --out runs/demo-flow
+demo-sd: $(STAMP)
+	$(VENV)/bin/t2i demo --family sd --out runs/demo-sd
 
 demo-two-objects: $(STAMP)
-	$(VENV)/bin/t2i demo --family flow --task two-objects --out runs/demo-two-objects-flow
+	$(VENV)/bin/t2i demo --task two-objects --out runs/demo-two-objects
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -7,11 +7,12 @@ import json
 from t2i.cli.main import main
 
 
-def test_quick_demo_runs_all_phases(tmp_path, capsys):
+def test_quick_sd_demo_runs_all_phases(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--threads", "1"]) == 0
+    assert main(["demo", "--family", "sd", "--quick", "--out", str(out), "--threads", "1"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["seconds"]) == ["data", "vae", "precache", "unet", "eval"]
+    assert results["threads"] == dict.fromkeys(results["seconds"], 1)
     accuracy = results["accuracy"]
     assert accuracy["n"] == 22  # one sample per held-out combination
     assert all(0.0 <= accuracy[k] <= 1.0 for k in ("colour", "shape", "position", "all"))
@@ -22,13 +23,17 @@ def test_quick_demo_runs_all_phases(tmp_path, capsys):
     assert "held-out prompts: 22 samples" in capsys.readouterr().out
 
 
-def test_quick_flow_demo_trains_a_transformer_and_exports_a_flux_folder(tmp_path, capsys):
+def test_quick_default_demo_trains_a_transformer_and_exports_a_flux_folder(tmp_path, capsys):
     import t2i
+    from t2i.recipes.demo_common import _usable_cores
 
     out = tmp_path / "flow"
-    assert main(["demo", "--family", "flow", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--out", str(out)]) == 0  # the flow family, threads picked per phase
     results = json.loads((out / "results.json").read_text())
     assert list(results["seconds"]) == ["data", "vae", "precache", "transformer", "eval"]
+    assert list(results["threads"]) == list(results["seconds"])
+    assert all(1 <= n <= _usable_cores() for n in results["threads"].values())
+    assert (out / "unet" / "eval.png").stat().st_size > 0  # trainer.eval_every: the held-out judge curve
     assert results["accuracy"]["n"] == 22 and results["settings"]["model_config"] == "demo/shapes-flow"
     pipe = t2i.load_pipeline(out / "pipeline")
     assert type(pipe).__name__ == "FluxPipeline"

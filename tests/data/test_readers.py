@@ -176,6 +176,43 @@ def test_repeat_runs_through_epochs(shards: str) -> None:
     assert epochs[:24] == [0] * 24 and epochs[24:] == [1] * 6
 
 
+def _epochs_of_keys(ds, epochs: int) -> list[list[str]]:
+    out = []
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        out.append([s["__key__"] for s in ds])
+    return out
+
+
+def test_cache_in_memory_serves_the_same_stream_without_rereading(shards: str, tmp_path: Path) -> None:
+    def make(cache: bool):
+        return build_dataset(shards, 8, seed=2, rank=0, world_size=1, shuffle_buffer=10, cache_in_memory=cache)
+
+    reference = _epochs_of_keys(make(False), 3)
+    cached = make(True)
+    stream = iter(cached)
+    first = [s["__key__"] for s in stream]
+    for shard in tmp_path.glob("s-*.tar"):  # later epochs must come from memory
+        shard.write_bytes(b"")
+    later = []
+    for epoch in (1, 2):
+        cached.set_epoch(epoch)
+        later.append([s["__key__"] for s in cached])
+    assert [first, *later] == reference and reference[1] != reference[0]
+    assert cached.stats.total == 0
+
+
+def test_cache_in_memory_keeps_counting_unreadable_shards(bad_data: tuple[str, Path]) -> None:
+    pattern, _ = bad_data
+    cached, uncached = (build_dataset(pattern, 16, seed=0, rank=0, world_size=1, cache_in_memory=c) for c in (1, 0))
+    passes = _epochs_of_keys(cached, 2)
+    assert [set(keys) for keys in passes] == [GOOD_KEYS, GOOD_KEYS] and _epochs_of_keys(uncached, 2) == passes
+    # bad samples and the truncated shard count again on the second pass, as without the cache
+    assert cached.stats.counts["undecodable"] == 2 * EXPECTED_COUNTS["undecodable"]
+    assert cached.stats.counts["corrupt_member"] == 2 * EXPECTED_COUNTS["corrupt_member"]
+    assert cached.stats.counts == uncached.stats.counts
+
+
 def test_imagefolder_with_metadata(tmp_path: Path) -> None:
     Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "wide.png")
     tall = np.zeros((30, 10, 3), dtype=np.uint8)

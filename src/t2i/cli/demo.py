@@ -24,9 +24,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     parser.add_argument(
         "--family",
-        choices=("sd", "flow", "imagen"),
-        default="sd",
-        help="sd: VAE + latent UNet (default); flow: the same VAE + a Flux-shaped flow-matching transformer; "
+        choices=("flow", "sd", "imagen"),
+        default="flow",
+        help="flow: VAE + a Flux-shaped flow-matching transformer (default); sd: the same VAE + a latent UNet; "
         "imagen: a 16 px base + 32 px super-resolution cascade",
     )
     parser.add_argument("--task", choices=("single", "two-objects"), default="single",
@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test version (seconds)")
     parser.add_argument("--unet-steps", type=int, default=None, help="override the UNet (flow: transformer) training steps")
     parser.add_argument("--vae-steps", type=int, default=None, help="override the VAE training steps")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1; 2 can be faster on an idle machine)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for every phase (default: one per idle core, measured before each)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,22 +47,24 @@ def run(args: argparse.Namespace) -> int:
             from t2i.errors import InvalidInputError
 
             raise InvalidInputError("--task two-objects: runs with --family sd or flow; the Imagen demo is single")
-        from t2i.recipes.imagen_demo import run_imagen_demo
+        from t2i.recipes.imagen_demo import ImagenDemoSettings, run_imagen_demo
 
         out = args.out if args.out != "runs/demo" else "runs/demo-imagen"
-        results = run_imagen_demo(out, quick=args.quick)
+        settings = ImagenDemoSettings.quick() if args.quick else ImagenDemoSettings()
+        settings.threads = args.threads
+        results = run_imagen_demo(out, settings=settings)
         print(format_summary(results, f"grid: {results['grid']}   cascade: {results['cascade']}"))
         return 0
     from t2i.recipes.sd_demo import DemoSettings, run_demo
 
     if args.family == "flow":
         settings = DemoSettings.flow(quick=args.quick)
-        args.out = args.out if args.out != "runs/demo" else "runs/demo-flow"
     else:
         settings = DemoSettings.quick() if args.quick else DemoSettings()
+        args.out = args.out if args.out != "runs/demo" else "runs/demo-sd"
     if args.task == "two-objects":
         settings.for_two_objects()
-        args.out = args.out if args.out != "runs/demo" else f"runs/demo-two-objects{'-flow' * settings.is_flow}"
+        args.out = args.out if args.out != "runs/demo" else f"runs/demo-two-objects{'-sd' * (not settings.is_flow)}"
     for name in ("unet_steps", "vae_steps", "threads"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))

@@ -69,6 +69,9 @@ class DataConfig:
     batch_size: int = 4
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    # keep every shard's raw samples in memory after the first epoch (same order and results; no tar parsing on
+    # later epochs): for small sets such as precached latents, which each DataLoader worker then holds once
+    cache_in_memory: bool = False
     # where a sample's caption is, first match wins: a tar member extension, `json:FIELD` (a field of the
     # sample's .json, as img2dataset writes it), or for image folders a metadata.jsonl column
     caption_key: list[str] | str = field(default_factory=lambda: ["txt", "json:caption", "caption", "text"])

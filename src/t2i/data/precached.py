@@ -157,6 +157,7 @@ def build_precached_dataset(
     shuffle: bool = True,
     shuffle_buffer: int = 1000,
     repeat: bool = False,
+    cache_in_memory: bool = False,
 ) -> ShardDataset:
     """Dataset over precached shards; same splitting, resume and stats as `build_dataset`."""
     stats = DataStats()
@@ -164,5 +165,5 @@ def build_precached_dataset(
     rank, world_size = default_rank(rank, world_size)
     return ShardDataset(
         units, PrecachedDecoder(), seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
-        shuffle_buffer=shuffle_buffer, repeat=repeat, base_stats=stats,
+        shuffle_buffer=shuffle_buffer, repeat=repeat, base_stats=stats, cache_in_memory=cache_in_memory,
     )  # fmt: skip

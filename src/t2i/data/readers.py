@@ -182,6 +182,18 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+class _FailureWatch:
+    """Forwards shard-level failures to `target` (None: drops them) and remembers that one happened."""
+
+    def __init__(self, target: DataStats | None) -> None:
+        self.target, self.failed = target, False
+
+    def add(self, reason: str, detail: str = "", shard: str | None = None) -> None:
+        self.failed = True
+        if self.target is not None:
+            self.target.add(reason, detail, shard=shard)
+
+
 class ShardDataset(IterableDataset):
     """Iterable dataset over resolved units; see the module docstring for split, order, resume and stats."""
 
@@ -197,6 +209,7 @@ class ShardDataset(IterableDataset):
         shuffle_buffer: int = 1000,
         repeat: bool = False,
         base_stats: DataStats | None = None,
+        cache_in_memory: bool = False,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
@@ -214,6 +227,8 @@ class ShardDataset(IterableDataset):
         self._resume: dict | None = None
         # (worker, epoch, index) -> True: pass over that raw sample without decoding it (bucket resume)
         self.skip_sample: Callable[[int, int, int], bool] | None = None
+        # unit path -> its raw samples, kept after a clean first read so later epochs skip the tar parsing
+        self._cached_units: dict[str, list[dict]] | None = {} if cache_in_memory else None
 
     # ---- bookkeeping the trainer uses -------------------------------------------------------------
     @property
@@ -313,15 +328,31 @@ class ShardDataset(IterableDataset):
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
         return [self.units[i] for i in order]
 
+    def _unit_samples(self, unit: Unit, stats: DataStats, count_stream_errors: bool = True) -> Iterator[dict]:
+        """Raw samples of `unit`, from memory when `cache_in_memory` already holds a clean read of it."""
+        if self._cached_units is None:
+            yield from iter_unit(unit, stats, count_stream_errors)
+            return
+        if unit.path in self._cached_units:
+            yield from self._cached_units[unit.path]
+            return
+        sink = _FailureWatch(stats if count_stream_errors else None)
+        samples = []
+        for raw in iter_unit(unit, sink):  # type: ignore[arg-type]  (only `add` is called)
+            samples.append(raw)
+            yield raw
+        if not sink.failed:  # a unit that failed to read is read again, and counted, on every pass
+            self._cached_units[unit.path] = samples
+
     def _raw_stream(self, epoch: int, gid: int, total: int, stats: DataStats) -> Iterator[dict]:
         units = self._epoch_units(epoch)
         if len(units) >= total:
             for unit in units[gid::total]:
-                yield from iter_unit(unit, stats)
+                yield from self._unit_samples(unit, stats)
             return
         count = 0
         for unit in units:
-            for raw in iter_unit(unit, stats, count_stream_errors=gid == 0):
+            for raw in self._unit_samples(unit, stats, count_stream_errors=gid == 0):
                 if count % total == gid:
                     yield raw
                 count += 1
@@ -438,6 +469,7 @@ def build_dataset(
     shuffle_buffer: int = 1000,
     repeat: bool = False,
     transform: Callable[..., Any] | None = None,
+    cache_in_memory: bool = False,
 ) -> ShardDataset:
     """Image-caption dataset over webdataset shards and/or image folders.
 
@@ -455,5 +487,5 @@ def build_dataset(
     rank, world_size = default_rank(rank, world_size)
     return ShardDataset(
         units, decoder, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
-        shuffle_buffer=shuffle_buffer, repeat=repeat, base_stats=stats,
+        shuffle_buffer=shuffle_buffer, repeat=repeat, base_stats=stats, cache_in_memory=cache_in_memory,
     )  # fmt: skip

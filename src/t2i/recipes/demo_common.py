@@ -16,15 +16,49 @@ TARGETS = {"colour": 0.90, "shape": 0.80, "position": 0.70}
 PAIR_TARGETS = {"all": 0.80}
 
 
-class PhaseTimer:
-    """Wall time per phase, printed as each one ends."""
+def _usable_cores() -> int:
+    import os
 
-    def __init__(self) -> None:
+    import psutil
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, psutil.cpu_count(logical=False) or cores)  # hyperthreads add nothing to these kernels
+
+
+def idle_cores(sample_seconds: float = 0.5) -> float:
+    """How many cores other work left idle over the last `sample_seconds` (of those this process may use)."""
+    import psutil
+
+    busy = psutil.cpu_percent(interval=sample_seconds) / 100.0  # every CPU of the machine, averaged
+    return _usable_cores() * (1.0 - busy)
+
+
+def auto_threads() -> int:
+    """Torch threads for the next phase: one per idle physical core, at least one.
+
+    OpenMP threads spin and wait for each other, so a thread that shares its core with another job stalls every
+    step of the rest: on a 2-core box with one other job running, two threads trained several times slower than
+    one (docs/DEMO.md).
+    """
+    return max(1, min(_usable_cores(), int(idle_cores() + 0.25)))
+
+
+class PhaseTimer:
+    """Wall time per phase, printed as each one ends; sets torch's thread count before each phase (`threads`
+    None: `auto_threads`, measured then) and records it."""
+
+    def __init__(self, threads: int | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.threads: dict[str, int] = {}
+        self.fixed_threads = threads
         self.started = time.perf_counter()
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        print(f"== demo: {name} ...", flush=True)
+        import torch
+
+        self.threads[name] = self.fixed_threads or auto_threads()
+        torch.set_num_threads(self.threads[name])
+        print(f"== demo: {name} ({self.threads[name]} thread{'s' * (self.threads[name] > 1)}) ...", flush=True)
         start = time.perf_counter()
         result = fn(*args, **kwargs)
         self.seconds[name] = round(time.perf_counter() - start, 1)
@@ -80,7 +114,7 @@ def write_results(out: Path, scores: dict[str, float], timer: PhaseTimer, settin
                   targets: dict[str, float] | None = None, **paths: Path) -> dict:
     """results.json: accuracy, targets, phase times and settings; returns what it wrote."""
     results = {"accuracy": scores, "targets": targets or TARGETS, "seconds": timer.seconds,
-               "total_seconds": timer.total,
+               "total_seconds": timer.total, "threads": timer.threads,
                "settings": {k: v for k, v in settings.items() if not k.endswith("overrides")},
                **{name: str(path) for name, path in paths.items()}}  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=2))

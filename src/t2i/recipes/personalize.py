@@ -199,6 +199,11 @@ def personalize(
 
     settings, out = settings or PersonalizeSettings(), Path(out)
     pipe = load_pipeline(resolve_base(base))
+    if not hasattr(pipe, "unet"):
+        from t2i.errors import InvalidInputError
+
+        raise InvalidInputError(f"--base {base}: a {type(pipe).__name__}; personalisation trains a UNet LoRA, so it "
+                                "needs a Stable Diffusion pipeline folder such as runs/demo-sd/pipeline (make demo-sd)")
     size = pipe.default_size
     round_trips = {colour: vae_round_trip(pipe, colour, size) for colour in NEW_COLOURS}
     if settings.colour == "auto":

@@ -80,7 +80,8 @@ class AutoencoderTask(DiffusionTask):
         d = cfg.data
         dataset = build_dataset(d.train, d.resolution, d.center_crop, d.random_flip, caption_keys=d.caption_key,
                                 max_image_pixels=d.max_image_pixels, seed=cfg.seed, rank=rank,
-                                world_size=world_size, shuffle_buffer=d.shuffle_buffer, repeat=True)
+                                world_size=world_size, shuffle_buffer=d.shuffle_buffer, repeat=True,
+                                cache_in_memory=d.cache_in_memory)
         self._data = ObservedLoader(dataset, d.batch_size, d.num_workers, cfg.seed)
         return self._data
 

@@ -124,7 +124,7 @@ class DenoisingTask(DiffusionTask):
         """Endless batches of this rank's share of `data.train` (image shards or precached shards)."""
         d = cfg.data
         common = {"seed": cfg.seed, "rank": rank, "world_size": world_size, "shuffle_buffer": d.shuffle_buffer,
-                  "repeat": True}  # fmt: skip
+                  "repeat": True, "cache_in_memory": d.cache_in_memory}  # fmt: skip
         from t2i.train import bucketing
 
         if d.buckets is not None and not self.supports_buckets:
