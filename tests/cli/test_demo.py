@@ -9,9 +9,11 @@ from t2i.cli.main import main
 
 def test_quick_sd_demo_runs_all_phases(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--family", "sd", "--quick", "--out", str(out), "--threads", "1"]) == 0
+    assert main(["demo", "--family", "sd", "--quick", "--out", str(out), "--threads", "1", "--seed", "3"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert list(results["seconds"]) == ["data", "vae", "precache", "unet", "eval"]
+    assert results["settings"]["seed"] == 3
+    assert all("seed: 3\n" in (out / run / "config.yaml").read_text() for run in ("vae", "unet"))
+    assert list(results["seconds"]) == ["data", "vae", "precache", "unet", "eval", "check"]
     assert results["threads"] == dict.fromkeys(results["seconds"], 1)
     accuracy = results["accuracy"]
     assert accuracy["n"] == 22  # one sample per held-out combination
@@ -30,7 +32,7 @@ def test_quick_default_demo_trains_a_transformer_and_exports_a_flux_folder(tmp_p
     out = tmp_path / "flow"
     assert main(["demo", "--quick", "--out", str(out)]) == 0  # the flow family, threads picked per phase
     results = json.loads((out / "results.json").read_text())
-    assert list(results["seconds"]) == ["data", "vae", "precache", "transformer", "eval"]
+    assert list(results["seconds"]) == ["data", "vae", "precache", "transformer", "eval", "check"]
     assert list(results["threads"]) == list(results["seconds"])
     assert all(1 <= n <= _usable_cores() for n in results["threads"].values())
     assert (out / "unet" / "eval.png").stat().st_size > 0  # trainer.eval_every: the held-out judge curve

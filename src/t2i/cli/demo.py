@@ -35,6 +35,8 @@ def register(subparsers) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test version (seconds)")
     parser.add_argument("--unet-steps", type=int, default=None, help="override the UNet (flow: transformer) training steps")
     parser.add_argument("--vae-steps", type=int, default=None, help="override the VAE training steps")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="training seed of the VAE and the denoiser (default 0; sd and flow families)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for every phase (default: one per idle core, measured before each)")
 
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "two-objects":
         settings.for_two_objects()
         args.out = args.out if args.out != "runs/demo" else f"runs/demo-two-objects{'-sd' * (not settings.is_flow)}"
-    for name in ("unet_steps", "vae_steps", "threads"):
+    for name in ("unet_steps", "vae_steps", "threads", "seed"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     results = run_demo(Path(args.out), settings)

@@ -1,10 +1,10 @@
 """`t2i lora`: train a LoRA on any pipeline, or run the shapes personalisation measurement.
 
-    t2i lora train --config configs/demo/shapes-lora.yaml --set model.unet_config.from_pretrained=runs/demo/pipeline
+    t2i lora train --config configs/demo/shapes-lora.yaml --set model.unet_config.from_pretrained=runs/demo-sd/pipeline
     t2i lora train --config my.yaml --class-prompt "a circle" --class-images 8 --prior-loss-weight 1.0 \
         --prior-loss distill
     t2i lora train --config my.yaml --type loha      # or --type lokr, or --dora (weight-decomposed LoRA)
-    t2i lora personalize --base runs/demo/pipeline --out runs/lora-new-colour
+    t2i lora personalize --base runs/demo-sd/pipeline --out runs/lora-new-colour
 
 `train` writes the run (checkpoints, logs) to trainer.out_dir and the LoRA to OUT_DIR/lora.safetensors (LoRA and
 DoRA in diffusers' naming, LoHa and LoKr in LyCORIS' kohya naming); use it with
