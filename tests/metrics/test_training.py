@@ -59,6 +59,24 @@ def test_shapes_evaluator_scores_logs_and_draws(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "eval.png"]  # no temporary files left
 
 
+def test_two_object_evaluator_scores_binding_on_the_pair_scenes(tmp_path: Path) -> None:
+    from t2i.data.shapes_pairs import draw_pair, heldout_pair_prompts, parse_pair_caption
+
+    def perfect_pairs(prompts: list[str], seed: int) -> list[Image.Image]:
+        return [draw_pair(parse_pair_caption(p), 32, np.random.default_rng([seed, i])) for i, p in enumerate(prompts)]
+
+    def one_object(prompts: list[str], seed: int) -> list[Image.Image]:  # only the first object of each scene
+        return [draw_shape(*parse_pair_caption(p)[:2], "left", size=32) for p in prompts]
+
+    evaluator = shapes_evaluator(tmp_path, image_size=32, task="two-objects")
+    assert evaluator.prompts == heldout_pair_prompts()
+    good, bad = evaluator(10, perfect_pairs), evaluator(20, one_object)
+    assert set(good) == {f"eval/{k}" for k in ("colour", "shape", "binding", "relation", "all")}
+    assert good["eval/all"] == 1.0 and bad["eval/all"] == 0.0
+    with pytest.raises(InvalidInputError, match="two-objects"):
+        shapes_evaluator(tmp_path, image_size=32, task="pairs")
+
+
 def test_history_survives_a_resume_and_redone_steps_replace_later_ones(tmp_path: Path) -> None:
     prompts = heldout_prompts()[:4]
     reference = judge_reference(prompts, 32)

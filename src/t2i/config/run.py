@@ -152,6 +152,7 @@ class EvalConfig:
     renderings per prompt. Logged to TensorBoard (`eval/...`), `OUT/eval.json` and `OUT/eval.png`."""
 
     split: Literal["heldout", "train"] = "heldout"
+    task: Literal["single", "two-objects"] = "single"  # two-objects: binding accuracy on the pair scenes, no FID
     seeds: list[int] = field(default_factory=lambda: [0])
     fid: bool = True
     reference_per_prompt: int = 4

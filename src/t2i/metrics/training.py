@@ -46,6 +46,17 @@ class ShapesAccuracy:
         return {name: scores[name] for name in ("colour", "shape", "position", "all")}
 
 
+class PairsAccuracy:
+    """Two-object binding accuracy (`t2i.data.judge_pairs.score_pairs`): each object's colour and shape, their
+    binding, the relation, and the whole prompt (`all`)."""
+
+    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, float]:
+        from t2i.data.judge_pairs import score_pairs
+
+        scores = score_pairs(images, prompts)
+        return {name: scores[name] for name in ("colour", "shape", "binding", "relation", "all")}
+
+
 class FeatureDistance:
     """FID and KID of the generated images against fixed reference features.
 
@@ -147,14 +158,24 @@ def shapes_evaluator(
     seeds: Sequence[int] = (0,),
     fid: bool = True,
     reference_per_prompt: int = 4,
+    task: str = "single",
 ) -> Evaluator:
     """The captioned-shapes evaluation: judge accuracy on every prompt of `split` and, with `fid`, judge FID/KID
-    against `reference_per_prompt` dataset renderings per prompt at `image_size` px."""
+    against `reference_per_prompt` dataset renderings per prompt at `image_size` px. `task` two-objects: the
+    two-object scenes' held-out prompts scored for binding (`PairsAccuracy`; the judge's features, and so `fid`,
+    describe one object, so it is not computed)."""
     from t2i.data.shapes import heldout_prompts, training_prompts
     from t2i.metrics.judge_features import JudgeFeatures
 
     if split not in ("heldout", "train"):
         raise InvalidInputError(f"split: expected heldout or train, got {split!r}")
+    if task == "two-objects":
+        from t2i.data.shapes_pairs import heldout_pair_prompts, pair_caption, scenes_for_split
+
+        pairs = heldout_pair_prompts() if split == "heldout" else [pair_caption(s) for s in scenes_for_split("train")]
+        return Evaluator(out_dir, pairs, [PairsAccuracy()], seeds)
+    if task != "single":
+        raise InvalidInputError(f"task: expected single or two-objects, got {task!r}")
     prompts = heldout_prompts() if split == "heldout" else training_prompts()
     metrics: list[Metric] = [ShapesAccuracy()]
     if fid:

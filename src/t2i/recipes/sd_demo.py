@@ -62,7 +62,7 @@ class DemoSettings:
         transformer trains twice as long (20 minutes of compute is the task's budget)."""
         self.task = "two-objects"
         key = "model.context_encoder" if self.is_flow else "model.cond_stage_config"
-        self.unet_overrides = [*self.unet_overrides, f"{key}.max_length=16"]
+        self.unet_overrides = [*self.unet_overrides, f"{key}.max_length=16", "trainer.eval.task=two-objects"]
         if self.is_flow and self.unet_steps == FLOW_STEPS:
             self.unet_steps = TWO_OBJECT_FLOW_STEPS
         return self

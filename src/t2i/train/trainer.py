@@ -333,7 +333,7 @@ def _build_evaluator(cfg: RunConfig, ctx: DistContext) -> Any:
 
     e = cfg.trainer.eval
     return shapes_evaluator(cfg.trainer.out_dir, cfg.data.resolution, split=e.split, seeds=e.seeds, fid=e.fid,
-                            reference_per_prompt=e.reference_per_prompt)  # fmt: skip
+                            reference_per_prompt=e.reference_per_prompt, task=e.task)  # fmt: skip
 
 
 def _evaluate(cfg: RunConfig, ctx: DistContext, task: DiffusionTask, model: nn.Module, logger: RunLogger,
