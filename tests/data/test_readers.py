@@ -190,8 +190,7 @@ def test_cache_in_memory_serves_the_same_stream_without_rereading(shards: str, t
 
     reference = _epochs_of_keys(make(False), 3)
     cached = make(True)
-    stream = iter(cached)
-    first = [s["__key__"] for s in stream]
+    first = [s["__key__"] for s in cached]
     for shard in tmp_path.glob("s-*.tar"):  # later epochs must come from memory
         shard.write_bytes(b"")
     later = []

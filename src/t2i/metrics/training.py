@@ -170,9 +170,9 @@ def shapes_evaluator(
     if split not in ("heldout", "train"):
         raise InvalidInputError(f"split: expected heldout or train, got {split!r}")
     if task == "two-objects":
-        from t2i.data.shapes_pairs import heldout_pair_prompts, pair_caption, scenes_for_split
+        from t2i.data.shapes_pairs import pair_caption, scenes_for_split
 
-        pairs = heldout_pair_prompts() if split == "heldout" else [pair_caption(s) for s in scenes_for_split("train")]
+        pairs = [pair_caption(scene) for scene in scenes_for_split(split)]
         return Evaluator(out_dir, pairs, [PairsAccuracy()], seeds)
     if task != "single":
         raise InvalidInputError(f"task: expected single or two-objects, got {task!r}")
